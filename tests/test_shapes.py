@@ -1,0 +1,249 @@
+"""ShapeWorld: the checker must equal the scene graph's truth. Run: python -m pytest tests/test_shapes.py"""
+import io
+import random
+import time
+
+import numpy as np
+import pytest
+from PIL import Image, ImageFilter
+
+import shapes as S
+
+
+def _cases(n, seed, size=64):
+    # half matching, half deliberately mismatching (prompt, scene) pairs over all categories
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        p = S.sample_prompt(rng, S.CATEGORIES[i % len(S.CATEGORIES)])
+        out.append((p, S.sample_scene(rng, size, p, match=i % 2 == 0)))
+    return out
+
+
+def test_checker_equals_truth_on_2000_scenes():
+    cases = _cases(2000, seed=1)
+    assert sum(not S.truth(sc, p).verdict for p, sc in cases) == 1000  # the mismatches really are
+    for p, sc in cases:
+        got, want = S.check(S.render(sc), p), S.truth(sc, p)
+        assert (got.holds, got.score, got.reason) == (want.holds, want.score, want.reason), (p.text, sc)
+
+
+def test_checker_equals_truth_tiny_size():
+    for p, sc in _cases(300, seed=2, size=32):
+        assert S.check(S.render(sc), p).holds == S.truth(sc, p).holds, (p.text, sc)
+
+
+def _noise(im, rng=np.random.default_rng(0)):
+    return np.clip(im + rng.normal(0, 8, im.shape), 0, 255).round().astype(np.uint8)
+
+
+def _blur(im):
+    return np.asarray(Image.fromarray(im).filter(ImageFilter.GaussianBlur(0.7)))
+
+
+def _jpeg(im):
+    buf = io.BytesIO()
+    Image.fromarray(im).save(buf, "JPEG", quality=75)
+    return np.asarray(Image.open(buf).convert("RGB"))
+
+
+@pytest.mark.parametrize("corrupt", [_noise, _blur, _jpeg], ids=["noise8", "blur", "jpeg75"])
+def test_checker_robust_to_degradation(corrupt):
+    cases = _cases(700, seed=3)
+    agree = np.mean([S.check(corrupt(S.render(sc)), p).verdict == S.truth(sc, p).verdict for p, sc in cases])
+    assert agree >= 0.99, agree
+
+
+def test_hand_made_scene():
+    # a red circle on the left, a blue square on the right, vertically level: hand-checked facts
+    sc = S.Scene(64, [S.Obj("circle", "red", 4, 20, 16), S.Obj("square", "blue", 40, 22, 16)])
+    im = S.render(sc)
+    assert im[28, 12].tolist() == list(S.COLOURS["red"]) and im[0, 0].tolist() == [255, 255, 255]
+    c = S.check(im, "a red circle to the left of a blue square")
+    assert c.verdict and c.score == 1.0 and c.reason == "Yes, the image shows a red circle to the left of a blue square."
+    c = S.check(im, "a circle to the right of a square")
+    assert c.reason == "No, the circle is to the left of the square, not to the right of it."
+    c = S.check(im, "a circle above a square")  # level: the dominant relation is "left of"
+    assert c.reason == "No, the circle is to the left of the square, not above it."
+    c = S.check(im, "a green circle and a blue square")
+    assert (c.verdict, c.score, c.reason) == (False, 0.5, "No, the circle is red, not green.")
+    assert S.check(im, "two squares").reason == "No, there is one square, not two."
+    assert S.check(im, "a triangle").reason == "No, there is no triangle."
+
+
+FAILURES = {  # failure kind -> (a category that shows it plainly, the reason it must give)
+    "colour": ("colour", r"No, (the (circle|square|triangle) is \w+, not \w+|none of the \w+ is \w+)\."),
+    "count": ("counting", r"No, there (is one|are (no|two|three|four|many)) \w+, not (two|three|four)\."),
+    "missing": ("single", r"No, there is no (circle|square|triangle)\."),
+    "relation": ("position", r"No, the \w+ is (to the left of|to the right of|above|below) the \w+, not "
+                             r"(to the left of|to the right of|above|below) it\."),
+}
+
+
+@pytest.mark.parametrize("kind", list(FAILURES))
+def test_each_failure_names_itself(kind):
+    import re
+    rng = random.Random(4)
+    cat, pattern = FAILURES[kind]
+    for _ in range(100):
+        p = S.sample_prompt(rng, cat)
+        sc = S.sample_scene(rng, 64, p, match=False, kind=kind)
+        c = S.check(S.render(sc), p)
+        assert not c.verdict and re.fullmatch(pattern, c.reason), (p.text, c.reason)
+
+
+def test_prompts_parse_back_and_words_are_known():
+    rng = random.Random(5)
+    for _ in range(2000):
+        p = S.sample_prompt(rng)
+        q = S.parse_prompt(p.text)
+        assert (q.category, q.facts, q.text) == (p.category, p.facts, p.text)
+        sc = S.sample_scene(rng, 64, p, match=rng.random() < 0.5)
+        for text in (p.text, S.truth(sc, p).reason, S.describe(sc)):
+            words = text.replace(",", " ").replace(".", " ").split()
+            assert all(w in S.WORDS or w in ("Yes", "No") for w in words), text
+        if sc.objects:  # a caption is true of its scene
+            assert S.truth(sc, S.parse_prompt(S.describe(sc))).verdict
+    assert S.parse_prompt("  Three SQUARES. ").facts == (S.Fact("count", "square", None, 3),)
+
+
+@pytest.mark.parametrize("text,msg", [
+    ("a giraffe", "unknown word 'giraffe'"),
+    ("", "empty prompt"),
+    ("   ", "empty prompt"),
+    ("red circle", "outside the grammar"),
+    ("a circle and", "outside the grammar"),
+    ("two circle", "outside the grammar"),
+    ("a circles", "outside the grammar"),
+    ("a circle to the left of", "outside the grammar"),
+    ("two circles above a square", "outside the grammar"),
+    ("a circle next a square", "unknown word 'next'"),
+])
+def test_bad_prompts_raise(text, msg):
+    with pytest.raises(ValueError, match=msg):
+        S.parse_prompt(text)
+
+
+def test_image_inputs_converted_or_rejected():
+    p = S.parse_prompt("a red circle")
+    im = S.render(S.Scene(64, [S.Obj("circle", "red", 10, 10, 18)]))
+    rgba = Image.fromarray(im).convert("RGBA")
+    assert S.check(rgba, p).verdict and S.check(np.asarray(rgba), p).verdict
+    big = np.asarray(Image.fromarray(im).resize((128, 128), Image.NEAREST))
+    assert S.check(big, p).verdict  # the checker reads geometry relative to the image side
+    with pytest.raises(ValueError, match="grayscale"):
+        S.check(Image.fromarray(im).convert("L"), p)
+    with pytest.raises(ValueError, match="grayscale"):
+        S.check(im[..., 0], p)
+    with pytest.raises(ValueError, match="square"):
+        S.check(im[:, :40], p)
+    with pytest.raises(ValueError, match="uint8"):
+        S.check(im.astype(np.float32), p)
+
+
+def test_load_image_errors(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"not a png")
+    with pytest.raises(ValueError, match="cannot read image"):
+        S.load_image(str(bad))
+
+
+def test_components_match_flood_fill():
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        mask = rng.random((20, 20)) < 0.45
+        labels = S._components(mask)
+        # reference: breadth-first flood fill, 4-connected
+        ref, k = np.zeros_like(labels), 0
+        for y, x in zip(*np.nonzero(mask)):
+            if ref[y, x]:
+                continue
+            k += 1
+            stack = [(y, x)]
+            ref[y, x] = k
+            while stack:
+                a, b = stack.pop()
+                for c, d in ((a + 1, b), (a - 1, b), (a, b + 1), (a, b - 1)):
+                    if 0 <= c < 20 and 0 <= d < 20 and mask[c, d] and not ref[c, d]:
+                        ref[c, d] = k
+                        stack.append((c, d))
+        # same partition: a one-to-one map between the two labelings
+        pairs = set(zip(labels[mask].tolist(), ref[mask].tolist()))
+        assert len(pairs) == len({a for a, _ in pairs}) == len({b for _, b in pairs}) == k
+
+
+def test_splits_disjoint_stable_and_ood_held_out():
+    a, b = S.make_splits(seed=0), S.make_splits(seed=0)
+    assert {k: [p.text for p in v] for k, v in a.items()} == {k: [p.text for p in v] for k, v in b.items()}
+    c = S.make_splits(seed=1)
+    assert [p.text for p in a["test"]] != [p.text for p in c["test"]]
+    for cat in S.CATEGORIES:
+        test = [p for p in a["test"] if p.category == cat]
+        assert len(test) >= 100 and all(p.category == cat for p in test)
+    texts = {k: {p.text for p in v} for k, v in a.items()}
+    for cat in S.OPEN_CATEGORIES:
+        per = {k: {p.text for p in v if p.category == cat} for k, v in a.items()}
+        assert not (per["train"] & per["test"]) and not (per["train"] & per["val"]) and not (per["val"] & per["test"])
+        assert len(per["test"]) >= 30
+    assert texts["ood"] and not texts["ood"] & (texts["train"] | texts["val"] | texts["test"])
+    for split in ("train", "val", "test"):
+        for p in a[split]:
+            assert not S.is_ood(p) and not S.text_mentions_ood(p.text), p.text
+    for p in a["ood"]:
+        assert S.is_ood(p) and S.text_mentions_ood(p.text)
+    assert S.text_mentions_ood("No, the triangle is purple, not red.")
+    assert S.text_mentions_ood("two orange circles") and S.text_mentions_ood("none of the squares is green")
+    assert not S.text_mentions_ood("No, the triangle is red, not blue.")
+    assert not S.text_mentions_ood("a yellow circle below an orange square")
+
+
+def test_edits_follow_and_preserve():
+    rng = random.Random(6)
+    for kind in ("recolour", "remove", "add", "move"):
+        for _ in range(30):
+            src, e, dst = S.sample_edit(rng, 64, kind)
+            a = S.render(src)
+            assert S.parse_edit(e.text) == e
+            assert S.score_edit(a, S.render(dst), e.text) == (1.0, 1.0)
+            # doing nothing: nothing else changed, but the edit did not happen
+            assert S.score_edit(a, a, e) == (0.0, 1.0)
+            # the edit done, plus an unrelated object removed or added: preserve drops
+            untouched = {(o.shape, o.colour, o.x, o.y) for o in src.objects if (o.shape, o.colour) != (e.shape, e.colour)}
+            others = [o for o in dst.objects if (o.shape, o.colour, o.x, o.y) in untouched]
+            if others:
+                spoiled = S.Scene(64, [o for o in dst.objects if o is not others[0]])
+                f, p = S.score_edit(a, S.render(spoiled), e)
+                assert f == 1.0 and p < 1.0
+            else:
+                extra = S._random_obj(rng, 64, "square", "blue" if e.colour != "blue" else "red")
+                if S._place(rng, [extra], 64, fixed=dst.objects):
+                    f, p = S.score_edit(a, S.render(S.Scene(64, dst.objects + [extra])), e)
+                    assert f == 1.0 and p < 1.0
+    # wrong variants of each kind: follow drops
+    src = S.Scene(64, [S.Obj("circle", "red", 6, 6, 16), S.Obj("square", "blue", 40, 40, 16)])
+    a = S.render(src)
+    wrong_colour = S.Scene(64, [S.Obj("circle", "green", 6, 6, 16), src.objects[1]])
+    assert S.score_edit(a, S.render(wrong_colour), "make the red circle yellow")[0] == 0.0
+    wrong_object = S.Scene(64, [src.objects[0], S.Obj("square", "yellow", 40, 40, 16)])
+    assert S.score_edit(a, S.render(wrong_object), "make the red circle yellow") == (0.0, 0.0)
+    assert S.score_edit(a, S.render(S.Scene(64, [src.objects[0]])), "remove the red circle") == (0.0, 0.0)
+    moved_down = S.Scene(64, [S.Obj("circle", "red", 6, 25, 16), src.objects[1]])
+    assert S.score_edit(a, S.render(moved_down), "move the red circle right") == (0.0, 1.0)
+    assert S.score_edit(a, S.render(moved_down), "move the red circle down") == (1.0, 1.0)
+    added_wrong = S.Scene(64, src.objects + [S.Obj("triangle", "green", 40, 4, 16)])
+    assert S.score_edit(a, S.render(added_wrong), "add a green circle")[0] == 0.0
+    with pytest.raises(ValueError, match="outside the grammar"):
+        S.parse_edit("make the red circle")
+    with pytest.raises(ValueError, match="unknown word 'bigger'"):
+        S.parse_edit("make the red circle bigger")
+
+
+def test_checker_speed():
+    # >= 500 checks/s on one core was measured (see the README); here a loose floor that still
+    # catches an accidental slow path (e.g. a per-pixel Python loop)
+    rng = random.Random(7)
+    cases = [(S.render(S.sample_scene(rng, 64, p)), p) for p in (S.sample_prompt(rng) for _ in range(300))]
+    t = time.perf_counter()
+    for im, p in cases:
+        S.check(im, p)
+    assert len(cases) / (time.perf_counter() - t) > 200
