@@ -1,0 +1,297 @@
+"""
+Speed of model.py side by side with Hugging Face `transformers`' Janus (JanusForConditionalGeneration)
+built from the same shapes with the same weights (DESIGN.md, "Performance method"):
+- training: forward + backward + AdamW step over a mixed sequence (text, an image through the ViT,
+  an image as VQ codes), loss on text via lm_head and on the VQ codes via gen_head; tokens/s;
+- decoding: KV-cached image-token generation with classifier-free guidance (cond + uncond rows in
+  one batch, as the Janus sampler does), image tokens/s.
+Both models get identical inputs, the same loss code around them, the same optimizer and dtype.
+
+    python bench.py --config toy --batch 8 --dtype bf16
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from model import PRESETS, Janus, JanusConfig, to_official
+
+# -----------------------------------------------------------------------------
+# building the peer model with our shapes and weights
+
+
+def hf_janus(cfg):
+    """A randomly initialised HF JanusForConditionalGeneration with cfg's shapes (and a small VQ,
+    which neither benchmark runs)."""
+    from transformers import JanusConfig as HFJanusConfig
+    from transformers import JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
+
+    text = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
+                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
+                       num_key_value_heads=cfg.n_kv_head, rms_norm_eps=cfg.rms_eps,
+                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
+                       max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False)
+    vision = JanusVisionConfig(hidden_size=cfg.vit_width, num_hidden_layers=cfg.vit_layers,
+                               num_attention_heads=cfg.vit_heads, image_size=cfg.image_size,
+                               patch_size=cfg.vit_patch, mlp_ratio=cfg.vit_mlp / cfg.vit_width,
+                               projection_dim=cfg.n_embd, depth=2, layer_norm_eps=1e-6,
+                               num_image_tokens=cfg.image_tokens)
+    vq = JanusVQVAEConfig(embed_dim=cfg.image_code_dim, num_embeddings=cfg.image_vocab_size,
+                          projection_dim=cfg.n_embd, image_token_embed_dim=cfg.n_embd, base_channels=32,
+                          channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=32)
+    config = HFJanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=False)
+    config._attn_implementation = "sdpa"  # HF's fastest CPU attention, as ours
+    return JanusForConditionalGeneration(config).eval()
+
+
+def hf_name(official):
+    """Official Janus-Pro key -> HF JanusForConditionalGeneration key (the ViT's qkv still fused)."""
+    k = official
+    if k.startswith("language_model.lm_head."):
+        return k.replace("language_model.", "", 1)
+    if k.startswith("language_model.model."):
+        return k.replace("language_model.model.", "model.language_model.", 1)
+    if k.startswith("vision_model.vision_tower."):
+        k = k.replace("vision_model.vision_tower.", "model.vision_model.", 1)
+        for a, b in [("patch_embed.proj.", "embeddings.patch_embedding."),
+                     ("pos_embed", "embeddings.position_embedding.weight"), ("blocks.", "encoder.layers."),
+                     (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
+                     (".attn.proj.", ".self_attn.projection_layer."), ("model.vision_model.norm.", "model.vision_model.post_layernorm.")]:
+            k = k.replace(a, b)
+        return k
+    for a, b in [("aligner.layers.0.", "aligner.fc1."), ("aligner.layers.2.", "aligner.hidden_layers.0."),
+                 ("gen_embed.", "generation_embeddings."), ("gen_head.output_mlp_projector.", "generation_head.proj_out."),
+                 ("gen_head.vision_head.", "generation_head.vision_head.")]:
+        k = k.replace(a, b)
+    k = k.replace("gen_aligner.", "generation_aligner.")
+    return "model." + k
+
+
+@torch.no_grad()
+def copy_to_hf(model, hf):
+    """Copy our weights into the HF model; every HF parameter outside its VQ must be covered."""
+    sd = {}
+    for k, t in to_official(model).items():
+        if ".attn.qkv." in k:  # the ViT's fused qkv: HF keeps q, k, v apart
+            name = hf_name(k)
+            for p, part in zip("qkv", t.chunk(3)):
+                sd[name.replace(".attn.qkv.", f".self_attn.{p}_proj.")] = part
+        elif k.endswith("pos_embed"):
+            sd[hf_name(k)] = t[0]  # (1, N, C) -> an nn.Embedding(N, C)
+        else:
+            sd[hf_name(k)] = t
+    missing, unexpected = hf.load_state_dict(sd, strict=False)
+    assert not unexpected, unexpected
+    assert all(k.startswith("model.vqmodel.") for k in missing), missing
+    return hf
+
+
+# -----------------------------------------------------------------------------
+# one mixed batch: [text][image via ViT][text][image as VQ codes][text]
+
+
+def make_batch(cfg, B, T, seed=0):
+    """Random inputs and shifted targets for a Task-III-like row layout (SPEC.md section 4)."""
+    n = cfg.image_tokens
+    assert T >= 2 * n + 24, f"--seq must be at least {2 * n + 24} for this config"
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
+    und_mask = torch.zeros(B, T, dtype=torch.bool)
+    und_mask[:, 8:8 + n] = True
+    gen_mask = torch.zeros(B, T, dtype=torch.bool)
+    gen_mask[:, T - 8 - n:T - 8] = True
+    pixels = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
+    gen_ids = torch.randint(0, cfg.image_vocab_size, (B, n), generator=g)
+    # position t predicts token t+1: text after text through lm_head, codes through gen_head
+    text_next, gen_next = ~(und_mask | gen_mask)[:, 1:], gen_mask[:, 1:]
+    text_targets = torch.full((B, T), -1)
+    text_targets[:, :-1][text_next] = idx[:, 1:][text_next]
+    image_targets = torch.full((B, T), -1)
+    image_targets[:, :-1][gen_next] = gen_ids.reshape(-1)
+    return dict(idx=idx, und_pixels=pixels, und_mask=und_mask, gen_ids=gen_ids, gen_mask=gen_mask,
+                text_targets=text_targets, image_targets=image_targets)
+
+
+def ours_loss(model, b):
+    x = model.embed(b["idx"], b["und_pixels"], b["und_mask"], b["gen_ids"], b["gen_mask"])
+    losses = model.token_losses(model(x), b["text_targets"], b["image_targets"])
+    return losses.sum() / ((b["text_targets"] >= 0).sum() + (b["image_targets"] >= 0).sum())
+
+
+def hf_loss(hf, b):
+    # the same splice and the same gathered heads, so only the model implementations differ
+    m = hf.model
+    x = m.language_model.embed_tokens(b["idx"])
+    feats = m.get_image_features(b["und_pixels"]).pooler_output  # ViT + aligner
+    x[b["und_mask"]] = feats.reshape(-1, x.size(-1)).to(x.dtype)
+    x[b["gen_mask"]] = hf.prepare_embeddings_for_image_generation(b["gen_ids"].reshape(-1)).to(x.dtype)
+    h = m.language_model(inputs_embeds=x).last_hidden_state
+    tt, it = b["text_targets"], b["image_targets"]
+    loss = F.cross_entropy(hf.lm_head(h[tt >= 0]).float(), tt[tt >= 0], reduction="sum")
+    loss = loss + F.cross_entropy(m.generation_head(h[it >= 0]).float(), it[it >= 0], reduction="sum")
+    return loss / ((tt >= 0).sum() + (it >= 0).sum())
+
+
+# -----------------------------------------------------------------------------
+# CFG image-token decoding with a KV cache: 2B rows (cond, then uncond), greedy for determinism
+
+
+@torch.no_grad()
+def ours_decode(model, prompt, steps, cfg_w):
+    B2, P = prompt.shape
+    cache = model.make_cache(B2, P + steps)
+    h = model(model.embed_tokens(prompt), cache=cache)[:, -1]  # prefill, (2B, D)
+    for t in range(steps):
+        logits = model.image_logits(h)  # (2B, V)
+        cond, uncond = logits.chunk(2)
+        nxt = (uncond + cfg_w * (cond - uncond)).argmax(-1)  # (B,)
+        x = model.embed_image_ids(torch.cat([nxt, nxt])[:, None])  # (2B, 1, D)
+        h = model(x, cache=cache, start_pos=P + t)[:, -1]
+    return nxt
+
+
+@torch.no_grad()
+def hf_decode(hf, prompt, steps, cfg_w):
+    from transformers import StaticCache
+
+    B2, P = prompt.shape
+    lm = hf.model.language_model
+    cache = StaticCache(config=hf.config.text_config, max_cache_len=P + steps)  # what Janus' generate uses
+    h = lm(inputs_embeds=lm.embed_tokens(prompt), cache=cache, use_cache=True).last_hidden_state[:, -1]
+    for t in range(steps):
+        logits = hf.model.generation_head(h).float()
+        cond, uncond = logits.chunk(2)
+        nxt = (uncond + cfg_w * (cond - uncond)).argmax(-1)
+        x = hf.prepare_embeddings_for_image_generation(torch.cat([nxt, nxt])[:, None])
+        h = lm(inputs_embeds=x, cache=cache, use_cache=True).last_hidden_state[:, -1]
+    return nxt
+
+
+# -----------------------------------------------------------------------------
+
+
+def timed(fns, warmup, steps):
+    """Median seconds per call of each function, calling them in turn (a, b, a, b, ...) so that a
+    neighbour's load on the shared CPU falls on all of them alike; warm-up calls first."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times = {name: [] for name in fns}
+    for _ in range(steps):
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def train_step(model, loss_fn, batch, amp):
+    # the same optimizer for both: fused AdamW (transformers' Trainer default); betas as SPEC.md
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), weight_decay=0.05, fused=True)
+
+    def step():
+        with amp:
+            loss = loss_fn(model, batch)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    # what to measure
+    p.add_argument("--config", default="toy", choices=[k for k in PRESETS if not k.startswith("janus")],
+                   help="model preset (the full-size ones do not fit a CPU bench)")
+    p.add_argument("--batch", type=int, default=8, help="rows per training step; images per decode run")
+    p.add_argument("--seq", type=int, default=0, help="training sequence length (0: 2 images + 64 text)")
+    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
+                   help="fp32, or bf16: training under bf16 autocast (fp32 weights, optimizer state "
+                   "and losses; bf16 matmuls), decoding on bf16 weights and KV cache")
+    p.add_argument("--compile", action="store_true",
+                   help="also time training with both models' ViT and LLM under torch.compile "
+                   "(the image splice and the heads stay eager)")
+    # how long
+    p.add_argument("--steps", type=int, default=10, help="timed training steps per model (after --warmup)")
+    p.add_argument("--warmup", type=int, default=3, help="untimed training steps per model first")
+    p.add_argument("--decode-runs", type=int, default=2,
+                   help="timed CFG decode runs of one image per row (after one warm-up run)")
+    p.add_argument("--prompt", type=int, default=32, help="prompt length before the image when decoding")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
+    args = p.parse_args()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = JanusConfig(**PRESETS[args.config])
+    T = args.seq or 2 * cfg.image_tokens + 64
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    b = make_batch(cfg, args.batch, T, args.seed)
+    ours = Janus(cfg)
+    hf = copy_to_hf(ours, hf_janus(cfg))
+
+    # the work: 6 FLOPs per parameter and position, N counting what each kind of position runs through
+    count = lambda *ms: sum(p.numel() for m in ms for p in m.parameters())
+    n_text, n_img = (b["text_targets"] >= 0).sum().item(), (b["image_targets"] >= 0).sum().item()
+    flops = 6 * (count(ours.layers) * args.batch * T
+                 + count(ours.vision_model, ours.aligner) * b["und_mask"].sum().item()
+                 + count(ours.gen_aligner) * b["gen_mask"].sum().item()
+                 + count(ours.lm_head) * n_text + count(ours.gen_head) * n_img)
+    # decoding: 2 FLOPs per parameter per row and image token, two rows (cond, uncond) per image
+    dflops = 2 * 2 * count(ours.layers, ours.gen_aligner, ours.gen_head)
+    print(f"config {args.config}: {count(ours):,} params (HF: {count(hf) - count(hf.model.vqmodel):,} "
+          f"without its VQ); batch {args.batch} x seq {T}; dtype {args.dtype}; {torch.get_num_threads()} threads")
+
+    # training: identical weights and batch, so the first losses must agree
+    with torch.no_grad(), amp:
+        loss0 = ours_loss(ours, b).item(), hf_loss(hf, b).item()
+    print(f"first loss: ours {loss0[0]:.5f}  hf {loss0[1]:.5f}")
+    ours.train()
+    hf.train()
+    steps = {"ours": train_step(ours, ours_loss, b, amp), "hf": train_step(hf, hf_loss, b, amp)}
+    if args.compile:
+        ours_c, hf_c = Janus(cfg).train(), hf_janus(cfg).train()
+        ours_c.vision_model = torch.compile(ours_c.vision_model)
+        hf_c.model.vision_model = torch.compile(hf_c.model.vision_model)
+        hf_c.model.language_model = torch.compile(hf_c.model.language_model)
+        steps["ours compiled"] = train_step(torch.compile(ours_c), ours_loss, b, amp)
+        steps["hf compiled"] = train_step(hf_c, hf_loss, b, amp)
+        for fn in list(steps.values())[2:]:
+            t0 = time.perf_counter()
+            fn()  # compiles forward and backward
+            print(f"compiled in {time.perf_counter() - t0:.1f} s")
+    train = {k: args.batch * T / sec for k, sec in timed(steps, args.warmup, args.steps).items()}
+
+    # decoding: fresh identical weights, cast to the dtype (inference runs on bf16 weights, as the
+    # official sampler does, rather than under autocast)
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    ours = Janus(cfg).eval()
+    hf = copy_to_hf(ours, hf_janus(cfg)).to(dtype)
+    ours = ours.to(dtype)
+    g = torch.Generator().manual_seed(args.seed)
+    prompt = torch.randint(0, cfg.vocab_size, (args.batch, args.prompt), generator=g)
+    prompt = torch.cat([prompt, torch.zeros_like(prompt)])  # the uncond twins (all pads, id 0 here)
+    runs = {"ours": lambda: ours_decode(ours, prompt, cfg.image_tokens, 5.0),
+            "hf": lambda: hf_decode(hf, prompt, cfg.image_tokens, 5.0)}
+    decode = {k: args.batch * cfg.image_tokens / sec for k, sec in timed(runs, 1, args.decode_runs).items()}
+
+    print(f"training FLOPs per step (6 N T): {flops / 1e9:.2f} GFLOP; decoding: {dflops / 1e6:.1f} MFLOP per image token")
+    print(f"{'':34s}{'ours':>10s}{'hf':>10s}{'ours/hf':>9s}")
+    rows = [("train tokens/s", train["ours"], train["hf"]),
+            ("train GFLOP/s", train["ours"] * flops / (args.batch * T) / 1e9, train["hf"] * flops / (args.batch * T) / 1e9)]
+    if args.compile:
+        rows += [("train tokens/s, both compiled", train["ours compiled"], train["hf compiled"]),
+                 ("train tokens/s, ours compiled", train["ours compiled"], train["hf"])]
+    rows += [("CFG decode image tokens/s", decode["ours"], decode["hf"]),
+             ("decode GFLOP/s", decode["ours"] * dflops / 1e9, decode["hf"] * dflops / 1e9)]
+    for name, a, c in rows:
+        print(f"{name:34s}{a:10.1f}{c:10.1f}{a / c:9.2f}")
+
+
+if __name__ == "__main__":
+    main()
