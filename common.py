@@ -1,0 +1,77 @@
+"""
+Small shared helpers: device choice, atomic checkpoint I/O, and loading a trained Janus bundle
+(model + VQ tokenizer + text tokenizer) from one checkpoint file.
+
+A checkpoint is a plain dict saved with torch.save and always read back with
+torch.load(..., weights_only=True): loading a checkpoint can never run code.
+"""
+
+import os
+
+import torch
+
+
+def pick_device(name="auto"):
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def save_checkpoint(obj, path):
+    """torch.save to a temporary file, then rename: a reader never sees half a checkpoint."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path, expect=None):
+    """Read a checkpoint dict (weights only). `expect` maps keys to required values, e.g.
+    {"kind": "janus"}; a mismatch is a one-line ValueError naming the key."""
+    if not os.path.isfile(path):
+        raise ValueError(f"checkpoint not found: {path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated file, not a torch file, pickled code...
+        raise ValueError(f"cannot read checkpoint {path}: {str(e).splitlines()[0]}") from None
+    if not isinstance(ckpt, dict):
+        raise ValueError(f"{path} is not a checkpoint of this project")
+    for k, v in (expect or {}).items():
+        if ckpt.get(k) != v:
+            raise ValueError(f"checkpoint {path} has {k}={ckpt.get(k)!r}, expected {v!r}")
+    return ckpt
+
+
+# -----------------------------------------------------------------------------
+# A trained Janus bundle: model + VQ tokenizer + the text vocabulary, in one file
+
+
+def janus_checkpoint(model, vq, tok, **extra):
+    """The dict that stage scripts save and sample.py / judge.py load."""
+    from dataclasses import asdict
+    return {"kind": "janus", "config": asdict(model.cfg), "model": model.state_dict(),
+            "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), "vocab": list(tok.vocab), **extra}
+
+
+def load_janus(path, device="cpu"):
+    """(model, vq, tok, ckpt) from a Janus checkpoint, in eval mode. Clear errors for a missing
+    file, another kind of checkpoint, or a vocabulary that is not this code's."""
+    from model import Janus, JanusConfig
+    from tokenizer import VQConfig, VQModel, TextTokenizer
+    import shapes
+    ckpt = load_checkpoint(path, {"kind": "janus"})
+    tok = TextTokenizer(shapes.WORDS)
+    if ckpt["vocab"] != tok.vocab:
+        raise ValueError(f"checkpoint {path} was trained with another text vocabulary than this code's")
+    model = Janus(JanusConfig(**ckpt["config"]))
+    vq = VQModel(VQConfig(**ckpt["vq_config"]))
+    try:
+        model.load_state_dict(ckpt["model"])
+        vq.load_state_dict(ckpt["vq"])
+    except RuntimeError as e:
+        raise ValueError(f"checkpoint {path} does not fit its own config: {str(e).splitlines()[0]}") from None
+    return model.to(device).eval(), vq.to(device).eval(), tok, ckpt

@@ -1,0 +1,509 @@
+"""
+Sampling with the unified model (SPEC.md section 3): text-to-image with classifier-free guidance,
+the self-check with a forced Yes/No answer and a free-text reason, the introspective loop
+(generate -> judge -> reflect -> regenerate, the paper's "aha moment"), and editing.
+
+The first section, "sequence layouts", is the ONE place where this project builds sequences: SFT
+and RL import `Seq` and the layout functions from here, so training and sampling can never
+disagree on where a token goes, which positions are padded for CFG, or where the loss falls.
+
+    python sample.py --ckpt out/toy/sft.pt --prompt "a red circle to the left of a square" --out out/samples
+    python sample.py --ckpt out/toy/sft.pt --edit src.png --instruction "make the red circle blue" --out out/edit
+"""
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from dataclasses import dataclass, field
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+# -----------------------------------------------------------------------------
+# Sequence layouts
+
+USER, ASSISTANT = "<|User|>:", "<|Assistant|>:"
+# the self-check cue: closes the image and asks the question (the answer follows directly)
+CUE = "<end_of_image>\nLet me think Does this image match the prompt..."
+# after a "No, <reason>" + EOS: the bridge to the next image
+NEXT = "\nNext, I will draw a new image<begin_of_image>"
+EDIT_TAIL = "Please generate an image.\n\n<|Assistant|>:<begin_of_image>"
+
+TEXT, UND, GEN = 0, 1, 2  # what fills a position: a text id, a ViT patch feature, a VQ code
+CAPTION, SCAFFOLD = 1, 2  # prompt spans: the user's words; the rest between BOS and the first image
+
+
+@dataclass
+class Seq:
+    """One row of the model's input, built left to right. Per position:
+    ids (text id; image positions hold <image_placeholder>), kind (TEXT/UND/GEN), w (loss weight on
+    predicting this position's token from the previous position; 0 = no loss), span (CAPTION /
+    SCAFFOLD / 0, which tokens CFG replaces by pads). codes: VQ ids of the GEN positions in order;
+    images: uint8 (H, W, 3) images for the UND positions, one per image."""
+    ids: list = field(default_factory=list)
+    kind: list = field(default_factory=list)
+    w: list = field(default_factory=list)
+    span: list = field(default_factory=list)
+    codes: list = field(default_factory=list)
+    images: list = field(default_factory=list)
+
+    def add(self, ids, kind=TEXT, w=0.0, span=0):
+        ids = list(ids)
+        self.ids += ids
+        self.kind += [kind] * len(ids)
+        self.w += w if isinstance(w, list) else [w] * len(ids)
+        self.span += [span] * len(ids)
+        return self
+
+    def text(self, tok, s, w=0.0, span=0):
+        return self.add(tok.encode(s), TEXT, w, span)
+
+    def gen_image(self, tok, codes, w=0.0):
+        codes = [int(c) for c in codes]
+        self.codes += codes
+        return self.add([tok.img] * len(codes), GEN, w)
+
+    def und_image(self, tok, image, n_tokens):
+        self.images.append(image)
+        return self.add([tok.img] * n_tokens, UND)
+
+    def __len__(self):
+        return len(self.ids)
+
+    def uncond(self, tok, whole_prompt):
+        """The CFG twin: whole_prompt=True pads everything between BOS and the first image (a
+        first image); False pads only the user's words (regeneration and editing: the earlier
+        image, the judgement and the reflection stay)."""
+        pad = (CAPTION, SCAFFOLD) if whole_prompt else (CAPTION,)
+        out = Seq(list(self.ids), list(self.kind), list(self.w), list(self.span), list(self.codes), list(self.images))
+        out.ids = [tok.pad if s in pad else i for i, s in zip(self.ids, self.span)]
+        return out
+
+
+def prompt_seq(tok, caption):
+    """`<bos><|User|>: {caption}\\n\\n<|Assistant|>:<begin_of_image>`: a text-to-image prompt."""
+    s = Seq().add([tok.bos])
+    s.text(tok, USER, span=SCAFFOLD).text(tok, caption, span=CAPTION).text(tok, "\n\n" + ASSISTANT, span=SCAFFOLD)
+    return s.text(tok, "<begin_of_image>")
+
+
+def add_answer(seq, tok, answer, w_first=0.8, w_rest=0.2):
+    """The judge's answer "Yes, ..."/"No, ..." + EOS; its first token (Yes/No) weighs w_first."""
+    ids = tok.encode(answer) + [tok.eos]
+    return seq.add(ids, TEXT, [w_first] + [w_rest] * (len(ids) - 1))
+
+
+def add_reflection(seq, tok, reason):
+    """After an image (VQ path): cue, "No, <reason>" + EOS, "Next, I will draw a new image<boi>".
+    reason: text, or the ids the model itself produced (kept as they were, never re-encoded)."""
+    ids = tok.encode(reason) if isinstance(reason, str) else list(reason)
+    return seq.text(tok, CUE).add(ids + [tok.eos]).text(tok, NEXT)
+
+
+def edit_seq(tok, src_codes, instruction):
+    """`<bos><|User|>: <boi>[source as VQ codes]<eoi>{instruction} Please generate an image.
+    \\n\\n<|Assistant|>:<begin_of_image>`; only the instruction is padded for CFG."""
+    s = Seq().add([tok.bos]).text(tok, USER + " <begin_of_image>", span=SCAFFOLD)
+    s.gen_image(tok, src_codes).text(tok, "<end_of_image>")
+    return s.text(tok, instruction, span=CAPTION).text(tok, EDIT_TAIL)
+
+
+def collate(seqs, tok, device="cpu", left=False):
+    """Seqs -> padded tensors for model.embed / model.forward / model.token_losses.
+    Right padding for training (causal attention never sees trailing pads); left padding for
+    sampling, so every row's next token lands at the same position. Returns a namespace with
+    idx, key_mask, und_mask, gen_mask (B, T); gen_ids (n_gen,); und_pixels (n_img, 3, H, W) in
+    [-1, 1]; text_targets, image_targets (B, T) (-1 = none, position t predicts token t+1); weights
+    (B, T) (the loss weight of each target)."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    idx = torch.full((B, T), tok.pad, dtype=torch.long)
+    kind = torch.full((B, T), -1, dtype=torch.long)
+    w = torch.zeros(B, T)
+    for b, s in enumerate(seqs):
+        sl = slice(T - len(s), T) if left else slice(0, len(s))
+        idx[b, sl] = torch.tensor(s.ids)
+        kind[b, sl] = torch.tensor(s.kind)
+        w[b, sl] = torch.tensor(s.w, dtype=torch.float32)
+    gen_mask, und_mask = kind == GEN, kind == UND
+    gen_ids = torch.tensor([c for s in seqs for c in s.codes], dtype=torch.long)
+    images = [im for s in seqs for im in s.images]
+    und_pixels = to_pixels(np.stack(images)) if images else None
+    # targets: position t predicts position t+1 (shift left by one)
+    text_t = torch.full((B, T), -1, dtype=torch.long)
+    image_t = torch.full((B, T), -1, dtype=torch.long)
+    weights = torch.zeros(B, T)
+    has = w[:, 1:] > 0
+    text_t[:, :-1] = torch.where(has & (kind[:, 1:] == TEXT), idx[:, 1:], -1)
+    codes_grid = torch.full((B, T), -1, dtype=torch.long)
+    codes_grid[gen_mask] = gen_ids
+    image_t[:, :-1] = torch.where(has & gen_mask[:, 1:], codes_grid[:, 1:], -1)
+    weights[:, :-1] = torch.where(has, w[:, 1:], 0.0)
+    d = lambda t: None if t is None else t.to(device)
+    return SimpleNamespace(idx=d(idx), key_mask=d(kind >= 0), und_mask=d(und_mask), gen_mask=d(gen_mask),
+                           gen_ids=d(gen_ids), und_pixels=d(und_pixels), text_targets=d(text_t),
+                           image_targets=d(image_t), weights=d(weights))
+
+
+def embed_batch(model, b):
+    return model.embed(b.idx, und_pixels=b.und_pixels, und_mask=b.und_mask if b.und_pixels is not None else None,
+                       gen_ids=b.gen_ids if b.gen_ids.numel() else None, gen_mask=b.gen_mask)
+
+
+def to_pixels(images):
+    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+
+
+def to_images(pixels):
+    """float (N, 3, H, W) roughly in [-1, 1] -> uint8 (N, H, W, 3)."""
+    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# Drawing one token from logits with fixed random numbers
+
+def cfg_logits(cond, uncond, w):
+    """l = l_u + w (l_c - l_u), written so that w = 1 returns l_c exactly."""
+    return w * cond + (1 - w) * uncond
+
+
+def pick(logits, u, temperature=1.0, top_k=0, top_p=1.0):
+    """Sample ids (B,) from logits (B, V) by inverse CDF with given uniforms u (B,) in [0, 1).
+    Using pre-drawn uniforms (one stream per sample, from its own seed) makes every image
+    reproducible from its seed alone, whatever else is in the batch. temperature 0 = greedy."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k:
+        kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = logits.softmax(-1)  # (B, V)
+    if top_p < 1.0:
+        # keep the smallest head of the sorted distribution whose mass reaches top_p
+        sp, order = probs.sort(-1, descending=True)
+        keep = torch.zeros_like(probs, dtype=torch.bool).scatter(-1, order, (sp.cumsum(-1) - sp) < top_p)
+        probs = probs * keep
+    # the CDF in vocabulary order (not sorted: sorting near-equal probabilities would let a 1e-8
+    # wobble reorder them and change the pick; in this order only a draw within ~1e-8 of a step can)
+    cdf = probs.cumsum(-1)
+    j = torch.searchsorted(cdf, (u.to(cdf) * cdf[:, -1]).unsqueeze(-1), right=True)
+    return j.clamp(max=probs.size(-1) - 1).squeeze(-1)
+
+
+@dataclass
+class Options:
+    cfg: float = 5.0           # guidance weight w
+    temperature: float = 1.0   # image tokens
+    top_k: int = 0
+    top_p: float = 1.0
+    text_temperature: float = 0.0  # the judge's answer: 0 = greedy (Yes/No by the larger P)
+    max_reason: int = 24       # tokens after Yes/No, EOS included
+    rounds: int = 3            # most images per chain
+
+
+# -----------------------------------------------------------------------------
+# The KV cache plumbing: row views, copies, one batched forward for cond + uncond rows
+
+def _rows(cache, sl):
+    # a view on some rows of a cache: writes through it land in the big cache
+    return SimpleNamespace(k=cache.k[:, sl], v=cache.v[:, sl])
+
+
+def _new_cache(model, batch, length):
+    # under autocast k and v come out in the autocast dtype: store them so, at half the bytes
+    dev = model.lm_head.weight.device.type
+    dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
+    return model.make_cache(batch, length, dtype=dtype)
+
+
+def _forward(model, x, cache, start, key_mask):
+    # key_mask None when nothing is padded: the kernels' plain causal path is fastest
+    km = None if key_mask is None or bool(key_mask.all()) else key_mask[:, :start + x.size(1)]
+    return model(x, cache=cache, start_pos=start, key_mask=km)
+
+
+@torch.no_grad()
+def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
+    """Sample one image's codes for n_cond chains whose cond rows are cache rows [0, n_cond) and
+    uncond rows [n_cond, 2 n_cond), both already prefilled up to `start` (h_last: their last hidden
+    states, (2 n_cond, D)). One batched forward per token for both rows. Returns codes (n_cond, N)
+    and the cache position after feeding all but the last code."""
+    N = model.cfg.image_tokens
+    codes = torch.empty(n_cond, N, dtype=torch.long, device=h_last.device)
+    for i in range(N):
+        logits = model.image_logits(h_last)  # (2 n_cond, V) fp32
+        guided = cfg_logits(logits[:n_cond], logits[n_cond:], opt.cfg)
+        codes[:, i] = pick(guided, uniforms[:, i], opt.temperature, opt.top_k, opt.top_p)
+        if i == N - 1:
+            break  # the last code is fed later, only if the chain continues
+        x = model.embed_image_ids(codes[:, i].repeat(2))[:, None]  # (2 n_cond, 1, D)
+        h_last = _forward(model, x, cache, start, key_mask)[:, -1]
+        start += 1
+    return codes, start
+
+
+# -----------------------------------------------------------------------------
+# The introspective loop
+
+
+@dataclass
+class Chain:
+    prompt: str
+    seed: int
+    images: list = field(default_factory=list)   # uint8 (H, W, 3), one per round
+    codes: list = field(default_factory=list)    # VQ codes (N,), one per round
+    verdicts: list = field(default_factory=list)  # "yes" / "no", one per judged image
+    p_yes: list = field(default_factory=list)
+    reasons: list = field(default_factory=list)
+    reason_ids: list = field(default_factory=list)  # the answers' token ids (Yes/No first), no EOS
+
+
+def _uniforms(gens, n, device):
+    # (B, n) uniforms, each row from its chain's own generator
+    return torch.stack([torch.rand(n, generator=g) for g in gens]).to(device)
+
+
+@torch.no_grad()
+def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
+    """Self-evaluation of `images` (B uint8 images) whose prompts (and earlier rounds) fill the
+    first prefix_len positions of prefix_cache's first B rows: copy that prefix (it is identical:
+    no recomputation), add the image through the understanding path + the cue, force the first
+    answer token to Yes/No and decode the reason. Returns (verdicts, p_yes, answers)."""
+    B, dev = len(images), key_mask.device
+    cue = tok.encode(CUE)
+    N = model.cfg.image_tokens
+    L = prefix_len + N + len(cue) + 1 + opt.max_reason
+    cache = _new_cache(model, B, L)
+    cache.k[:, :, :, :prefix_len] = prefix_cache.k[:, :B, :, :prefix_len]
+    cache.v[:, :, :, :prefix_len] = prefix_cache.v[:, :B, :, :prefix_len]
+    km = torch.ones(B, L, dtype=torch.bool, device=dev)
+    km[:, :prefix_len] = key_mask[:B, :prefix_len]
+    idx = torch.tensor([[tok.img] * N + cue] * B, device=dev)
+    und = torch.zeros_like(idx, dtype=torch.bool)
+    und[:, :N] = True
+    x = model.embed(idx, und_pixels=to_pixels(np.stack(images)).to(dev), und_mask=und)
+    pos = prefix_len
+    h = _forward(model, x, cache, pos, km)[:, -1]
+    pos += x.size(1)
+    u = _uniforms(gens, 1 + opt.max_reason, dev)
+    # first answer token: only Yes or No; P(yes) = P(Yes) / (P(Yes) + P(No))
+    two = model.text_logits(h)[:, [tok.yes, tok.no]]  # (B, 2)
+    p_yes = two.softmax(-1)[:, 0]
+    first = pick(two, u[:, 0], opt.text_temperature)  # 0 = Yes, 1 = No
+    ids = torch.where(first == 0, tok.yes, tok.no)
+    out, done = [ids], torch.zeros(B, dtype=torch.bool, device=dev)
+    for t in range(opt.max_reason):
+        h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+        pos += 1
+        logits = model.text_logits(h)
+        logits[:, len(tok):] = float("-inf")  # the model's vocabulary is padded past the tokenizer's
+        ids = pick(logits, u[:, 1 + t], opt.text_temperature)
+        ids = torch.where(done, tok.pad, ids)
+        out.append(ids)
+        done |= ids == tok.eos
+        if done.all():
+            break
+    answer_ids = []  # up to (not including) EOS; a reason cut at max_reason gets its EOS later
+    for row in torch.stack(out, 1).tolist():
+        answer_ids.append(row[:row.index(tok.eos)] if tok.eos in row else [i for i in row if i != tok.pad])
+    verdicts = ["yes" if f == 0 else "no" for f in first.tolist()]
+    return verdicts, p_yes.tolist(), [tok.decode(a) for a in answer_ids], answer_ids
+
+
+def _prefill_pair(model, cond, uncond, tok, cache_len, dev):
+    """Prefill cond rows + uncond rows (left-padded to one length) in one forward."""
+    b = collate(cond + uncond, tok, dev, left=True)
+    cache = _new_cache(model, len(cond) * 2, cache_len)
+    km = torch.ones(b.idx.size(0), cache_len, dtype=torch.bool, device=dev)
+    km[:, :b.idx.size(1)] = b.key_mask
+    h = _forward(model, embed_batch(model, b), cache, 0, km)[:, -1]
+    return cache, km, h, b.idx.size(1)
+
+
+@torch.no_grad()
+def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
+    """The introspective loop, batched over chains (one chain per (prompt, seed)):
+    image k (CFG) -> self-check -> "Yes": the chain stops; "No": the reason goes into the context
+    and image k+1 is drawn, up to opt.rounds images. Finished chains leave the batch.
+
+    What is reused: the judge copies the KV cache of the prompt (and of earlier rounds) from the
+    generation cache instead of recomputing it; a regeneration keeps the conditional rows' cache
+    (prompt + earlier images as VQ codes) and only feeds the last code, the cue, the reason and
+    the bridge. The unconditional regeneration rows differ from the first image's (there only the
+    caption is padded, SPEC.md section 3), so they are prefilled afresh, in the same batch."""
+    dev = next(model.parameters()).device
+    N = model.cfg.image_tokens
+    chains = [Chain(p, s) for p, s in zip(prompts, seeds)]
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    seqs = [prompt_seq(tok, c.prompt) for c in chains]
+    # room for every round: prompt + rounds x (image + cue + reason + bridge)
+    per_round = N + len(tok.encode(CUE)) + opt.max_reason + 2 + len(tok.encode(NEXT))
+    longest = max(map(len, seqs)) + opt.rounds * per_round
+    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok, longest, dev)
+    live = list(range(len(chains)))
+    bar = tqdm(total=opt.rounds, desc="rounds", disable=not progress)
+    for r in range(opt.rounds):
+        n = len(live)
+        codes, end = _draw_image(model, cache, km, h, pos, n, opt, _uniforms([gens[i] for i in live], N, dev))
+        images = to_images(vq.decode(codes))
+        for j, i in enumerate(live):
+            chains[i].images.append(images[j])
+            chains[i].codes.append(codes[j].tolist())
+            seqs[i].gen_image(tok, codes[j].tolist())
+        bar.update(1)
+        # every image is judged, the last one too, so each round records a verdict
+        verdicts, p_yes, answers, answer_ids = judge(model, tok, cache, pos, km, list(images), opt, [gens[i] for i in live])
+        for j, i in enumerate(live):
+            chains[i].verdicts.append(verdicts[j])
+            chains[i].p_yes.append(p_yes[j])
+            chains[i].reasons.append(answers[j])
+            chains[i].reason_ids.append(answer_ids[j])
+        keep = [j for j in range(n) if verdicts[j] == "no"]
+        if r == opt.rounds - 1 or not keep:
+            break
+        # --- regeneration for the chains that said No
+        live = [live[j] for j in keep]
+        chunks = []
+        for i, j in zip(live, keep):
+            c = Seq().gen_image(tok, codes[j, -1:].tolist())
+            add_reflection(c, tok, answer_ids[j])
+            add_reflection(seqs[i], tok, answer_ids[j])
+            chunks.append(c)
+        m, C = len(live), max(map(len, chunks))
+        sel = torch.tensor(keep, device=dev)
+        new = _new_cache(model, 2 * m, longest)
+        new.k[:, :m, :, :end] = cache.k[:, sel, :, :end]
+        new.v[:, :m, :, :end] = cache.v[:, sel, :, :end]
+        new_km = torch.ones(2 * m, longest, dtype=torch.bool, device=dev)
+        new_km[:m, :end] = km[sel, :end]
+        # cond rows: feed only the new chunk, left-padded (the holes are masked keys)
+        b = collate(chunks, tok, dev, left=True)
+        new_km[:m, end:end + C] = b.key_mask
+        h_c = _forward(model, embed_batch(model, b), _rows(new, slice(0, m)), end, new_km[:m])[:, -1]
+        # uncond rows: the whole regeneration context with only the caption padded, prefilled
+        # afresh and right-aligned with the cond rows (both hold the same number of real tokens)
+        ub = collate([seqs[i].uncond(tok, False) for i in live], tok, dev, left=True)
+        pad = end + C - ub.idx.size(1)
+        new_km[m:, :pad] = False
+        new_km[m:, pad:end + C] = ub.key_mask
+        h_u = _forward(model, embed_batch(model, ub), _rows(new, slice(m, 2 * m)), pad, new_km[m:])[:, -1]
+        cache, km, h, pos = new, new_km, torch.cat([h_c, h_u]), end + C
+    bar.close()
+    return chains
+
+
+@torch.no_grad()
+def generate(model, vq, tok, prompts, seeds, opt=Options()):
+    """Text-to-image only (first images, no judging): uint8 (B, H, W, 3) and codes (B, N)."""
+    dev = next(model.parameters()).device
+    seqs = [prompt_seq(tok, p) for p in prompts]
+    N = model.cfg.image_tokens
+    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok,
+                                      max(map(len, seqs)) + N, dev)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
+    return to_images(vq.decode(codes)), codes
+
+
+@torch.no_grad()
+def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
+    """Editing: source images (uint8, VQ path) + instructions -> edited images (uint8)."""
+    dev = next(model.parameters()).device
+    src_codes = vq.encode(to_pixels(np.stack(sources)).to(dev))
+    seqs = [edit_seq(tok, c.tolist(), ins) for c, ins in zip(src_codes, instructions)]
+    N = model.cfg.image_tokens
+    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, False) for s in seqs], tok,
+                                      max(map(len, seqs)) + N, dev)
+    gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
+    codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
+    return to_images(vq.decode(codes))
+
+
+# -----------------------------------------------------------------------------
+# Command line
+
+
+def _write_png(image, path):
+    Image.fromarray(image).save(path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Sample images with the introspective loop (or edit an image) "
+                                             "from a trained checkpoint; writes PNGs and chains.jsonl.")
+    # what to sample
+    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py / rl.py")
+    ap.add_argument("--prompt", help="the text prompt (ShapeWorld grammar, e.g. 'a red circle above a square')")
+    ap.add_argument("--edit", metavar="SRC_PNG", help="edit this image instead (needs --instruction)")
+    ap.add_argument("--instruction", help="edit instruction, e.g. 'make the red circle blue'")
+    ap.add_argument("--out", required=True, help="output folder (written whole at the end, never half)")
+    # how
+    ap.add_argument("--n", type=int, default=4, help="chains (images) per prompt")
+    ap.add_argument("--rounds", type=int, default=3, help="most images per chain; 1 = no introspection")
+    ap.add_argument("--cfg", type=float, default=None, help="guidance weight (default 5, editing 4)")
+    ap.add_argument("--temperature", type=float, default=1.0, help="image token temperature")
+    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely image tokens (0 = all)")
+    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass for image tokens")
+    ap.add_argument("--seed", type=int, default=0, help="chain i uses seed + i: any image can be redrawn alone")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    args = ap.parse_args(argv)
+
+    import shapes
+    from common import load_janus, pick_device
+    try:
+        if (args.prompt is None) == (args.edit is None):
+            raise ValueError("give either --prompt or --edit SRC_PNG --instruction TEXT")
+        if args.n < 1 or args.rounds < 1:
+            raise ValueError("--n and --rounds must be at least 1")
+        model, vq, tok, _ = load_janus(args.ckpt, pick_device(args.device))
+        seeds = [args.seed + i for i in range(args.n)]
+        opt = Options(cfg=args.cfg if args.cfg is not None else (4.0 if args.edit else 5.0),
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds)
+        tmp = args.out.rstrip("/") + ".partial"
+        shutil.rmtree(tmp, ignore_errors=True)
+        if args.edit:
+            if not args.instruction:
+                raise ValueError("--edit needs --instruction")
+            instruction = shapes.parse_edit(args.instruction).text  # canonical form; errors name the word
+            src = shapes.load_image(args.edit)
+            size = model.cfg.image_size
+            if src.shape[0] != size:  # any square size is converted to the model's
+                src = np.asarray(Image.fromarray(src).resize((size, size), Image.BICUBIC))
+            images = edit(model, vq, tok, [src] * args.n, [instruction] * args.n, seeds, opt)
+            os.makedirs(tmp)
+            _write_png(src, os.path.join(tmp, "source.png"))
+            with open(os.path.join(tmp, "edits.jsonl"), "w") as f:
+                for i, im in enumerate(images):
+                    _write_png(im, os.path.join(tmp, f"edit{i}.png"))
+                    f.write(json.dumps({"instruction": instruction, "seed": seeds[i], "file": f"edit{i}.png"}) + "\n")
+        else:
+            prompt = shapes.parse_prompt(args.prompt).text  # canonical spacing; errors name the word
+            per_round = model.cfg.image_tokens + 2 * len(tok.encode(CUE + NEXT)) + opt.max_reason
+            need = len(prompt_seq(tok, prompt)) + args.rounds * per_round
+            if need > model.cfg.max_seq_len:
+                raise ValueError(f"prompt + {args.rounds} rounds need {need} positions, the model has "
+                                 f"{model.cfg.max_seq_len}: use a shorter prompt or fewer --rounds")
+            chains = introspect(model, vq, tok, [prompt] * args.n, seeds, opt, progress=True)
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "chains.jsonl"), "w") as f:
+                for i, c in enumerate(chains):
+                    files = []
+                    for r, im in enumerate(c.images):
+                        files.append(f"chain{i}_round{r + 1}.png")
+                        _write_png(im, os.path.join(tmp, files[-1]))
+                    f.write(json.dumps({"prompt": c.prompt, "seed": c.seed, "verdicts": c.verdicts,
+                                        "p_yes": [round(p, 4) for p in c.p_yes], "reasons": c.reasons,
+                                        "files": files}) + "\n")
+        shutil.rmtree(args.out, ignore_errors=True)
+        os.replace(tmp, args.out)
+        print(f"wrote {args.out}")
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()
