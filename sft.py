@@ -1,0 +1,560 @@
+"""
+Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts from.
+
+- stage `base`: our stand-in for a pretrained Janus-Pro, trained from scratch on rendered ShapeWorld
+  data: text-to-image (10% prompt dropout, so the unconditional branch of CFG is learned) and
+  understanding through the ViT path (describing an image; answering "Does this image match the
+  prompt ...").
+- stage `sft`: builds its data as the paper does (sample the base model several times per training
+  prompt, score every image with the judge = the ShapeWorld checker; rendered scenes play the
+  paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
+    Task I   prompt -> a positive image;
+    Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
+             the Yes/No token weighted 0.8, the rest of the answer 0.2;
+    Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
+             new image" -> a POSITIVE image of the same prompt.
+Both stages share one training loop: AdamW, warmup + cosine, grad clip, bf16 autocast, periodic
+held-out evaluation, atomic checkpoints, resume after interruption, DDP through torchrun.
+
+    python sft.py --stage base --config toy --out out/toy
+    python sft.py --stage sft --config toy --out out/toy
+    torchrun --nproc_per_node 2 sft.py --stage base --config tiny --out out/tiny   # DDP (gloo on CPU)
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import asdict
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from tqdm import tqdm
+
+import shapes
+from common import janus_checkpoint, load_checkpoint, load_janus, pick_device, save_checkpoint
+from model import PRESETS, Janus, JanusConfig
+from sample import (CUE, Options, Seq, add_answer, add_reflection, collate, embed_batch, generate,
+                    introspect, prompt_seq, to_pixels)
+from tokenizer import TextTokenizer, load_vq
+
+# -----------------------------------------------------------------------------
+# Run settings per config (flags override). Learning rates are the toy's: these models start
+# from scratch, so they need far more than the paper's 2e-5 for fine-tuning a 7B model.
+
+TRAIN = {
+    "tiny": dict(base_steps=60, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
+                 eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
+    "toy": dict(base_steps=1500, sft_steps=600, batch_size=32, base_lr=1e-3, sft_lr=3e-4, warmup=100,
+                eval_every=500, eval_prompts=10, sft_prompts=600, samples_per_prompt=4),
+    "small": dict(base_steps=6000, sft_steps=2000, batch_size=64, base_lr=6e-4, sft_lr=2e-4, warmup=300,
+                  eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
+}
+BASE_MIX = {"t2i": 0.5, "describe": 0.2, "vqa": 0.3}  # the base model: draw, describe, answer
+SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
+DESCRIBE = "Describe the image."
+PROMPT_DROPOUT = 0.1
+
+# -----------------------------------------------------------------------------
+# Sequences the base model learns (understanding as Janus does it: image first, then the question)
+
+
+def vqa_seq(tok, image, question, n_tokens):
+    """`<bos><|User|>: <begin_of_image>[image, ViT path]<end_of_image>\\n{question}\\n\\n<|Assistant|>:`"""
+    s = Seq().add([tok.bos]).text(tok, "<|User|>: <begin_of_image>")
+    s.und_image(tok, image, n_tokens)
+    return s.text(tok, "<end_of_image>\n" + question + "\n\n<|Assistant|>:")
+
+
+def question(prompt_text):
+    return f"Does this image match the prompt {prompt_text}"
+
+
+def train_prompt(rng, by_cat):
+    # categories uniformly, then a text: the train split holds ~100x more compositional texts
+    return rng.choice(by_cat[rng.choice(list(by_cat))])
+
+
+# -----------------------------------------------------------------------------
+# Examples: every example of step s is a pure function of (seed, s), so a resumed run, or one
+# split over several processes, sees exactly the data of an uninterrupted single-process run.
+
+
+def base_example(task, rng, by_cat, size):
+    """(kind, scene-or-None, seq builder args) for the base stage; images are rendered here and
+    VQ-encoded per batch by `encode_codes`."""
+    p = train_prompt(rng, by_cat)
+    if task == "t2i":
+        return dict(task=task, prompt=p.text, image=shapes.render(shapes.sample_scene(rng, size, p)),
+                    drop=rng.random() < PROMPT_DROPOUT)
+    if task == "describe":
+        scene = shapes.sample_scene(rng, size, p)
+        return dict(task=task, image=shapes.render(scene), answer=shapes.describe(scene))
+    match = rng.random() < 0.5
+    scene = shapes.sample_scene(rng, size, p, match=match)
+    return dict(task=task, prompt=p.text, image=shapes.render(scene), answer=shapes.truth(scene, p).reason)
+
+
+def build_seq(ex, tok, n_tokens):
+    """One training example (a dict) -> Seq, with the loss where SPEC.md puts it."""
+    t = ex["task"]
+    if t in ("t2i", "task1"):
+        s = prompt_seq(tok, ex["prompt"])
+        s = s.uncond(tok, True) if ex["drop"] else s  # prompt dropout = the first image's CFG twin
+        return s.gen_image(tok, ex["codes"], w=1.0)
+    if t == "describe":
+        return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0)
+    if t == "vqa":
+        s = vqa_seq(tok, ex["image"], question(ex["prompt"]), n_tokens)
+        return add_answer(s, tok, ex["answer"], 0.8, 0.2)
+    if t == "task2":
+        s = prompt_seq(tok, ex["prompt"]).und_image(tok, ex["image"], n_tokens).text(tok, CUE)
+        return add_answer(s, tok, ex["answer"], 0.8, 0.2)
+    # task3: the earlier failed rounds go in through the VQ path, each with its reflection
+    s = prompt_seq(tok, ex["prompt"])
+    for codes, reason in ex["history"]:
+        add_reflection(s.gen_image(tok, codes), tok, reason)
+    s = s.uncond(tok, False) if ex["drop"] else s  # dropout pads only the user's words
+    return s.gen_image(tok, ex["codes"], w=1.0)
+
+
+@torch.no_grad()
+def encode_codes(vq, images):
+    """uint8 (B, H, W, 3) -> VQ codes (B, N) as lists."""
+    return vq.encode(to_pixels(np.stack(images)).to(vq.quant_conv.weight.device)).tolist()
+
+
+# -----------------------------------------------------------------------------
+# SFT data, built from the base model's own samples (SPEC.md section 4)
+
+
+@torch.no_grad()
+def build_sft_pool(model, vq, tok, prompts, k, size, seed, batch=64, opt=Options()):
+    """Sample the base model k times per prompt (CFG, temperature 1), score every image with the
+    checker. Returns {prompt text: [(codes, image, verdict, reason), ...]}."""
+    items = [(p, seed * 1000003 + i * k + j) for i, p in enumerate(prompts) for j in range(k)]
+    pool = {p.text: [] for p in prompts}
+    for i in tqdm(range(0, len(items), batch), desc="sampling the base model", dynamic_ncols=True):
+        chunk = items[i:i + batch]
+        images, codes = generate(model, vq, tok, [p.text for p, _ in chunk], [s for _, s in chunk], opt)
+        for (p, _), im, c in zip(chunk, images, codes.tolist()):
+            r = shapes.check(im, p)
+            pool[p.text].append((c, im, r.verdict, r.reason))
+    return pool
+
+
+def sft_example(task, rng, prompts, pool, size, depth=1):
+    """One SFT example. Positives: the base model's correct samples and rendered matching scenes
+    (the strong external generator); negatives: the base model's wrong samples, or, when a prompt
+    has none, a rendered near-miss (a deliberately broken scene)."""
+    p = rng.choice(prompts)
+    samples = pool[p.text]
+    pos = [s for s in samples if s[2]]
+    neg = [s for s in samples if not s[2]]
+
+    def positive():
+        if pos and rng.random() < 0.5:
+            c, im, _, _ = rng.choice(pos)
+            return dict(codes=c, image=im)
+        return dict(image=shapes.render(shapes.sample_scene(rng, size, p)))
+
+    def negative():
+        if neg and rng.random() < 0.7:
+            c, im, _, reason = rng.choice(neg)
+            return dict(codes=c, image=im, reason=reason)
+        im = shapes.render(shapes.sample_scene(rng, size, p, match=False))
+        return dict(image=im, reason=shapes.check(im, p).reason)
+
+    if task == "task1":
+        return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, **positive())
+    if task == "task2":
+        if rng.random() < 0.5:  # balanced Yes / No
+            x = positive()
+            return dict(task=task, prompt=p.text, image=x["image"], answer=shapes.check(x["image"], p).reason)
+        x = negative()
+        return dict(task=task, prompt=p.text, image=x["image"], answer=x["reason"])
+    history = [negative() for _ in range(rng.randint(1, depth))]
+    return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT,
+                history=[(h.get("codes"), h["reason"], h["image"]) for h in history], **positive())
+
+
+def finish_examples(exs, vq):
+    """VQ-encode every image that an example needs as codes and doesn't have yet (one batch)."""
+    need = []
+    for ex in exs:
+        if ex["task"] in ("t2i", "task1", "task3") and ex.get("codes") is None:
+            need.append((ex, "codes", ex["image"]))
+        for j, h in enumerate(ex.get("history", [])):
+            if h[0] is None:
+                need.append((ex, j, h[2]))
+    if need:
+        codes = encode_codes(vq, [im for _, _, im in need])
+        for (ex, key, _), c in zip(need, codes):
+            if key == "codes":
+                ex["codes"] = c
+            else:
+                ex["history"][key] = (c,) + ex["history"][key][1:]
+    for ex in exs:
+        ex["history"] = [(c, r) for c, r, *_ in ex.get("history", [])]
+    return exs
+
+
+# -----------------------------------------------------------------------------
+# Evaluation (used by this file, rl.py and run.py)
+
+
+def auc(scores, labels):
+    """Area under the ROC curve: P(score of a random positive > score of a random negative)."""
+    pos = [s for s, l in zip(scores, labels) if l]
+    neg = [s for s, l in zip(scores, labels) if not l]
+    if not pos or not neg:
+        return None  # undefined with one class only (JSON has no NaN)
+    s = np.array(scores)
+    ranks = s.argsort().argsort() + 1.0
+    for v in np.unique(s):  # ties share their mean rank
+        ranks[s == v] = ranks[s == v].mean()
+    r_pos = ranks[np.array(labels, bool)].sum()
+    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
+@torch.no_grad()
+def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False):
+    """Sample every prompt once (seed + index) with the introspective loop and score with the
+    checker. Returns per-category accuracy of the first and of the final image, and the judge's
+    agreement with the checker (and AUC of its P(yes)) over every image it judged."""
+    opt = Options(rounds=rounds)
+    first, final = {}, {}
+    said, truth, p_yes = [], [], []
+    it = range(0, len(prompts), batch)
+    for i in tqdm(it, desc=f"evaluating {len(prompts)} prompts", disable=not progress, dynamic_ncols=True):
+        chunk = prompts[i:i + batch]
+        chains = introspect(model, vq, tok, [p.text for p in chunk], [seed + i + j for j in range(len(chunk))], opt)
+        for p, c in zip(chunk, chains):
+            checks = [shapes.check(im, p).verdict for im in c.images]
+            first.setdefault(p.category, []).append(checks[0])
+            final.setdefault(p.category, []).append(checks[-1])
+            said += [v == "yes" for v in c.verdicts]
+            truth += checks
+            p_yes += c.p_yes
+    out = {}
+    for name, d in (("first", first), ("final", final)):
+        out[name] = {cat: float(np.mean(v)) for cat, v in d.items()}
+        out[name]["overall"] = float(np.mean([np.mean(v) for v in d.values()]))  # mean over categories
+    out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))), "auc": auc(p_yes, truth),
+                    "n": len(truth), "checker_yes_rate": float(np.mean(truth))}
+    out["mean_images"] = len(truth) / len(prompts)
+    return out
+
+
+@torch.no_grad()
+def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
+    """The base model's VQA skill: rendered held-out scenes, half matching and half broken,
+    "Does this image match the prompt {prompt}" -> the forced Yes/No at the first answer position. Returns the
+    agreement of its Yes/No with the checker and the AUC of its P(yes)."""
+    rng = random.Random(f"und-eval-{seed}")
+    N = model.cfg.image_tokens
+    said, labels, p_yes = [], [], []
+    for i in range(0, len(prompts), batch):
+        seqs = []
+        for p in prompts[i:i + batch]:
+            match = rng.random() < 0.5
+            im = shapes.render(shapes.sample_scene(rng, size, p, match=match))
+            seqs.append(vqa_seq(tok, im, question(p.text), N))
+            labels.append(match)
+        b = collate(seqs, tok, next(model.parameters()).device, left=True)
+        h = model(embed_batch(model, b), key_mask=b.key_mask)[:, -1]
+        two = model.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)
+        said += (two[:, 0] > two[:, 1]).tolist()
+        p_yes += two[:, 0].tolist()
+    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "auc": auc(p_yes, labels), "n": len(labels)}
+
+
+# -----------------------------------------------------------------------------
+# The training loop, shared by both stages
+
+
+def lr_at(step, steps, lr, warmup):
+    """Linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def make_optimizer(model, lr, weight_decay=0.05):
+    # decay matrices only (not norms, biases or the positional table), as nanoGPT does
+    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "pos_embed" not in n]
+    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "pos_embed" not in n)]
+    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
+                             lr=lr, betas=(0.9, 0.95))
+
+
+def all_reduce_grads(model, world):
+    """What DistributedDataParallel does, spelled out: sum every gradient over the processes.
+    (Each process's loss is already divided by the GLOBAL loss weight, so the sum is the
+    gradient of the global batch's weighted mean.) One flat buffer: one message per step."""
+    # a path this step's task doesn't use (e.g. the ViT in text-to-image) has no gradient on any
+    # process (they all run the same task), and must keep none: AdamW skips such parameters,
+    # while a zero gradient would still decay them
+    params = [p for p in model.parameters() if p.grad is not None]
+    flat = torch.cat([p.grad.flatten() for p in params])
+    dist.all_reduce(flat)
+    i = 0
+    for p in params:
+        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
+        i += p.numel()
+
+
+def train_step(model, batch, world, bf16):
+    """Forward + backward of one batch; returns the weighted mean loss over the global batch."""
+    dev = batch.idx.device
+    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
+        h = model(embed_batch(model, batch))
+        losses = model.token_losses(h, batch.text_targets, batch.image_targets)  # (B, T) fp32
+    wsum = batch.weights.sum()
+    if world > 1:
+        dist.all_reduce(wsum)
+    loss = (losses * batch.weights).sum() / wsum
+    loss.backward()
+    return loss.detach() * world if world > 1 else loss.detach()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Train the base model (stage base) or the three-task SFT (stage sft).")
+    # what and where
+    ap.add_argument("--stage", choices=["base", "sft"], required=True, help="base: the Janus-Pro stand-in; sft: the three sub-tasks")
+    ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset and run settings")
+    ap.add_argument("--out", required=True, help="run folder: reads vq.pt (and base.pt for sft), writes {stage}.pt")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the init and of every batch")
+    # optimisation (defaults from TRAIN[config])
+    ap.add_argument("--steps", type=int, help="optimizer steps; rerun with more to continue")
+    ap.add_argument("--batch-size", type=int, help="sequences per step, over all processes")
+    ap.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    ap.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    # sft data
+    ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (0.5,0.2,0.3); sft 'I,II,III' (0.2,0.3,0.5)")
+    ap.add_argument("--depth", type=int, default=1, help="sft Task III: up to this many failed rounds in context (paper: 2)")
+    ap.add_argument("--sft-prompts", type=int, help="training prompts sampled from the base model to build SFT data")
+    ap.add_argument("--samples-per-prompt", type=int, help="base-model images per SFT prompt")
+    # monitoring
+    ap.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0 = only at the end)")
+    ap.add_argument("--eval-prompts", type=int, help="held-out prompts per category for the evaluations")
+    ap.add_argument("--ckpt-every", type=int, default=100, help="save the resumable state every N steps")
+    ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    args = ap.parse_args(argv)
+    try:
+        run(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
+
+
+def run(args):
+    preset = TRAIN[args.config]
+    steps = args.steps if args.steps is not None else preset[f"{args.stage}_steps"]
+    mix = dict(BASE_MIX if args.stage == "base" else SFT_MIX)
+    if args.mix:
+        vals = [float(v) for v in args.mix.split(",")]
+        if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0:
+            raise ValueError(f"--mix needs three non-negative numbers, got {args.mix!r}")
+        mix = dict(zip(mix, vals))
+    # everything that shapes the training path: a saved state made with other values can't resume
+    settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=args.lr or preset[f"{args.stage}_lr"],
+                    batch_size=args.batch_size or preset["batch_size"], warmup=preset["warmup"], steps=steps,
+                    bf16=not args.fp32, mix=mix, depth=args.depth)
+    ddp = "RANK" in os.environ
+    dev = pick_device(args.device)
+    if ddp:
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+        rank, world = dist.get_rank(), dist.get_world_size()
+        if dev.type == "cuda":
+            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+            torch.cuda.set_device(dev)
+    else:
+        rank, world = 0, 1
+    if settings["batch_size"] % world:
+        raise ValueError(f"--batch-size {settings['batch_size']} does not split over {world} processes")
+    master = rank == 0
+    say = print if master else (lambda *a, **k: None)
+
+    tok = TextTokenizer(shapes.WORDS)
+    vq_path = os.path.join(args.out, "vq.pt")
+    if not os.path.isfile(vq_path):
+        raise ValueError(f"{vq_path} not found: train the tokenizer first (python tokenizer.py --config {args.config} --out {args.out})")
+    vq = load_vq(vq_path, dev)
+    for p in vq.parameters():
+        p.requires_grad_(False)
+    cfg = JanusConfig(**PRESETS[args.config])
+    if vq.cfg.codebook_size != cfg.image_vocab_size or vq.cfg.num_tokens != cfg.image_tokens:
+        raise ValueError(f"{vq_path} ({vq.cfg.codebook_size} codes, {vq.cfg.num_tokens} per image) does not fit "
+                         f"config {args.config} ({cfg.image_vocab_size} codes, {cfg.image_tokens} per image)")
+    size = cfg.image_size
+
+    splits = shapes.make_splits(seed=0)
+    by_cat = {}
+    for p in splits["train"]:
+        by_cat.setdefault(p.category, []).append(p)
+
+    torch.manual_seed(args.seed)
+    if args.stage == "base":
+        model = Janus(cfg).to(dev)
+    else:
+        base_path = os.path.join(args.out, "base.pt")
+        if not os.path.isfile(base_path):
+            raise ValueError(f"{base_path} not found: run the base stage first (--stage base)")
+        model, _, _, _ = load_janus(base_path, dev)
+        if model.cfg != cfg:
+            raise ValueError(f"{base_path} was trained with another config than {args.config}")
+        model.train()
+        pool_path = os.path.join(args.out, "sft_pool.pt")
+        train_prompts = [p for cat in by_cat.values() for p in cat]
+        rng = random.Random(f"sft-prompts-{args.seed}")
+        n = args.sft_prompts or preset["sft_prompts"]
+        chosen = [train_prompt(rng, by_cat) for _ in range(n)]
+        pool = load_pool(pool_path, chosen) if os.path.isfile(pool_path) else None
+        if pool is None:
+            if master:
+                model.eval()
+                pool = build_sft_pool(model, vq, tok, chosen, args.samples_per_prompt or preset["samples_per_prompt"],
+                                      size, args.seed)
+                save_pool(pool, chosen, pool_path)
+                model.train()
+            if ddp:
+                dist.barrier()
+            pool = load_pool(pool_path, chosen)
+        n_img = sum(len(v) for v in pool.values())
+        n_pos = sum(s[2] for v in pool.values() for s in v)
+        say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
+        chosen = [p for p in {p.text: p for p in chosen}.values()]
+
+    optimizer = make_optimizer(model, settings["lr"])
+    state_path = os.path.join(args.out, f"{args.stage}_state.pt")
+    step, log = 0, []
+    if os.path.isfile(state_path):
+        st = load_checkpoint(state_path, {"kind": f"{args.stage}_state"})
+        diff = [f"{k}={st['settings'].get(k)!r} (now {v!r})" for k, v in settings.items()
+                if k != "steps" and st["settings"].get(k) != v]
+        if diff:
+            raise ValueError(f"{state_path} is a run with other settings: {', '.join(diff)}; use another --out")
+        model.load_state_dict(st["model"])
+        optimizer.load_state_dict(st["optimizer"])
+        step, log = st["step"], st["log"]
+        say(f"resuming {state_path} at step {step}")
+
+    def save_state():
+        if master:
+            save_checkpoint({"kind": f"{args.stage}_state", "settings": settings, "model": model.state_dict(),
+                             "optimizer": optimizer.state_dict(), "step": step, "log": log}, state_path)
+
+    val = [p for p in splits["val"]]
+    per_cat = args.eval_prompts or preset["eval_prompts"]
+    val = [p for cat in shapes.CATEGORIES for p in [q for q in val if q.category == cat][:per_cat]]
+    eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
+    local = settings["batch_size"] // world
+    bar = tqdm(total=steps, initial=step, desc=f"{args.stage} {args.config}", disable=not master, dynamic_ncols=True)
+    running = {}
+    t0 = time.time()
+    model.train()
+    while step < steps:
+        # the global batch of this step, a function of (seed, step) only; this process's share
+        rng = random.Random(f"{args.stage}-{args.seed}-{step}")
+        task = rng.choices(list(mix), weights=list(mix.values()))[0]
+        if args.stage == "base":
+            exs = [base_example(task, rng, by_cat, size) for _ in range(settings["batch_size"])]
+        else:
+            exs = [sft_example(task, rng, chosen, pool, size, args.depth) for _ in range(settings["batch_size"])]
+        exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
+        batch = collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step, steps, settings["lr"], settings["warmup"])
+        loss = train_step(model, batch, world, settings["bf16"])
+        if not torch.isfinite(loss):
+            raise ValueError(f"loss is {loss.item()} at step {step} ({task}): lower --lr or use --fp32")
+        if ddp:
+            all_reduce_grads(model, world)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        running[task] = 0.9 * running.get(task, loss.item()) + 0.1 * loss.item()
+        log.append((step, task, round(loss.item(), 5)))
+        bar.update(1)
+        bar.set_postfix({k: f"{v:.3f}" for k, v in sorted(running.items())})
+        if step % args.ckpt_every == 0 or step == steps:
+            save_state()
+        if master and eval_every and step % eval_every == 0 and step < steps:
+            model.eval()
+            r = quick_eval(model, vq, tok, val, args.stage, size)
+            model.train()
+            bar.write(f"step {step} val: {json.dumps(r)}")
+    bar.close()
+    if ddp:
+        dist.barrier()
+    if not master:
+        dist.destroy_process_group()
+        return
+    seconds = time.time() - t0
+    model.eval()
+    save_checkpoint(janus_checkpoint(model, vq, tok, stage=args.stage, settings=settings, step=step),
+                    os.path.join(args.out, f"{args.stage}.pt"))
+    print(f"wrote {os.path.join(args.out, args.stage + '.pt')} ({seconds:.0f} s of training this run)")
+    if not args.no_final_eval:
+        test = splits["test"]
+        result = final_eval(model, vq, tok, test, args.stage, size)
+        result.update(stage=args.stage, config=args.config, steps=step, train_seconds=round(seconds, 1))
+        path = os.path.join(args.out, f"{args.stage}_eval.json")
+        with open(path + ".tmp", "w") as f:
+            json.dump(result, f, indent=1)
+        os.replace(path + ".tmp", path)
+        print(json.dumps(result))
+    if ddp:
+        dist.destroy_process_group()
+
+
+def quick_eval(model, vq, tok, prompts, stage, size):
+    if stage == "base":
+        r = evaluate(model, vq, tok, prompts, rounds=1)
+        return {"first": round(r["first"]["overall"], 3),
+                "vqa": round(evaluate_understanding(model, tok, prompts, size)["agreement"], 3)}
+    r = evaluate(model, vq, tok, prompts, rounds=3)
+    return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
+            "judge": round(r["judge"]["agreement"], 3)}
+
+
+def final_eval(model, vq, tok, prompts, stage, size):
+    """On the test split: the base model's first images and its VQA accuracy; the SFT model's
+    introspective loop (first and final images) and its judging."""
+    if stage == "base":
+        r = evaluate(model, vq, tok, prompts, rounds=1, progress=True)
+        return {"first": r["first"], "understanding": evaluate_understanding(model, tok, prompts, size)}
+    r = evaluate(model, vq, tok, prompts, rounds=3, progress=True)
+    return r
+
+
+def save_pool(pool, prompts, path):
+    texts = list(pool)
+    flat = [(i, s) for i, t in enumerate(texts) for s in pool[t]]
+    save_checkpoint({"kind": "sft_pool", "texts": texts,
+                     "prompt": torch.tensor([i for i, _ in flat]),
+                     "codes": torch.tensor([s[0] for _, s in flat]),
+                     "images": torch.from_numpy(np.stack([s[1] for _, s in flat])),
+                     "verdict": torch.tensor([s[2] for _, s in flat]),
+                     "reasons": [s[3] for _, s in flat]}, path)
+
+
+def load_pool(path, prompts):
+    d = load_checkpoint(path, {"kind": "sft_pool"})
+    if set(d["texts"]) != {p.text for p in prompts}:
+        raise ValueError(f"{path} was built for other prompts: delete it to rebuild")
+    pool = {t: [] for t in d["texts"]}
+    for i, c, im, v, r in zip(d["prompt"].tolist(), d["codes"].tolist(), d["images"].numpy(), d["verdict"].tolist(), d["reasons"]):
+        pool[d["texts"][i]].append((c, im, v, r))
+    return pool
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""SFT: where the loss falls in each task, prompt dropout, DDP == one process, resume == uninterrupted,
+and the tiny config end to end. Run: python -m pytest tests/test_sft.py"""
+import os
+import random
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import sample as S
+import sft
+import shapes
+import tokenizer
+from common import load_checkpoint
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOK = tokenizer.TextTokenizer(shapes.WORDS)
+N = 16  # tiny: image tokens per image
+
+
+def _codes(k=0):
+    return [(7 * i + k) % 200 for i in range(N)]
+
+
+def _image():
+    return shapes.render(shapes.Scene(32, [shapes.Obj("circle", "red", 4, 4, 9)]))
+
+
+def _where(b, row=0):
+    # positions (of the TARGET token, i.e. index + 1) that carry loss, and their weights
+    w = b.weights[row]
+    return [i + 1 for i in torch.nonzero(w).flatten().tolist()], w[w > 0].tolist()
+
+
+def test_task1_loss_only_on_the_image():
+    s = sft.build_seq(dict(task="task1", prompt="a red circle", codes=_codes(), drop=False), TOK, N)
+    b = S.collate([s], TOK)
+    pos, w = _where(b)
+    P = len(S.prompt_seq(TOK, "a red circle"))
+    assert pos == list(range(P, P + N)) and w == [1.0] * N
+    assert (b.text_targets == -1).all() and b.image_targets[0, P - 1:P + N - 1].tolist() == _codes()
+
+
+def test_task2_loss_on_the_answer_weighted():
+    ex = dict(task="task2", prompt="a red circle", image=_image(), answer="No, the circle is green, not red.")
+    s = sft.build_seq(ex, TOK, N)
+    b = S.collate([s], TOK)
+    pos, w = _where(b)
+    ans = TOK.encode(ex["answer"]) + [TOK.eos]
+    assert pos == list(range(len(s) - len(ans), len(s)))
+    assert w == pytest.approx([0.8] + [0.2] * (len(ans) - 1))
+    assert b.text_targets[0, len(s) - len(ans) - 1:len(s) - 1].tolist() == ans and ans[0] == TOK.no
+    assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+
+
+def test_task3_loss_only_on_the_new_image():
+    reason = "No, the circle is green, not red."
+    ex = dict(task="task3", prompt="a red circle", codes=_codes(1), drop=False, history=[(_codes(2), reason)])
+    s = sft.build_seq(ex, TOK, N)
+    b = S.collate([s], TOK)
+    pos, w = _where(b)
+    assert pos == list(range(len(s) - N, len(s))) and w == [1.0] * N
+    assert s.codes == _codes(2) + _codes(1)  # the negative (VQ path, no loss), then the positive
+    assert TOK.decode(s.ids[:len(s) - N]).endswith(reason + "<eos>\nNext, I will draw a new image<begin_of_image>")
+    # the deeper context of the paper: two failed rounds before the positive
+    ex["history"] = [(_codes(2), reason), (_codes(3), "No, there is no circle.")]
+    s2 = sft.build_seq(ex, TOK, N)
+    assert s2.codes == _codes(2) + _codes(3) + _codes(1) and _where(S.collate([s2], TOK))[0] == list(range(len(s2) - N, len(s2)))
+
+
+def test_prompt_dropout_replaces_exactly_the_prompt_text():
+    keep = sft.build_seq(dict(task="t2i", prompt="two red circles", codes=_codes(), drop=False), TOK, N)
+    drop = sft.build_seq(dict(task="t2i", prompt="two red circles", codes=_codes(), drop=True), TOK, N)
+    P = len(S.prompt_seq(TOK, "two red circles"))
+    changed = [i for i, (a, b) in enumerate(zip(keep.ids, drop.ids)) if a != b]
+    assert changed == list(range(1, P - 1)) and all(drop.ids[i] == TOK.pad for i in changed)
+    assert drop.w == keep.w and drop.codes == keep.codes  # the image and its loss are untouched
+    # Task III: only the user's words are padded; the failed image and the reflection stay
+    ex = dict(task="task3", prompt="two red circles", codes=_codes(1), history=[(_codes(2), "No, there is one red circle, not two.")])
+    keep = sft.build_seq(dict(ex, drop=False), TOK, N)
+    drop = sft.build_seq(dict(ex, drop=True), TOK, N)
+    changed = [i for i, (a, b) in enumerate(zip(keep.ids, drop.ids)) if a != b]
+    assert [keep.ids[i] for i in changed] == TOK.encode("two red circles")
+
+
+def test_auc_hand_computed():
+    assert sft.auc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
+    assert sft.auc([0.1, 0.8, 0.3, 0.9], [1, 1, 0, 0]) == 0.25  # of 4 pos-neg pairs only 0.8 > 0.3 wins
+    assert sft.auc([0.5, 0.5], [1, 0]) == 0.5
+
+
+# -----------------------------------------------------------------------------
+# Training runs on the tiny config (a shared tiny VQ, trained once for this file)
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory):
+    d = str(tmp_path_factory.mktemp("vq"))
+    tokenizer.main(["--config", "tiny", "--out", d, "--steps", "30", "--eval-prompts", "10"])
+    return d
+
+
+def _run_dir(vq_dir, tmp_path, name):
+    d = str(tmp_path / name)
+    os.makedirs(d)
+    shutil.copy(os.path.join(vq_dir, "vq.pt"), d)
+    return d
+
+
+def _params(path):
+    return load_checkpoint(path)["model"]
+
+
+def _same(a, b, atol):
+    return all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
+
+
+BASE = ["--stage", "base", "--config", "tiny", "--fp32", "--no-final-eval", "--eval-every", "0", "--batch-size", "8"]
+
+
+def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkeypatch):
+    full = _run_dir(vq_dir, tmp_path, "full")
+    sft.main(BASE + ["--steps", "6", "--out", full])
+    cut = _run_dir(vq_dir, tmp_path, "cut")
+    real, calls = sft.train_step, []
+
+    def dying_step(*a, **k):  # the process is killed during step 5
+        calls.append(1)
+        if len(calls) == 5:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(sft, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
+    assert load_checkpoint(os.path.join(cut, "base_state.pt"))["step"] == 4
+    assert not os.path.exists(os.path.join(cut, "base.pt"))  # nothing half-done looks finished
+    monkeypatch.setattr(sft, "train_step", real)
+    sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
+    a, b = _params(os.path.join(full, "base.pt")), _params(os.path.join(cut, "base.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_ddp_two_processes_equal_one(vq_dir, tmp_path):
+    one = _run_dir(vq_dir, tmp_path, "one")
+    two = _run_dir(vq_dir, tmp_path, "two")
+    args = BASE + ["--steps", "3"]
+    sft.main(args + ["--out", one])
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+                        os.path.join(ROOT, "sft.py")] + args + ["--out", two],
+                       cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = _params(os.path.join(one, "base.pt")), _params(os.path.join(two, "base.pt"))
+    assert _same(a, b, atol=1e-5)
+    # and the runs did train: the parameters moved away from the initialisation
+    assert not _same(a, Janus_init(), atol=1e-4)
+
+
+def Janus_init():
+    from model import PRESETS, Janus, JanusConfig
+    torch.manual_seed(0)
+    return Janus(JanusConfig(**PRESETS["tiny"])).state_dict()
+
+
+def test_tiny_pipeline_end_to_end_and_loss_drops(vq_dir, tmp_path):
+    d = _run_dir(vq_dir, tmp_path, "e2e")
+    sft.main(["--stage", "base", "--config", "tiny", "--out", d, "--eval-prompts", "2"])
+    log = load_checkpoint(os.path.join(d, "base_state.pt"))["log"]
+    t2i = [l for _, task, l in log if task == "t2i"]
+    assert sum(t2i[-5:]) / 5 < 0.9 * sum(t2i[:5]) / 5
+    sft.main(["--stage", "sft", "--config", "tiny", "--out", d, "--eval-prompts", "2", "--no-final-eval"])
+    st = load_checkpoint(os.path.join(d, "sft_state.pt"))
+    assert {task for _, task, _ in st["log"]} == {"task1", "task2", "task3"}
+    assert os.path.isfile(os.path.join(d, "sft.pt")) and os.path.isfile(os.path.join(d, "sft_pool.pt"))
+    import json
+    ev = json.load(open(os.path.join(d, "base_eval.json")))
+    assert set(ev["first"]) == set(shapes.CATEGORIES) | {"overall"} and 0 <= ev["understanding"]["agreement"] <= 1
