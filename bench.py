@@ -170,6 +170,35 @@ def hf_decode(hf, prompt, steps, cfg_w):
     return nxt
 
 
+def bench_sampling(ours, hf, cfg, batch, runs):
+    """Image tokens/s of sample.generate's core and of HF's generate in image mode."""
+    import sample
+    import shapes
+    from transformers import GenerationConfig
+    from tokenizer import TextTokenizer
+
+    tok = TextTokenizer(shapes.WORDS)
+    prompt = "a red circle to the left of a blue square and two green triangles"
+    seqs = [sample.prompt_seq(tok, prompt) for _ in range(batch)]
+    P, N = len(seqs[0]), cfg.image_tokens
+
+    @torch.no_grad()
+    def ours_sample():
+        cache, km, h, pos = sample._prefill_pair(ours, seqs, [s.uncond(tok, True) for s in seqs], tok, P + N, "cpu")
+        gens = [torch.Generator().manual_seed(i) for i in range(batch)]
+        return sample._draw_image(ours, cache, km, h, pos, batch, sample.Options(), sample._uniforms(gens, N, "cpu"))
+
+    ids = torch.tensor([s.ids for s in seqs])  # the same token ids and length
+    gc = GenerationConfig(do_sample=True, guidance_scale=5.0, bos_token_id=tok.bos, pad_token_id=tok.pad,
+                          max_new_tokens=N, generation_kwargs={"boi_token_id": tok.boi})
+
+    @torch.no_grad()
+    def hf_sample():
+        return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gc)
+
+    return {k: batch * N / sec for k, sec in timed({"ours": ours_sample, "hf": hf_sample}, 1, runs).items()}
+
+
 # -----------------------------------------------------------------------------
 
 
@@ -280,6 +309,11 @@ def main():
             "hf": lambda: hf_decode(hf, prompt, cfg.image_tokens, 5.0)}
     decode = {k: args.batch * cfg.image_tokens / sec for k, sec in timed(runs, 1, args.decode_runs).items()}
 
+    # sampling as users run it: sample.py's CFG sampler (per-sample seeds, temperature 1, the
+    # first image's uncond rows) against transformers' generate(generation_mode="image"), same
+    # weights, batch and prompt length; VQ decoding excluded on both sides
+    sampling = bench_sampling(ours, hf, cfg, args.batch, args.decode_runs)
+
     print(f"training FLOPs per step (6 N T): {flops / 1e9:.2f} GFLOP; decoding: {dflops / 1e6:.1f} MFLOP per image token")
     print(f"{'':34s}{'ours':>10s}{'hf':>10s}{'ours/hf':>9s}")
     rows = [("train tokens/s", train["ours"], train["hf"]),
@@ -288,7 +322,9 @@ def main():
         rows += [("train tokens/s, both compiled", train["ours compiled"], train["hf compiled"]),
                  ("train tokens/s, ours compiled", train["ours compiled"], train["hf"])]
     rows += [("CFG decode image tokens/s", decode["ours"], decode["hf"]),
-             ("decode GFLOP/s", decode["ours"] * dflops / 1e9, decode["hf"] * dflops / 1e9)]
+             ("decode GFLOP/s", decode["ours"] * dflops / 1e9, decode["hf"] * dflops / 1e9),
+             ("CFG sampling image tokens/s (generate)", sampling["ours"], sampling["hf"]),
+             ("sampling GFLOP/s", sampling["ours"] * dflops / 1e9, sampling["hf"] * dflops / 1e9)]
     for name, a, c in rows:
         print(f"{name:34s}{a:10.1f}{c:10.1f}{a / c:9.2f}")
 

@@ -1,0 +1,174 @@
+"""
+The main job: every stage of the method in order for one config, each cached (a finished stage is
+reused, an interrupted one resumes), then the evaluation and the report.
+
+    python run.py                      # toy config, out/toy
+    python run.py --config tiny        # the whole pipeline in about a minute (what the tests run)
+
+Stages: vq (tokenizer.py) -> base (sft.py --stage base) -> sft (sft.py --stage sft) -> report.
+Writes OUT/report.json and OUT/report.md (tables and image chains: image 1, the model's verdict
+and reason, image 2 ...). Every number in them comes from this run's evaluations.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import numpy as np
+from PIL import Image
+
+import shapes
+
+STAGES = ("base", "sft")
+
+
+def stage_done(out, stage):
+    names = {"vq": ["vq.pt", "vq_eval.json"]}.get(stage, [f"{stage}.pt", f"{stage}_eval.json"])
+    return all(os.path.isfile(os.path.join(out, n)) for n in names)
+
+
+def run_stage(stage, args, seconds):
+    """Run one stage's own command line in this process, timing it; skip it when it is done."""
+    import sft
+    import tokenizer
+    if stage_done(args.out, stage):
+        print(f"[{stage}] done earlier, reusing {args.out}")
+        return
+    print(f"[{stage}] running")
+    t = time.time()
+    if stage == "vq":
+        tokenizer.main(["--config", args.config, "--out", args.out])
+    else:
+        sft.main(["--stage", stage, "--config", args.config, "--out", args.out])
+    seconds[stage] = round(time.time() - t + seconds.get(stage, 0.0), 1)
+    _write_json(seconds, os.path.join(args.out, "seconds.json"))
+
+
+def _write_json(obj, path):
+    with open(path + ".tmp", "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(path + ".tmp", path)
+
+
+def _read(out, name):
+    with open(os.path.join(out, name)) as f:
+        return json.load(f)
+
+
+def extra_evals(args, stage):
+    """What the stage scripts don't measure themselves: the ood split, editing, example chains."""
+    import sample
+    import sft
+    from common import load_janus
+    path = os.path.join(args.out, f"{stage}_extra.json")
+    if os.path.isfile(path):
+        return _read(args.out, f"{stage}_extra.json")
+    model, vq, tok, _ = load_janus(os.path.join(args.out, f"{stage}.pt"))
+    splits = shapes.make_splits(seed=0)
+    rounds = 1 if stage == "base" else 3
+    ood = splits["ood"][::max(1, len(splits["ood"]) // args.ood_prompts)]  # every category alike
+    ood = sft.evaluate(model, vq, tok, ood, rounds=rounds, seed=7, progress=True)
+    # editing (no stage trains it yet: this measures what the model does zero-shot)
+    import random
+    rng = random.Random("edit-eval")
+    edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(args.edit_prompts)]
+    outs = sample.edit(model, vq, tok, [shapes.render(s) for s, _, _ in edits], [e.text for _, e, _ in edits],
+                       list(range(len(edits))))
+    scores = [shapes.score_edit(shapes.render(s), o, e) for (s, e, _), o in zip(edits, outs)]
+    # a few chains to look at
+    prompts = [p for p in splits["test"] if p.category in ("colour_attr", "position", "counting", "compositional")][::25][:8]
+    chains = sample.introspect(model, vq, tok, [p.text for p in prompts], list(range(100, 100 + len(prompts))),
+                               sample.Options(rounds=rounds))
+    shown = []
+    os.makedirs(os.path.join(args.out, "chains"), exist_ok=True)
+    for i, (p, c) in enumerate(zip(prompts, chains)):
+        files = []
+        for r, im in enumerate(c.images):
+            f = f"chains/{stage}_{i}_{r + 1}.png"
+            Image.fromarray(im).resize((128, 128), Image.NEAREST).save(os.path.join(args.out, f))
+            files.append(f)
+        shown.append({"prompt": p.text, "files": files, "verdicts": c.verdicts, "reasons": c.reasons,
+                      "checker": [shapes.check(im, p).reason for im in c.images]})
+    res = {"ood_first": ood["first"]["overall"], "ood_final": ood["final"]["overall"],
+           "edit": {"follow": float(np.mean([f for f, _ in scores])), "preserve": float(np.mean([p for _, p in scores])),
+                    "n": len(scores)}, "chains": shown}
+    _write_json(res, path)
+    return res
+
+
+def report(args, seconds):
+    cats = list(shapes.CATEGORIES) + ["overall"]
+    rep = {"config": args.config, "geneval": {}, "judge": {}, "edit": {}, "seconds": seconds, "examples": {}}
+    vq = _read(args.out, "vq_eval.json")
+    rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_match", "agreement_mismatch")}
+    for stage in STAGES:
+        if not stage_done(args.out, stage):
+            continue
+        ev = _read(args.out, f"{stage}_eval.json")
+        extra = extra_evals(args, stage)
+        if stage == "base":
+            first = ev["first"]
+            rep["geneval"][stage] = {"first": dict(first, ood=extra["ood_first"]), "final": dict(first, ood=extra["ood_first"])}
+            rep["judge"][stage] = dict(ev["understanding"], layout="vqa")
+        else:
+            rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
+            rep["judge"][stage] = dict(ev["judge"], layout="self-check")
+        rep["edit"][stage] = extra["edit"]
+        rep["examples"][stage] = extra["chains"]
+    _write_json(rep, os.path.join(args.out, "report.json"))
+    lines = [f"# Report: config `{args.config}`", "",
+             "Every number below was produced by `python run.py --config " + args.config + "`.", "",
+             "## GenEval-style accuracy on the test split (checker verdicts)", "",
+             "| stage | mode | " + " | ".join(cats + ["ood"]) + " |", "|---|---|" + "---|" * (len(cats) + 1)]
+    for stage, modes in rep["geneval"].items():
+        for mode, acc in modes.items():
+            if stage == "base" and mode == "final":
+                continue  # the base model does not judge: its final image is its first
+            lines.append(f"| {stage} | {mode} | " + " | ".join(f"{acc[c]:.2f}" for c in cats + ["ood"]) + " |")
+    lines += ["", "## The model as a judge (agreement of its Yes/No with the checker)", "",
+              "| stage | layout | agreement | AUC of P(yes) |", "|---|---|---|---|"]
+    for stage, j in rep["judge"].items():
+        lines.append(f"| {stage} | {j['layout']} | {j['agreement']:.3f} | {j['auc']:.3f} |")
+    lines += ["", "## Editing (zero-shot: no stage trains it yet)", "", "| stage | follow | preserve |", "|---|---|---|"]
+    for stage, e in rep["edit"].items():
+        lines.append(f"| {stage} | {e['follow']:.2f} | {e['preserve']:.2f} |")
+    lines += ["", "## Time (seconds on this machine)", "", "| stage | seconds |", "|---|---|"]
+    lines += [f"| {k} | {v} |" for k, v in seconds.items()]
+    lines += ["", f"VQ tokenizer: {json.dumps(rep['vq'])}", ""]
+    for stage, ex in rep["examples"].items():
+        lines += [f"## Example chains: {stage}", ""]
+        for c in ex:
+            lines.append(f"**{c['prompt']}**  ")
+            for f, v, r, ck in zip(c["files"], c["verdicts"], c["reasons"], c["checker"]):
+                lines.append(f"![]({f}) model: {r} / checker: {ck}  ")
+            lines.append("")
+    with open(os.path.join(args.out, "report.md.tmp"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    os.replace(os.path.join(args.out, "report.md.tmp"), os.path.join(args.out, "report.md"))
+    print("\n".join(lines[:40]))
+    print(f"wrote {args.out}/report.json and {args.out}/report.md")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description="Run every stage (vq -> base -> sft), then evaluate and report.")
+    ap.add_argument("--config", default="toy", choices=["tiny", "toy", "small"], help="which rung of the config ladder")
+    ap.add_argument("--out", help="run folder (default out/CONFIG)")
+    ap.add_argument("--ood-prompts", type=int, default=300, help="prompts of the ood split to evaluate")
+    ap.add_argument("--edit-prompts", type=int, default=100, help="edits to evaluate per stage")
+    args = ap.parse_args(argv)
+    args.out = args.out or os.path.join("out", args.config)
+    os.makedirs(args.out, exist_ok=True)
+    sp = os.path.join(args.out, "seconds.json")
+    seconds = _read(args.out, "seconds.json") if os.path.isfile(sp) else {}
+    for stage in ("vq",) + STAGES:
+        run_stage(stage, args, seconds)
+    report(args, seconds)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ValueError as e:
+        sys.exit(f"error: {e}")
