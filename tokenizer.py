@@ -1,0 +1,597 @@
+"""
+The two tokenizers of Janus-Pro-R1 (SPEC.md section 2):
+
+1. The VQ image tokenizer of the generation path: LlamaGen's VQ-16, which Janus-Pro reuses unchanged.
+   A conv encoder turns pixels into a grid of latents, each latent is snapped to its nearest code
+   in a codebook (both l2-normalised), and a conv decoder turns the codes back into pixels. The
+   language model then generates images as raster-ordered grids of these code ids.
+   The same class builds the real VQ-16 (its state_dict keys match the official `gen_vision_model.*`
+   checkpoint) and the small tokenizers we train ourselves on ShapeWorld.
+2. The word-level text tokenizer of the toy world (the real models use DeepSeek's BPE instead).
+
+Run `python tokenizer.py --config toy --out out/toy` to train the toy VQ on freshly rendered
+ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held-out scenes
+(PSNR, codebook usage, and whether the ShapeWorld checker still gives the same verdict). Then:
+
+    vq = load_vq("out/toy/vq.pt")
+    codes = vq.encode(to_tensor(images))      # uint8 (B, 64, 64, 3) -> long (B, 64), ids in [0, 1024)
+    images = to_uint8(vq.decode(codes))       # and back
+    tok = TextTokenizer(shapes.WORDS)
+    ids = tok.encode("<|User|>: a red circle\n\n<|Assistant|>:<begin_of_image>")
+"""
+
+import argparse
+import json
+import math
+import os
+import random
+import re
+import sys
+import time
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from PIL import Image
+from tqdm import tqdm
+
+import shapes
+from common import load_checkpoint, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
+
+
+def to_tensor(images):
+    """uint8 (H, W, 3) or (B, H, W, 3) numpy -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.tensor(np.asarray(images, dtype=np.uint8))  # a copy: rendered arrays are read-only
+    x = x.unsqueeze(0) if x.ndim == 3 else x
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+def to_uint8(pixels):
+    """float (B, 3, H, W), roughly [-1, 1] -> uint8 (B, H, W, 3) numpy (Janus: clip((x + 1) / 2 * 255))."""
+    x = ((pixels.detach().float() + 1.0) * 127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# Config: one dataclass spans the tiny test tokenizer up to the real VQ-16
+
+
+@dataclass
+class VQConfig:
+    image_size: int = 384  # square RGB input
+    ch: int = 128  # channels of the first (full-resolution) level
+    ch_mult: tuple = (1, 1, 2, 2, 4)  # channel multiplier per level; each level but the last halves H, W
+    enc_blocks: int = 2  # residual blocks per encoder level
+    dec_blocks: int = 3  # residual blocks per decoder level (LlamaGen: one more than the encoder)
+    z_channels: int = 256  # encoder output / decoder input channels, before quant_conv
+    code_dim: int = 8  # codebook vector size (quant_conv squeezes z_channels down to this)
+    codebook_size: int = 16384
+    norm_groups: int = 32  # GroupNorm groups; must divide every level's channel count
+    beta: float = 0.25  # commitment weight on the encoder term
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)  # a checkpoint's config comes back with a list
+
+    @property
+    def grid(self):  # codes per side: 384 -> 24 for VQ-16, 64 -> 8 for toy
+        return self.image_size // 2 ** (len(self.ch_mult) - 1)
+
+    @property
+    def num_tokens(self):  # image tokens per image, the length of one image in the LM's sequence
+        return self.grid**2
+
+
+VQ_PRESETS = {
+    # Our two small tokenizers use ONE GroupNorm group (a LayerNorm over C, H, W). With 16 channels
+    # split into 8 groups of 2, each group is normalised on its own, like instance norm: a "how red"
+    # channel is rescaled to the same spread whether the image holds a red object or none, and the
+    # network learned colour far more slowly (measured: shapes came out in one average brown).
+    # the tests' tokenizer: 32x32 -> 4x4 codes, trains in seconds
+    "tiny": VQConfig(image_size=32, ch=16, ch_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=1,
+                     z_channels=32, codebook_size=256, norm_groups=1),
+    # ShapeWorld's tokenizer: 64x64 -> 8x8 codes. 1024 codes, not 512: with 512, yellow and orange
+    # (the closest pair of palette colours) shared codes and came back as their average, and the
+    # checker's verdict survived the round trip for 95% of (image, prompt) pairs; with 1024, 99.6%
+    "toy": VQConfig(image_size=64, ch=16, ch_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=2,
+                    z_channels=64, codebook_size=1024, norm_groups=1),
+    # Janus-Pro's VQ-16 exactly: 384x384 -> 24x24 codes, 16384 codes of dim 8 (janus_pro_facts.md)
+    "vq16": VQConfig(),
+}
+
+# -----------------------------------------------------------------------------
+# Building blocks (LlamaGen / taming-transformers): GroupNorm + swish + 3x3 convs with a skip
+
+
+swish = F.silu  # x * sigmoid(x), as one fused op (faster than writing it out, same values)
+
+
+class ResnetBlock(nn.Module):
+    def __init__(self, c_in, c_out, groups):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
+        # a 1x1 conv ("network in network") makes the skip path match a channel change
+        self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
+
+    def forward(self, x):  # (B, c_in, H, W) -> (B, c_out, H, W)
+        h = self.conv1(swish(self.norm1(x)))
+        h = self.conv2(swish(self.norm2(h)))
+        skip = x if self.nin_shortcut is None else self.nin_shortcut(x)
+        return skip + h
+
+
+class AttnBlock(nn.Module):
+    """Single-head self-attention over all H*W positions, with 1x1 convs as the projections."""
+
+    def __init__(self, c, groups):
+        super().__init__()
+        self.norm = nn.GroupNorm(groups, c, eps=1e-6)
+        self.q, self.k, self.v, self.proj_out = (nn.Conv2d(c, c, 1) for _ in range(4))
+
+    def forward(self, x):  # (B, C, H, W)
+        B, C, H, W = x.shape
+        h = self.norm(x)
+        # (B, C, H, W) -> (B, 1, H*W, C): one head whose "tokens" are the pixels of the grid
+        q, k, v = (p(h).reshape(B, 1, C, H * W).transpose(2, 3) for p in (self.q, self.k, self.v))
+        h = F.scaled_dot_product_attention(q, k, v)  # scale 1/sqrt(C), as in LlamaGen
+        h = h.transpose(2, 3).reshape(B, C, H, W)
+        return x + self.proj_out(h)
+
+
+class Downsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, stride=2)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, H/2, W/2)
+        # pad right and bottom only, so a stride-2 3x3 conv without padding halves H and W exactly
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample(nn.Module):
+    def __init__(self, c):
+        super().__init__()
+        self.conv = nn.Conv2d(c, c, 3, padding=1)
+
+    def forward(self, x):  # (B, C, H, W) -> (B, C, 2H, 2W)
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+def level_block(c_in, c_out, n_res, groups, attn):
+    """One resolution level: n_res residual blocks, each followed by attention at the deepest
+    level. A bare nn.Module holder keeps the official key names `conv_blocks.{i}.res.{j}`,
+    `.attn.{j}` (and `.downsample` / `.upsample`, which the caller adds)."""
+    block = nn.Module()
+    block.res = nn.ModuleList(ResnetBlock(c_in if j == 0 else c_out, c_out, groups) for j in range(n_res))
+    block.attn = nn.ModuleList(AttnBlock(c_out, groups) for _ in range(n_res if attn else 0))
+    return block
+
+
+def run_level(block, h):
+    for j, res in enumerate(block.res):
+        h = res(h)
+        if len(block.attn) > 0:
+            h = block.attn[j](h)
+    return h
+
+
+def middle(c, groups):  # residual - attention - residual at the lowest resolution
+    return nn.ModuleList([ResnetBlock(c, c, groups), AttnBlock(c, groups), ResnetBlock(c, c, groups)])
+
+
+# -----------------------------------------------------------------------------
+# Encoder and decoder
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.ch * m for m in cfg.ch_mult]  # e.g. VQ-16: 128, 128, 256, 256, 512
+        last = len(chs) - 1
+        self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
+        self.conv_blocks = nn.ModuleList()
+        for i, c in enumerate(chs):
+            block = level_block(cfg.ch if i == 0 else chs[i - 1], c, cfg.enc_blocks, cfg.norm_groups, attn=(i == last))
+            if i < last:
+                block.downsample = Downsample(c)
+            self.conv_blocks.append(block)
+        self.mid = middle(chs[-1], cfg.norm_groups)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
+
+    def forward(self, x):  # (B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2^(levels-1)
+        h = self.conv_in(x)
+        for block in self.conv_blocks:
+            h = run_level(block, h)
+            if hasattr(block, "downsample"):
+                h = block.downsample(h)
+        for m in self.mid:
+            h = m(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+class Decoder(nn.Module):
+    """The encoder mirrored: it starts at the deepest level (most channels, with attention)."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        chs = [cfg.ch * m for m in reversed(cfg.ch_mult)]  # e.g. VQ-16: 512, 256, 256, 128, 128
+        last = len(chs) - 1
+        self.conv_in = nn.Conv2d(cfg.z_channels, chs[0], 3, padding=1)
+        self.mid = middle(chs[0], cfg.norm_groups)
+        self.conv_blocks = nn.ModuleList()
+        for i, c in enumerate(chs):
+            block = level_block(chs[max(i - 1, 0)], c, cfg.dec_blocks, cfg.norm_groups, attn=(i == 0))
+            if i < last:
+                block.upsample = Upsample(c)
+            self.conv_blocks.append(block)
+        self.norm_out = nn.GroupNorm(cfg.norm_groups, chs[-1], eps=1e-6)
+        self.conv_out = nn.Conv2d(chs[-1], 3, 3, padding=1)
+
+    def forward(self, z):  # (B, z_channels, h, w) -> (B, 3, h*f, w*f), roughly in [-1, 1]
+        h = self.conv_in(z)
+        for m in self.mid:
+            h = m(h)
+        for block in self.conv_blocks:
+            h = run_level(block, h)
+            if hasattr(block, "upsample"):
+                h = block.upsample(h)
+        return self.conv_out(swish(self.norm_out(h)))
+
+
+# -----------------------------------------------------------------------------
+# The vector quantizer: nearest l2-normalised code, straight-through gradient
+
+
+class VectorQuantizer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.beta = cfg.beta
+        self.embedding = nn.Embedding(cfg.codebook_size, cfg.code_dim)
+        # LlamaGen's init: random directions, stored as unit vectors. Only directions matter (every
+        # use normalises), but the norm sets how far one Adam step turns a code: at unit norm a
+        # step of lr turns it by ~lr radians, at the raw init's norm (~0.003) by ~300x more
+        with torch.no_grad():
+            nn.init.uniform_(self.embedding.weight, -1.0 / cfg.codebook_size, 1.0 / cfg.codebook_size)
+            self.embedding.weight.copy_(F.normalize(self.embedding.weight, dim=-1))
+
+    def codebook(self):  # (K, D), unit rows
+        return F.normalize(self.embedding.weight, dim=-1)
+
+    def forward(self, z):  # z: (B, D, h, w) encoder latents after quant_conv
+        with torch.autocast(z.device.type, enabled=False):  # the code search stays fp32 under bf16 autocast
+            B, D, h, w = z.shape
+            z = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, D).float(), dim=-1)  # (N, D), N = B*h*w, raster order
+            e = self.codebook()  # (K, D)
+            # for unit vectors |z - e|^2 = 2 - 2 z.e, so the nearest code is the most similar one
+            codes = (z @ e.t()).argmax(dim=-1)  # (N,)
+            z_q = e[codes]  # (N, D)
+            # the codebook loss pulls the chosen codes towards the (frozen) latents; the commitment
+            # loss, weighted beta, pulls the latents towards their (frozen) codes so the encoder commits
+            vq_loss = F.mse_loss(z_q, z.detach()) + self.beta * F.mse_loss(z, z_q.detach())
+            # straight-through estimator: the forward value is z_q, the backward pass copies the
+            # decoder's gradient onto z as if quantisation were the identity
+            z_st = z + (z_q - z).detach()
+        z_st = z_st.reshape(B, h, w, D).permute(0, 3, 1, 2)  # back to (B, D, h, w)
+        return z_st, codes.reshape(B, h * w), vq_loss, z.detach()
+
+
+# -----------------------------------------------------------------------------
+# The VQ model: encoder -> quant_conv -> quantize -> post_quant_conv -> decoder
+
+
+class VQModel(nn.Module):
+    def __init__(self, cfg: VQConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.decoder = Decoder(cfg)
+        self.quantize = VectorQuantizer(cfg)
+        # 1x1 convs between the wide conv features and the narrow (8-dim) code space
+        self.quant_conv = nn.Conv2d(cfg.z_channels, cfg.code_dim, 1)
+        self.post_quant_conv = nn.Conv2d(cfg.code_dim, cfg.z_channels, 1)
+        # (the official checkpoint also holds a buffer `quantize.codebook_used` that nothing
+        # reads; we leave it out: usage is monitored by the training loop below)
+
+    def forward(self, pixels):
+        """Training pass. pixels (B, 3, H, W) in [-1, 1] -> reconstruction (B, 3, H, W), vq loss,
+        codes (B, h*w) and the normalised latents (B*h*w, D) for the dead-code restart."""
+        z = self.quant_conv(self.encoder(pixels))  # (B, D, h, w)
+        z_q, codes, vq_loss, latents = self.quantize(z)
+        recon = self.decoder(self.post_quant_conv(z_q))
+        return recon, vq_loss, codes, latents
+
+    @torch.no_grad()
+    def encode(self, pixels):  # (B, 3, H, W) in [-1, 1] -> codes (B, h*w), row-major: r * w + c
+        return self.quantize(self.quant_conv(self.encoder(pixels)))[1]
+
+    @torch.no_grad()
+    def decode(self, codes):  # codes (B, h*w) -> pixels (B, 3, H, W), roughly in [-1, 1]
+        B, n = codes.shape
+        side = math.isqrt(n)
+        assert side * side == n, f"{n} codes do not form a square grid"
+        z_q = self.quantize.codebook()[codes].reshape(B, side, side, -1).permute(0, 3, 1, 2)
+        return self.decoder(self.post_quant_conv(z_q))
+
+
+def load_vq(path, device="cpu"):
+    """A trained tokenizer from `OUT/vq.pt` (or a training checkpoint `OUT/ckpt.pt`), in eval mode."""
+    ckpt = load_checkpoint(path)  # torch.load(weights_only=True): a checkpoint cannot run code
+    model = VQModel(VQConfig(**ckpt["config"]))
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval()
+
+
+# -----------------------------------------------------------------------------
+# Keeping the codebook alive: a usage monitor and a dead-code restart
+
+
+def codebook_usage(codes, codebook_size):
+    """Fraction of the codebook that `codes` (any shape) hit at least once."""
+    return torch.unique(codes).numel() / codebook_size
+
+
+@torch.no_grad()
+def restart_dead_codes(quantizer, hits, latents, generator):
+    """Re-initialise every code with hits == 0 (unused over the last window) to a recent encoder
+    output. Gradient-trained codebooks lose codes: a code that no latent picks gets no gradient and
+    never moves again. We pick the replacement latents k-means++ style, with probability
+    proportional to their squared distance from their current nearest code, so new codes land
+    where the codebook fits worst (on ShapeWorld: shape edges) rather than piling onto the plain
+    background that most latents show. hits: (K,) counts; latents: (N, D) unit vectors.
+    Returns the number of codes restarted."""
+    dead = (hits == 0).nonzero().squeeze(1)  # (n_dead,)
+    if len(dead) == 0:
+        return 0
+    e = quantizer.codebook()
+    dist = (2 - 2 * (latents @ e.t()).max(dim=1).values).clamp(min=0) + 1e-12  # (N,) |z - nearest code|^2
+    pick = torch.multinomial(dist, len(dead), replacement=True, generator=generator)
+    quantizer.embedding.weight[dead] = latents[pick]
+    return len(dead)
+
+
+# -----------------------------------------------------------------------------
+# The toy world's text tokenizer: one token per word, special token or punctuation mark
+
+SPECIAL_TOKENS = ["<pad>", "<bos>", "<eos>", "<|User|>:", "<|Assistant|>:",
+                  "<begin_of_image>", "<end_of_image>", "<image_placeholder>", "\n"]
+PUNCTUATION = ["...", ",", "."]  # longest first: "..." must not read as three "."
+# the fixed phrases of the method (SPEC.md section 3), beyond the grammar's own words
+PHRASES = ["Let me think Does this image match the prompt", "Next I will draw a new image",
+           "Please generate an image", "Yes No", "Describe the image"]
+
+
+class TextTokenizer:
+    """Word-level and case-sensitive. The canonical spacing, which decode() writes and encode()
+    insists on, is the one the project's strings use:
+    - words are separated by one space; "," "." "..." stick to the word before them and are
+      followed by a space when a word comes next;
+    - "<|User|>:" is always followed by one space;
+    - every other special token (and "\\n") is glued to its neighbours.
+    >>> tok.decode(tok.encode("<|User|>: a red circle\\n\\n<|Assistant|>:<begin_of_image>"))
+    '<|User|>: a red circle\\n\\n<|Assistant|>:<begin_of_image>'
+    >>> tok.encode("No, the circle is green, not red.")  # 9 ids: No , the circle is green , not red .
+    """
+
+    def __init__(self, words):
+        # a fixed order (specials, punctuation, then the sorted words) keeps ids stable across runs
+        phrase_words = " ".join(PHRASES).split()
+        self.vocab = SPECIAL_TOKENS + PUNCTUATION + sorted(set(words) | set(phrase_words))
+        self.ids = {t: i for i, t in enumerate(self.vocab)}
+        assert len(self.ids) == len(self.vocab), "a grammar word collides with a special token"
+        self.words = set(self.vocab[len(SPECIAL_TOKENS) + len(PUNCTUATION):])
+        self.pad, self.bos, self.eos, self.user, self.assistant, self.boi, self.eoi, self.img, self.newline = (
+            self.ids[t] for t in SPECIAL_TOKENS)
+        self.yes, self.no = self.ids["Yes"], self.ids["No"]
+        self.split_special = re.compile("(" + "|".join(re.escape(t) for t in SPECIAL_TOKENS) + ")")
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def encode(self, text, bos=False, eos=False):
+        ids = [self.bos] if bos else []
+        # split out the special tokens first (odd chunks), then words and their trailing punctuation
+        for i, chunk in enumerate(self.split_special.split(text)):
+            if i % 2 == 1:
+                ids.append(self.ids[chunk])
+                continue
+            for piece in chunk.split():
+                word, punct = re.fullmatch(r"(.*?)(\.\.\.|,|\.)?", piece).groups()
+                if word:
+                    if word not in self.words:
+                        raise ValueError(f"unknown word {word!r} in {text!r}")
+                    ids.append(self.ids[word])
+                if punct:
+                    ids.append(self.ids[punct])
+        # the round trip must be exact, so a string with other spacing is refused, not silently changed
+        canonical = self.decode(ids[1:] if bos else ids)
+        if canonical != text:
+            raise ValueError(f"text {text!r} is not in the tokenizer's canonical spacing {canonical!r}")
+        return ids + [self.eos] if eos else ids
+
+    def decode(self, ids):
+        tokens = [self.vocab[i] for i in ids]
+        out = []
+        for prev, t in zip([None] + tokens, tokens):
+            if prev == "<|User|>:" or (t in self.words and (prev in self.words or prev in PUNCTUATION)):
+                out.append(" ")
+            out.append(t)
+        return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# Training the VQ on ShapeWorld (entry point)
+
+# run settings per preset (the flags below override some). The learning rate warms up linearly,
+# then follows a cosine down to lr / 10 at the last step.
+TRAIN_PRESETS = {
+    # tiny only has to be quick (the tests and the tiny pipeline); it reconstructs poorly
+    "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=20, window=25, bf16=True, eval_prompts=70),
+    "toy": dict(steps=1400, batch_size=16, lr=1e-3, warmup=50, window=50, bf16=True, eval_prompts=700),
+}
+
+
+def train_batch(seed, step, batch_size, size):
+    """The training images of one step, a pure function of (seed, step): a resumed run sees exactly
+    the batches an uninterrupted one would have seen. (B, 3, size, size) in [-1, 1]."""
+    rng = random.Random(f"vq-train-{seed}-{step}")  # string seeds never collide with the eval's
+    return to_tensor(shapes.random_images(rng, batch_size, size))
+
+
+def eval_set(n, size):
+    """Held-out (image, prompt) pairs: n prompts spread over the categories, each with one scene
+    that matches it and one that does not. The seed space "vq-eval" is disjoint from training's."""
+    rng = random.Random("vq-eval")
+    prompts, images, matches = [], [], []
+    for i in range(n):
+        prompt = shapes.sample_prompt(rng, shapes.CATEGORIES[i % len(shapes.CATEGORIES)])
+        for match in (True, False):
+            prompts.append(prompt)
+            images.append(shapes.render(shapes.sample_scene(rng, size, prompt, match)))
+            matches.append(match)
+    return prompts, np.stack(images), matches
+
+
+@torch.no_grad()
+def reconstruct(model, images, batch_size=256):  # uint8 (N, H, W, 3) -> codes (N, h*w), uint8 (N, H, W, 3)
+    codes = torch.cat([model.encode(to_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    recon = np.concatenate([to_uint8(model.decode(codes[i:i + batch_size])) for i in range(0, len(codes), batch_size)])
+    return codes, recon
+
+
+def evaluate(model, n, size):
+    """PSNR, codebook usage and checker agreement of the reconstructions on held-out scenes."""
+    prompts, images, matches = eval_set(n, size)
+    codes, recon = reconstruct(model.eval(), images)
+    mse = np.mean((images.astype(np.float64) - recon.astype(np.float64)) ** 2)
+    # the checker's verdict must survive the round trip, on matching and mismatching scenes alike
+    same = np.array([shapes.check(a, p).verdict == shapes.check(b, p).verdict
+                     for a, b, p in zip(images, recon, prompts)])
+    matches = np.array(matches)
+    by_category = {c: float(same[[p.category == c for p in prompts]].mean()) for c in shapes.CATEGORIES}
+    return dict(psnr=float(10 * np.log10(255**2 / mse)),
+                usage=codebook_usage(codes, model.cfg.codebook_size),
+                agreement=float(same.mean()), agreement_matching=float(same[matches].mean()),
+                agreement_mismatching=float(same[~matches].mean()), agreement_by_category=by_category,
+                pairs=len(same)), images, recon
+
+
+def save_side_by_side(images, recon, path, scale=3):
+    """A PNG with originals on the top row and their reconstructions below, scaled up to look at.
+    Written to a temp file and renamed, like every artefact here, so none is ever half-written."""
+    grid = np.concatenate([np.concatenate(list(images), axis=1), np.concatenate(list(recon), axis=1)], axis=0)
+    grid = grid.repeat(scale, axis=0).repeat(scale, axis=1)
+    tmp = f"{path}.tmp.png"
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Train the VQ image tokenizer on ShapeWorld scenes.")
+    # what to train and where
+    parser.add_argument("--config", choices=list(TRAIN_PRESETS), default="toy", help="tokenizer preset (VQ_PRESETS)")
+    parser.add_argument("--out", required=True, help="output dir: ckpt.pt (resumable), vq.pt, vq_eval.json, vq_recon.png")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the init and of every training batch")
+    # optimisation (defaults come from TRAIN_PRESETS[config])
+    parser.add_argument("--steps", type=int, help="total optimizer steps (the lr schedule spans them)")
+    parser.add_argument("--batch-size", type=int, help="images per step")
+    parser.add_argument("--lr", type=float, help="peak Adam learning rate (linear warm-up, then cosine to lr/10)")
+    parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    # monitoring and evaluation
+    parser.add_argument("--ckpt-every", type=int, default=100, help="save the resumable checkpoint every N steps")
+    parser.add_argument("--eval-prompts", type=int, help="held-out prompts (each gives a matching and a mismatching scene)")
+    args = parser.parse_args(argv)
+
+    cfg = VQ_PRESETS[args.config]
+    preset = TRAIN_PRESETS[args.config]
+    steps = args.steps or preset["steps"]
+    # everything that shapes the training path; a checkpoint made with other values cannot be resumed
+    run = dict(seed=args.seed, steps=steps, batch_size=args.batch_size or preset["batch_size"],
+               lr=args.lr or preset["lr"], warmup=preset["warmup"], window=preset["window"],
+               bf16=preset["bf16"] and not args.fp32)
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, "ckpt.pt")
+
+    torch.manual_seed(args.seed)  # the only use of the global RNG: the init
+    model = VQModel(cfg)
+    opt = torch.optim.Adam(model.parameters(), lr=run["lr"], betas=(0.9, 0.95))  # LlamaGen's betas, no decay
+
+    def lr_factor(s):  # multiplies lr at step s: linear warm-up, then cosine from 1 to 0.1
+        if s < run["warmup"]:
+            return (s + 1) / run["warmup"]
+        return 0.55 + 0.45 * math.cos(math.pi * (s - run["warmup"]) / max(1, steps - run["warmup"]))
+
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+    hits = torch.zeros(cfg.codebook_size, dtype=torch.long)  # code hits in the current window
+    step, usage, seconds = 0, float("nan"), 0.0  # seconds: training time, summed over resumed runs
+    if os.path.exists(ckpt_path):
+        try:
+            ckpt = load_checkpoint(ckpt_path)
+        except ValueError as e:  # unreadable or not ours: say so in one line
+            sys.exit(f"error: {e}")
+        for key, want in (("config", asdict(cfg)), ("run", run)):
+            diff = [f"{k}={ckpt[key].get(k)!r} (now {v!r})" for k, v in want.items() if ckpt[key].get(k) != v]
+            if diff:
+                sys.exit(f"error: {ckpt_path} is a run with other settings: {', '.join(diff)}; use another --out")
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        hits, step, usage, seconds = ckpt["hits"], ckpt["step"], ckpt["usage"], ckpt["seconds"]
+        print(f"resuming {ckpt_path} at step {step}")
+
+    def save():
+        save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
+                         config=asdict(cfg), run=run, step=step, hits=hits, usage=usage,
+                         seconds=seconds + time.time() - t0), ckpt_path)
+
+    model.train()
+    pbar = tqdm(total=steps, initial=step, desc=f"vq {args.config}", dynamic_ncols=True)
+    t0 = time.time()
+    while step < steps:
+        x = train_batch(args.seed, step, run["batch_size"], cfg.image_size)  # (B, 3, H, W)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run["bf16"]):
+            recon, vq_loss, codes, latents = model(x)
+        rec_loss = F.mse_loss(recon.float(), x)
+        loss = rec_loss + vq_loss
+        if not torch.isfinite(loss):
+            sys.exit(f"error: loss is {loss.item()} at step {step}")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        hits += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
+        step += 1
+        # at the end of each window: measure usage over it, restart the codes it never used
+        if step % run["window"] == 0:
+            usage = (hits > 0).float().mean().item()
+            gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # a function of (seed, step) too
+            restart_dead_codes(model.quantize, hits, latents, gen)
+            hits.zero_()
+        if step % args.ckpt_every == 0 or step == steps:
+            save()
+        pbar.update(1)
+        pbar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}", usage=f"{usage:.2f}")
+    pbar.close()
+    seconds += time.time() - t0
+
+    # the artefact the other stages load: weights and config only
+    save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), step=step), os.path.join(args.out, "vq.pt"))
+    result, images, recon = evaluate(model, args.eval_prompts or preset["eval_prompts"], cfg.image_size)
+    result.update(config=args.config, step=step, train_seconds=round(seconds, 1))
+    tmp = os.path.join(args.out, "vq_eval.json.tmp")
+    with open(tmp, "w") as f:
+        json.dump(result, f, indent=2)
+    os.replace(tmp, os.path.join(args.out, "vq_eval.json"))
+    save_side_by_side(images[:16], recon[:16], os.path.join(args.out, "vq_recon.png"))
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
