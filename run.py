@@ -39,7 +39,8 @@ def run_stage(stage, args, seconds):
     print(f"[{stage}] running")
     t = time.time()
     if stage == "vq":
-        tokenizer.main(["--config", args.config, "--out", args.out])
+        # `small` is a bigger transformer over the same toy world: it shares toy's tokenizer
+        tokenizer.main(["--config", "toy" if args.config == "small" else args.config, "--out", args.out])
     else:
         sft.main(["--stage", stage, "--config", args.config, "--out", args.out])
     seconds[stage] = round(time.time() - t + seconds.get(stage, 0.0), 1)

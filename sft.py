@@ -49,8 +49,8 @@ from tokenizer import TextTokenizer, load_vq
 TRAIN = {
     "tiny": dict(base_steps=60, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
-    "toy": dict(base_steps=1500, sft_steps=600, batch_size=32, base_lr=1e-3, sft_lr=3e-4, warmup=100,
-                eval_every=500, eval_prompts=10, sft_prompts=600, samples_per_prompt=4),
+    "toy": dict(base_steps=900, sft_steps=300, batch_size=32, base_lr=1e-3, sft_lr=3e-4, warmup=60,
+                eval_every=300, eval_prompts=6, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, sft_steps=2000, batch_size=64, base_lr=6e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
 }
