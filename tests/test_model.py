@@ -299,3 +299,14 @@ def test_load_official_round_trip():
         load_official(dst, {k: v for k, v in official.items() if "layers.1.self_attn.k_proj" not in k})
     with pytest.raises(KeyError):
         load_official(dst, {**official, "language_model.model.extra.weight": torch.zeros(1)})
+
+
+def test_full_size_parameter_counts_with_the_vq():
+    # model + VQ-16 tokenizer on the meta device == the official totals (SigLIP's unused
+    # attn_pool head, 12,595,200 parameters, is the one part we do not build)
+    from tokenizer import VQ_PRESETS, VQModel
+    with torch.device("meta"):
+        vq = sum(p.numel() for p in VQModel(VQ_PRESETS["vq16"]).parameters())
+        for name, official in (("janus-pro-1b", 2_089_232_011), ("janus-pro-7b", 7_420_368_523)):
+            ours = sum(p.numel() for p in Janus(JanusConfig(**PRESETS[name])).parameters())
+            assert ours + vq + 12_595_200 == official, name
