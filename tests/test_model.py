@@ -17,9 +17,8 @@ import torch.nn.functional as F
 from bench import copy_to_hf, hf_janus, hf_loss, make_batch, ours_loss
 from model import PRESETS, Janus, JanusConfig, from_official, load_official, to_official
 
-# the project's shared reference folder, beside the checkout or inside it
-SHAPES = next((p / "shared/reference/janus_pro_state_dict_shapes.json" for p in Path(__file__).resolve().parents[1:3]
-               if (p / "shared/reference/janus_pro_state_dict_shapes.json").exists()), None)
+# a copy of shared/reference/janus_pro_state_dict_shapes.json, kept in the repo so CI always has it
+SHAPES = Path(__file__).resolve().parent / "data" / "janus_pro_state_dict_shapes.json"
 
 
 def tiny(**changes):
@@ -261,7 +260,6 @@ def test_parameter_count_of_full_size_presets(name, size, total):
     assert sum(p.numel() for p in model.parameters()) == total - VQ_PARAMS - ATTN_POOL_PARAMS
 
 
-@pytest.mark.skipif(SHAPES is None, reason="shared/reference/janus_pro_state_dict_shapes.json not found")
 @pytest.mark.parametrize("name,size,total", FULL)
 def test_official_keys_and_shapes(name, size, total):
     ref = json.loads(SHAPES.read_text())

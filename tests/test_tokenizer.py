@@ -17,7 +17,8 @@ import tokenizer
 from tokenizer import (VQ_PRESETS, TextTokenizer, VQConfig, VQModel, codebook_usage, load_vq, main,
                        restart_dead_codes, to_tensor, to_uint8)
 
-SHAPES_JSON = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "reference", "janus_pro_state_dict_shapes.json")
+# a copy of shared/reference/janus_pro_state_dict_shapes.json, kept in the repo so CI always has it
+SHAPES_JSON = os.path.join(os.path.dirname(__file__), "data", "janus_pro_state_dict_shapes.json")
 
 
 def tiny_model(seed=0):
