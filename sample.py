@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
+from tokenizer import to_tensor, to_uint8
+
 # -----------------------------------------------------------------------------
 # Sequence layouts
 
@@ -132,7 +134,7 @@ def collate(seqs, tok, device="cpu", left=False):
     gen_mask, und_mask = kind == GEN, kind == UND
     gen_ids = torch.tensor([c for s in seqs for c in s.codes], dtype=torch.long)
     images = [im for s in seqs for im in s.images]
-    und_pixels = to_pixels(np.stack(images)) if images else None
+    und_pixels = to_tensor(np.stack(images)) if images else None
     # targets: position t predicts position t+1 (shift left by one)
     text_t = torch.full((B, T), -1, dtype=torch.long)
     image_t = torch.full((B, T), -1, dtype=torch.long)
@@ -152,16 +154,6 @@ def collate(seqs, tok, device="cpu", left=False):
 def embed_batch(model, b):
     return model.embed(b.idx, und_pixels=b.und_pixels, und_mask=b.und_mask if b.und_pixels is not None else None,
                        gen_ids=b.gen_ids if b.gen_ids.numel() else None, gen_mask=b.gen_mask)
-
-
-def to_pixels(images):
-    """uint8 (N, H, W, 3) -> float (N, 3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
-
-
-def to_images(pixels):
-    """float (N, 3, H, W) roughly in [-1, 1] -> uint8 (N, H, W, 3)."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).cpu().numpy()
 
 
 # -----------------------------------------------------------------------------
@@ -286,7 +278,7 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     idx = torch.tensor([[tok.img] * N + cue] * B, device=dev)
     und = torch.zeros_like(idx, dtype=torch.bool)
     und[:, :N] = True
-    x = model.embed(idx, und_pixels=to_pixels(np.stack(images)).to(dev), und_mask=und)
+    x = model.embed(idx, und_pixels=to_tensor(np.stack(images)).to(dev), und_mask=und)
     pos = prefix_len
     h = _forward(model, x, cache, pos, km)[:, -1]
     pos += x.size(1)
@@ -350,7 +342,7 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
     for r in range(opt.rounds):
         n = len(live)
         codes, end = _draw_image(model, cache, km, h, pos, n, opt, _uniforms([gens[i] for i in live], N, dev))
-        images = to_images(vq.decode(codes))
+        images = to_uint8(vq.decode(codes))
         for j, i in enumerate(live):
             chains[i].images.append(images[j])
             chains[i].codes.append(codes[j].tolist())
@@ -407,21 +399,21 @@ def generate(model, vq, tok, prompts, seeds, opt=Options()):
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
-    return to_images(vq.decode(codes)), codes
+    return to_uint8(vq.decode(codes)), codes
 
 
 @torch.no_grad()
 def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
     """Editing: source images (uint8, VQ path) + instructions -> edited images (uint8)."""
     dev = next(model.parameters()).device
-    src_codes = vq.encode(to_pixels(np.stack(sources)).to(dev))
+    src_codes = vq.encode(to_tensor(np.stack(sources)).to(dev))
     seqs = [edit_seq(tok, c.tolist(), ins) for c, ins in zip(src_codes, instructions)]
     N = model.cfg.image_tokens
     cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, False) for s in seqs], tok,
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
-    return to_images(vq.decode(codes))
+    return to_uint8(vq.decode(codes))
 
 
 # -----------------------------------------------------------------------------

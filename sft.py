@@ -39,8 +39,8 @@ import shapes
 from common import janus_checkpoint, load_checkpoint, load_janus, pick_device, save_checkpoint
 from model import PRESETS, Janus, JanusConfig
 from sample import (CUE, Options, Seq, add_answer, add_reflection, collate, embed_batch, generate,
-                    introspect, prompt_seq, to_pixels)
-from tokenizer import TextTokenizer, load_vq
+                    introspect, prompt_seq)
+from tokenizer import TextTokenizer, load_vq, to_tensor
 
 # -----------------------------------------------------------------------------
 # Run settings per config (flags override). Learning rates are the toy's: these models start
@@ -125,7 +125,7 @@ def build_seq(ex, tok, n_tokens):
 @torch.no_grad()
 def encode_codes(vq, images):
     """uint8 (B, H, W, 3) -> VQ codes (B, N) as lists."""
-    return vq.encode(to_pixels(np.stack(images)).to(vq.quant_conv.weight.device)).tolist()
+    return vq.encode(to_tensor(np.stack(images)).to(vq.quant_conv.weight.device)).tolist()
 
 
 # -----------------------------------------------------------------------------
