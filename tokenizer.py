@@ -73,6 +73,9 @@ class VQConfig:
     codebook_size: int = 16384
     norm_groups: int = 32  # GroupNorm groups; must divide every level's channel count
     beta: float = 0.25  # commitment weight on the encoder term
+    # a patch-local encoder (toy): each code's patch is encoded on its own, without GroupNorm,
+    # attention or middle blocks, so the same pixels always give the same code (see VQ_PRESETS)
+    local_encoder: bool = False
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)  # a checkpoint's config comes back with a list
@@ -93,12 +96,18 @@ VQ_PRESETS = {
     # network learned colour far more slowly (measured: shapes came out in one average brown).
     # the tests' tokenizer: 32x32 -> 4x4 codes, trains in seconds
     "tiny": VQConfig(image_size=32, ch=16, ch_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=1,
-                     z_channels=32, codebook_size=256, norm_groups=1),
+                     z_channels=32, codebook_size=256, norm_groups=1, local_encoder=True),
     # ShapeWorld's tokenizer: 64x64 -> 8x8 codes. 1024 codes, not 512: with 512, yellow and orange
     # (the closest pair of palette colours) shared codes and came back as their average, and the
     # checker's verdict survived the round trip for 95% of (image, prompt) pairs; with 1024, 99.6%
+    # The toy encoder is patch-local (local_encoder=True): each 8x8 patch is encoded on its own. With
+    # LlamaGen's encoder (GroupNorm over the whole image, attention) a code also depended on the rest
+    # of the image: measured on 256 scenes, all-white patches took 485 different codes and the codes'
+    # entropy was 6.6 nats, which the language model then had to predict as noise (its text-to-image
+    # loss stayed at 4.4 nats on white patches and 6.6 on objects, uniform = 6.9). Patch-local: white
+    # is one code, entropy 3.6 nats, same reconstruction quality.
     "toy": VQConfig(image_size=64, ch=16, ch_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=2,
-                    z_channels=64, codebook_size=1024, norm_groups=1),
+                    z_channels=64, codebook_size=1024, norm_groups=1, local_encoder=True),
     # Janus-Pro's VQ-16 exactly: 384x384 -> 24x24 codes, 16384 codes of dim 8 (janus_pro_facts.md)
     "vq16": VQConfig(),
 }
@@ -110,12 +119,17 @@ VQ_PRESETS = {
 swish = F.silu  # x * sigmoid(x), as one fused op (faster than writing it out, same values)
 
 
+def group_norm(groups, c):
+    # groups = 0: no normalisation (the local encoder); GroupNorm pools over the whole image
+    return nn.GroupNorm(groups, c, eps=1e-6) if groups else nn.Identity()
+
+
 class ResnetBlock(nn.Module):
     def __init__(self, c_in, c_out, groups):
         super().__init__()
-        self.norm1 = nn.GroupNorm(groups, c_in, eps=1e-6)
+        self.norm1 = group_norm(groups, c_in)
         self.conv1 = nn.Conv2d(c_in, c_out, 3, padding=1)
-        self.norm2 = nn.GroupNorm(groups, c_out, eps=1e-6)
+        self.norm2 = group_norm(groups, c_out)
         self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1)
         # a 1x1 conv ("network in network") makes the skip path match a channel change
         self.nin_shortcut = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else None
@@ -195,18 +209,31 @@ class Encoder(nn.Module):
         super().__init__()
         chs = [cfg.ch * m for m in cfg.ch_mult]  # e.g. VQ-16: 128, 128, 256, 256, 512
         last = len(chs) - 1
+        local = self.local = cfg.local_encoder
+        self.f = 2 ** last  # pixels per code, each way
+        groups = 0 if local else cfg.norm_groups
         self.conv_in = nn.Conv2d(3, cfg.ch, 3, padding=1)
         self.conv_blocks = nn.ModuleList()
         for i, c in enumerate(chs):
-            block = level_block(cfg.ch if i == 0 else chs[i - 1], c, cfg.enc_blocks, cfg.norm_groups, attn=(i == last))
+            block = level_block(cfg.ch if i == 0 else chs[i - 1], c, cfg.enc_blocks, groups, attn=(i == last and not local))
             if i < last:
                 block.downsample = Downsample(c)
             self.conv_blocks.append(block)
-        self.mid = middle(chs[-1], cfg.norm_groups)
-        self.norm_out = nn.GroupNorm(cfg.norm_groups, chs[-1], eps=1e-6)
+        self.mid = nn.ModuleList() if local else middle(chs[-1], groups)
+        self.norm_out = group_norm(groups, chs[-1])
         self.conv_out = nn.Conv2d(chs[-1], cfg.z_channels, 3, padding=1)
 
     def forward(self, x):  # (B, 3, H, W) -> (B, z_channels, H/f, W/f), f = 2^(levels-1)
+        if self.local:
+            # every f x f patch on its own: (B, 3, H, W) -> (B*h*w, 3, f, f) -> (B*h*w, z, 1, 1)
+            B, C, H, W = x.shape
+            f, h, w = self.f, H // self.f, W // self.f
+            x = x.reshape(B, C, h, f, w, f).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C, f, f)
+            z = self.encode(x)
+            return z.reshape(B, h, w, -1).permute(0, 3, 1, 2)
+        return self.encode(x)
+
+    def encode(self, x):
         h = self.conv_in(x)
         for block in self.conv_blocks:
             h = run_level(block, h)
@@ -520,7 +547,8 @@ def main(argv=None):
     ckpt_path = os.path.join(args.out, "ckpt.pt")
 
     torch.manual_seed(args.seed)  # the only use of the global RNG: the init
-    model = VQModel(cfg)
+    # channels-last: CPU convolutions run faster on NHWC (measured ~1.3x per step on the toy)
+    model = VQModel(cfg).to(memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=run["lr"], betas=(0.9, 0.95))  # LlamaGen's betas, no decay
 
     def lr_factor(s):  # multiplies lr at step s: linear warm-up, then cosine from 1 to 0.1
@@ -556,6 +584,7 @@ def main(argv=None):
     t0 = time.time()
     while step < steps:
         x = train_batch(args.seed, step, run["batch_size"], cfg.image_size)  # (B, 3, H, W)
+        x = x.contiguous(memory_format=torch.channels_last)
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run["bf16"]):
             recon, vq_loss, codes, latents = model(x)
         rec_loss = F.mse_loss(recon.float(), x)

@@ -54,6 +54,29 @@ def test_codes_are_nearest_unit_codes_in_raster_order():
         assert codes[b, r * 4 + c] == ((zz - e) ** 2).sum(1).argmin()  # index = row * w + col
 
 
+def test_toy_encoder_is_patch_local():
+    """A code of the toy tokenizer depends on its own 8x8 patch only: the same pixels give the same
+    code wherever they sit and whatever surrounds them (LlamaGen's encoder gives neither)."""
+    for name in ("toy", "tiny"):
+        cfg = VQ_PRESETS[name]
+        assert cfg.local_encoder
+        torch.manual_seed(0)
+        model = VQModel(cfg).eval()
+        f, g = cfg.image_size // cfg.grid, cfg.grid
+        x = torch.rand(1, 3, cfg.image_size, cfg.image_size) * 2 - 1
+        y = x.clone()
+        y[:, :, f:2 * f, 2 * f:3 * f] = -x[:, :, f:2 * f, 2 * f:3 * f]  # change patch (1, 2)
+        y[:, :, 0:f, 0:f] = x[:, :, (g - 1) * f:, (g - 1) * f:]  # patch (0, 0) := patch (g-1, g-1)
+        with torch.no_grad():
+            zx, zy = model.encoder(x), model.encoder(y)
+        changed = (zx - zy).abs().amax(1)[0] > 0  # (g, g)
+        want = torch.zeros(g, g, dtype=torch.bool)
+        want[1, 2] = want[0, 0] = True
+        assert torch.equal(changed, want)
+        assert torch.allclose(zy[0, :, 0, 0], zx[0, :, g - 1, g - 1], atol=1e-5)
+    assert not VQ_PRESETS["vq16"].local_encoder  # the real VQ-16 keeps LlamaGen's encoder
+
+
 def test_straight_through_gradient_and_codebook_loss():
     q = tiny_model().quantize
     z = torch.randn(2, 8, 4, 4, requires_grad=True)
