@@ -162,12 +162,11 @@ class Attention(nn.Module):
 
     def forward(self, x, rope, mask, kv=None, start_pos=0):
         B, T, C = x.shape
-        nq, nkv = self.n_head * self.head_dim, self.n_kv_head * self.head_dim
-        q, k, v = self.qkv(x).split([nq, nkv, nkv], dim=-1)
-        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        nh, nkv = self.n_head, self.n_kv_head
+        qkv = self.qkv(x).view(B, T, nh + 2 * nkv, self.head_dim).transpose(1, 2)  # (B, nh + 2 nkv, T, hs)
+        # q and k heads rotated in one go (fewer small ops per decoding step), then split
+        q, k = apply_rope(qkv[:, :nh + nkv], *rope).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
+        v = qkv[:, nh + nkv:]  # (B, nkv, T, hs)
         if kv is not None:
             # write this chunk into the cache, then attend over everything cached so far
             cache_k, cache_v = kv  # (B, nkv, max_len, hs) each, this layer's slice
@@ -304,6 +303,10 @@ def attention_mask(T, start_pos, key_mask, device):
     "see all keys" (a single new token) is already right."""
     if key_mask is None and (start_pos == 0 or T == 1):
         return None
+    if T == 1:  # one new token (decoding): every real key, and itself
+        mask = key_mask[:, :start_pos + 1].clone()
+        mask[:, -1] = True
+        return mask[:, None, None]  # (B, 1, 1, Tk)
     q_pos = torch.arange(start_pos, start_pos + T, device=device)[:, None]  # (T, 1)
     k_pos = torch.arange(start_pos + T, device=device)[None, :]  # (1, Tk)
     mask = (k_pos <= q_pos)[None]  # (1, T, Tk) causal
@@ -387,7 +390,11 @@ class Janus(nn.Module):
             # a row's positions count only its real tokens, so masked slots (left padding, or holes
             # where a chunk was padded) are as if absent: RoPE sees the distances of the unpadded row
             pos = (key_mask.long().cumsum(-1)[:, start_pos:] - 1).clamp(min=0)[:, None]  # (B, 1, T)
-        rope = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
+        # cast once to the dtype q and k will have (bf16 under autocast), not in every layer
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        rope = (cos.to(dt), sin.to(dt))
         mask = attention_mask(T, start_pos, key_mask, x.device)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

@@ -170,7 +170,7 @@ def pick(logits, u, temperature=1.0, top_k=0, top_p=1.0):
     reproducible from its seed alone, whatever else is in the batch. temperature 0 = greedy."""
     if temperature == 0:
         return logits.argmax(-1)
-    logits = logits.float() / temperature
+    logits = logits.float() / temperature if temperature != 1.0 else logits.float()
     if top_k:
         kth = logits.topk(min(top_k, logits.size(-1)), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -227,6 +227,7 @@ def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     and the cache position after feeding all but the last code."""
     N = model.cfg.image_tokens
     codes = torch.empty(n_cond, N, dtype=torch.long, device=h_last.device)
+    padded = key_mask is not None and not bool(key_mask.all())  # checked once, not per token
     for i in range(N):
         logits = model.image_logits(h_last)  # (2 n_cond, V) fp32
         guided = cfg_logits(logits[:n_cond], logits[n_cond:], opt.cfg)
@@ -234,7 +235,7 @@ def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
         if i == N - 1:
             break  # the last code is fed later, only if the chain continues
         x = model.embed_image_ids(codes[:, i].repeat(2))[:, None]  # (2 n_cond, 1, D)
-        h_last = _forward(model, x, cache, start, key_mask)[:, -1]
+        h_last = model(x, cache=cache, start_pos=start, key_mask=key_mask[:, :start + 1] if padded else None)[:, -1]
         start += 1
     return codes, start
 
