@@ -103,7 +103,8 @@ def report(args, seconds):
     cats = list(shapes.CATEGORIES) + ["overall"]
     rep = {"config": args.config, "geneval": {}, "judge": {}, "edit": {}, "seconds": seconds, "examples": {}}
     vq = _read(args.out, "vq_eval.json")
-    rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_match", "agreement_mismatch")}
+    rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
+                                               "code_entropy", "background_codes", "train_seconds")}
     for stage in STAGES:
         if not stage_done(args.out, stage):
             continue
@@ -131,13 +132,21 @@ def report(args, seconds):
     lines += ["", "## The model as a judge (agreement of its Yes/No with the checker)", "",
               "| stage | layout | agreement | AUC of P(yes) |", "|---|---|---|---|"]
     for stage, j in rep["judge"].items():
-        lines.append(f"| {stage} | {j['layout']} | {j['agreement']:.3f} | {j['auc']:.3f} |")
+        auc = "n/a (one class only)" if j["auc"] is None else f"{j['auc']:.3f}"
+        lines.append(f"| {stage} | {j['layout']} | {j['agreement']:.3f} | {auc} |")
     lines += ["", "## Editing (zero-shot: no stage trains it yet)", "", "| stage | follow | preserve |", "|---|---|---|"]
     for stage, e in rep["edit"].items():
         lines.append(f"| {stage} | {e['follow']:.2f} | {e['preserve']:.2f} |")
     lines += ["", "## Time (seconds on this machine)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in seconds.items()]
-    lines += ["", f"VQ tokenizer: {json.dumps(rep['vq'])}", ""]
+    v = rep["vq"]
+    line = (f"VQ tokenizer (held-out scenes): PSNR {v['psnr']:.1f} dB, codebook usage {v['usage']:.3f}, checker verdict "
+            f"on reconstructions equal to the originals' for {v['agreement']:.3f} of (image, prompt) pairs")
+    if "agreement_matching" in v:
+        line += f" (matching {v['agreement_matching']:.3f}, mismatching {v['agreement_mismatching']:.3f})"
+    if "code_entropy" in v:
+        line += f"; codes' entropy {v['code_entropy']:.2f} nats, {v['background_codes']} code(s) for the white background"
+    lines += ["", line + ".", ""]
     for stage, ex in rep["examples"].items():
         lines += [f"## Example chains: {stage}", ""]
         for c in ex:

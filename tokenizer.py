@@ -494,7 +494,8 @@ def reconstruct(model, images, batch_size=256):  # uint8 (N, H, W, 3) -> codes (
 
 
 def evaluate(model, n, size):
-    """PSNR, codebook usage and checker agreement of the reconstructions on held-out scenes."""
+    """PSNR, codebook usage, checker agreement of the reconstructions, and the codes' entropy and
+    number of background codes, on held-out scenes."""
     prompts, images, matches = eval_set(n, size)
     codes, recon = reconstruct(model.eval(), images)
     mse = np.mean((images.astype(np.float64) - recon.astype(np.float64)) ** 2)
@@ -503,8 +504,19 @@ def evaluate(model, n, size):
                      for a, b, p in zip(images, recon, prompts)])
     matches = np.array(matches)
     by_category = {c: float(same[[p.category == c for p in prompts]].mean()) for c in shapes.CATEGORIES}
+    # how predictable the codes are for the language model: their entropy, and how many different
+    # codes the plain white background gets (1 is ideal: the same pixels, the same code)
+    c = codes.numpy()  # (n, h*w)
+    counts = np.bincount(c.reshape(-1), minlength=model.cfg.codebook_size)
+    p = counts[counts > 0] / counts.sum()
+    f = size // model.cfg.grid
+    g = model.cfg.grid
+    patches = images.reshape(len(images), g, f, g, f, 3).transpose(0, 1, 3, 2, 4, 5).reshape(len(images), g * g, -1)
+    white = (patches == 255).all(-1)  # (n, h*w) patches with nothing drawn in them
     return dict(psnr=float(10 * np.log10(255**2 / mse)),
                 usage=codebook_usage(codes, model.cfg.codebook_size),
+                code_entropy=float(-(p * np.log(p)).sum()),
+                background_codes=len(np.unique(c[white])),
                 agreement=float(same.mean()), agreement_matching=float(same[matches].mean()),
                 agreement_mismatching=float(same[~matches].mean()), agreement_by_category=by_category,
                 pairs=len(same)), images, recon

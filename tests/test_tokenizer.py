@@ -75,6 +75,11 @@ def test_toy_encoder_is_patch_local():
         assert torch.equal(changed, want)
         assert torch.allclose(zy[0, :, 0, 0], zx[0, :, g - 1, g - 1], atol=1e-5)
     assert not VQ_PRESETS["vq16"].local_encoder  # the real VQ-16 keeps LlamaGen's encoder
+    # so even an untrained patch-local tokenizer gives the white background exactly one code
+    torch.manual_seed(0)
+    ev, _, _ = tokenizer.evaluate(VQModel(VQ_PRESETS["tiny"]), 10, 32)
+    assert ev["background_codes"] == 1
+    assert 0 <= ev["code_entropy"] <= math.log(ev["usage"] * 256) + 1e-9  # at most log(codes used)
 
 
 def test_straight_through_gradient_and_codebook_loss():

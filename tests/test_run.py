@@ -1,0 +1,44 @@
+"""The main job end to end on the tiny config: every stage, the report, and the rerun that reuses
+them. Run: python -m pytest -q tests/test_run.py   (CPU, about half a minute)"""
+
+import json
+import os
+
+import numpy as np
+
+import run
+import shapes
+
+
+def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
+    out = str(tmp_path / "tiny")
+    argv = ["--config", "tiny", "--out", out, "--ood-prompts", "14", "--edit-prompts", "8"]
+    run.main(argv)
+    rep = json.load(open(os.path.join(out, "report.json")))
+    assert rep["config"] == "tiny" and set(rep["seconds"]) == {"vq", "base", "sft"}
+    for stage in ("base", "sft"):
+        for mode in ("first", "final"):
+            acc = rep["geneval"][stage][mode]
+            assert set(acc) == set(shapes.CATEGORIES) | {"overall", "ood"}
+            assert all(0.0 <= v <= 1.0 for v in acc.values())
+        assert 0.0 <= rep["judge"][stage]["agreement"] <= 1.0
+        assert 0.0 <= rep["edit"][stage]["follow"] <= 1.0 and 0.0 <= rep["edit"][stage]["preserve"] <= 1.0
+        for chain in rep["examples"][stage]:  # every image the report shows exists
+            assert all(os.path.isfile(os.path.join(out, f)) for f in chain["files"])
+    # the report carries the stage's own evaluation: overall = the mean over the categories
+    ev = json.load(open(os.path.join(out, "sft_eval.json")))
+    assert np.isclose(rep["geneval"]["sft"]["final"]["overall"], np.mean([ev["final"][c] for c in shapes.CATEGORIES]))
+    assert rep["geneval"]["sft"]["final"]["overall"] == ev["final"]["overall"]
+    assert rep["vq"]["background_codes"] == 1  # the patch-local tokenizer
+    md = open(os.path.join(out, "report.md")).read()
+    for title in ("GenEval-style accuracy", "The model as a judge", "Editing", "Time", "VQ tokenizer"):
+        assert title in md
+
+    # running it again reuses every finished stage and writes the same report
+    stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in ("vq.pt", "base.pt", "sft.pt")}
+    capsys.readouterr()
+    run.main(argv)
+    said = capsys.readouterr().out
+    assert all(f"[{s}] done earlier" in said for s in ("vq", "base", "sft"))
+    assert stamps == {f: os.path.getmtime(os.path.join(out, f)) for f in stamps}
+    assert json.load(open(os.path.join(out, "report.json"))) == rep
