@@ -391,7 +391,8 @@ class Janus(nn.Module):
             # where a chunk was padded) are as if absent: RoPE sees the distances of the unpadded row
             pos = (key_mask.long().cumsum(-1)[:, start_pos:] - 1).clamp(min=0)[:, None]  # (B, 1, T)
         cos, sin = rope_cos_sin(pos, self.cfg.head_dim, self.cfg.rope_theta)
-        # cast once to the dtype q and k will have (bf16 under autocast), not in every layer
+        # cast once to the dtype q and k will have (bf16 under autocast), not in every layer;
+        # apply_rope's type_as still covers any other case
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         rope = (cos.to(dt), sin.to(dt))

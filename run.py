@@ -3,7 +3,7 @@ The main job: every stage of the method in order for one config, each cached (a 
 reused, an interrupted one resumes), then the evaluation and the report.
 
     python run.py                      # toy config, out/toy
-    python run.py --config tiny        # the whole pipeline in about a minute (what the tests run)
+    python run.py --config tiny        # the whole pipeline in about half a minute (tests/test_run.py)
 
 Stages: vq (tokenizer.py) -> base (sft.py --stage base) -> sft (sft.py --stage sft) -> report.
 Writes OUT/report.json and OUT/report.md (tables and image chains: image 1, the model's verdict
@@ -139,13 +139,13 @@ def report(args, seconds):
         lines.append(f"| {stage} | {e['follow']:.2f} | {e['preserve']:.2f} |")
     lines += ["", "## Time (seconds on this machine)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in seconds.items()]
-    v = rep["vq"]
-    line = (f"VQ tokenizer (held-out scenes): PSNR {v['psnr']:.1f} dB, codebook usage {v['usage']:.3f}, checker verdict "
-            f"on reconstructions equal to the originals' for {v['agreement']:.3f} of (image, prompt) pairs")
-    if "agreement_matching" in v:
-        line += f" (matching {v['agreement_matching']:.3f}, mismatching {v['agreement_mismatching']:.3f})"
-    if "code_entropy" in v:
-        line += f"; codes' entropy {v['code_entropy']:.2f} nats, {v['background_codes']} code(s) for the white background"
+    q = rep["vq"]
+    line = (f"VQ tokenizer (held-out scenes): PSNR {q['psnr']:.1f} dB, codebook usage {q['usage']:.3f}, checker verdict "
+            f"on reconstructions equal to the originals' for {q['agreement']:.3f} of (image, prompt) pairs")
+    if "agreement_matching" in q:
+        line += f" (matching {q['agreement_matching']:.3f}, mismatching {q['agreement_mismatching']:.3f})"
+    if "code_entropy" in q:
+        line += f"; codes' entropy {q['code_entropy']:.2f} nats, {q['background_codes']} code(s) for the white background"
     lines += ["", line + ".", ""]
     for stage, ex in rep["examples"].items():
         lines += [f"## Example chains: {stage}", ""]
