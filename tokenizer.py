@@ -229,11 +229,11 @@ class Encoder(nn.Module):
             B, C, H, W = x.shape
             f, h, w = self.f, H // self.f, W // self.f
             x = x.reshape(B, C, h, f, w, f).permute(0, 2, 4, 1, 3, 5).reshape(B * h * w, C, f, f)
-            z = self.encode(x)
+            z = self.convs(x)
             return z.reshape(B, h, w, -1).permute(0, 3, 1, 2)
-        return self.encode(x)
+        return self.convs(x)
 
-    def encode(self, x):
+    def convs(self, x):  # the LlamaGen encoder itself: (N, 3, H, W) -> (N, z_channels, H/f, W/f)
         h = self.conv_in(x)
         for block in self.conv_blocks:
             h = run_level(block, h)
