@@ -134,6 +134,12 @@ def report(args, seconds):
     for stage, j in rep["judge"].items():
         auc = "n/a (one class only)" if j["auc"] is None else f"{j['auc']:.3f}"
         lines.append(f"| {stage} | {j['layout']} | {j['agreement']:.3f} | {auc} |")
+    for stage, j in rep["judge"].items():
+        if j.get("by_ink"):  # a judge that reads the facts agrees within every bin, not only across them
+            lines += ["", f"{stage} VQA by amount of ink (quartiles of the fraction of coloured pixels):", "",
+                      "| quartile | yes-rate | match rate | agreement |", "|---|---|---|---|"]
+            lines += [f"| {i + 1} | {b['yes_rate']:.2f} | {b['match_rate']:.2f} | {b['agreement']:.2f} |"
+                      for i, b in enumerate(j["by_ink"])]
     lines += ["", "## Editing (zero-shot: no stage trains it yet)", "", "| stage | follow | preserve |", "|---|---|---|"]
     for stage, e in rep["edit"].items():
         lines.append(f"| {stage} | {e['follow']:.2f} | {e['preserve']:.2f} |")

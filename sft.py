@@ -250,14 +250,28 @@ def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False
     return out
 
 
+def by_ink(images, said, labels, bins=4):
+    """The judge's answers binned by the amount of ink (the fraction of non-white pixels) into
+    quantile bins: per bin, its yes-rate, the true match rate and its agreement. A judge that reads
+    the prompt's facts agrees well within every bin; one that learned "more colour -> Yes" (what
+    negatives made by removing objects allow) tracks the match rate and sits near chance inside them."""
+    ink = np.array([(np.asarray(im) != 255).any(-1).mean() for im in images])
+    said, labels = np.asarray(said, bool), np.asarray(labels, bool)
+    edges = np.quantile(ink, np.linspace(0, 1, bins + 1)[1:-1])
+    k = np.digitize(ink, edges)
+    return [{"yes_rate": float(said[k == b].mean()), "match_rate": float(labels[k == b].mean()),
+             "agreement": float((said[k == b] == labels[k == b]).mean()), "n": int((k == b).sum())}
+            for b in range(bins) if (k == b).any()]
+
+
 @torch.no_grad()
 def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
     """The base model's VQA skill: rendered held-out scenes, half matching and half broken,
     "Does this image match the prompt {prompt}" -> the forced Yes/No at the first answer position. Returns the
-    agreement of its Yes/No with the checker and the AUC of its P(yes)."""
+    agreement of its Yes/No with the checker, the AUC of its P(yes), and both per ink quartile (by_ink)."""
     rng = random.Random(f"und-eval-{seed}")
     N = model.cfg.image_tokens
-    said, labels, p_yes = [], [], []
+    said, labels, p_yes, images = [], [], [], []
     for i in range(0, len(prompts), batch):
         seqs = []
         for p in prompts[i:i + batch]:
@@ -265,12 +279,14 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
             im = shapes.render(shapes.sample_scene(rng, size, p, match=match))
             seqs.append(vqa_seq(tok, im, question(p.text), N))
             labels.append(match)
+            images.append(im)
         b = collate(seqs, tok, next(model.parameters()).device, left=True)
         h = model(embed_batch(model, b), key_mask=b.key_mask)[:, -1]
         two = model.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)
         said += (two[:, 0] > two[:, 1]).tolist()
         p_yes += two[:, 0].tolist()
-    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "auc": auc(p_yes, labels), "n": len(labels)}
+    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "auc": auc(p_yes, labels), "n": len(labels),
+            "by_ink": by_ink(images, said, labels)}
 
 
 # -----------------------------------------------------------------------------

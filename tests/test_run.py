@@ -33,7 +33,8 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     cells = [c.strip() for c in row.strip("|").split("|")][2:]  # the categories, overall, ood
     assert cells[:-1] == [f"{ev['final'][c]:.2f}" for c in list(shapes.CATEGORIES) + ["overall"]]
     assert rep["vq"]["background_codes"] == 1  # the patch-local tokenizer
-    for title in ("GenEval-style accuracy", "The model as a judge", "Editing", "Time", "VQ tokenizer"):
+    assert len(rep["judge"]["base"]["by_ink"]) == 4
+    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "Editing", "Time", "VQ tokenizer"):
         assert title in md
 
     # running it again reuses every finished stage and writes the same report

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import numpy as np
 import torch
 
 import sample as S
@@ -118,6 +119,23 @@ def _same(a, b, atol):
 
 
 BASE = ["--stage", "base", "--config", "tiny", "--fp32", "--no-final-eval", "--eval-every", "0", "--batch-size", "8"]
+
+
+def test_by_ink_hand_computed():
+    """Eight images with 1..8 coloured pixels of 64; a judge that says Yes exactly when the ink is
+    high: per quartile bin its yes-rate, the match rate and the agreement, counted by hand."""
+    images = []
+    for n in range(1, 9):
+        im = np.full((8, 8, 3), 255, np.uint8)
+        im.reshape(-1, 3)[:n] = (255, 0, 0)
+        images.append(im)
+    said = [False, False, False, False, True, True, True, True]
+    labels = [False, True, False, False, True, True, False, True]
+    bins = sft.by_ink(images, said, labels, bins=4)  # two images per bin
+    assert [b["n"] for b in bins] == [2, 2, 2, 2]
+    assert [b["yes_rate"] for b in bins] == [0.0, 0.0, 1.0, 1.0]
+    assert [b["match_rate"] for b in bins] == [0.5, 0.0, 1.0, 0.5]
+    assert [b["agreement"] for b in bins] == [0.5, 1.0, 1.0, 0.5]
 
 
 def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkeypatch):
