@@ -381,35 +381,60 @@ def failure_kinds(prompt):
 
 
 def corrupt(rng, scene, prompt, kind=None):
-    """Break one fact of a matching scene in a chosen way; None if this scene can't be broken so."""
+    """Break one fact of a matching scene in a chosen way; None if this scene can't be broken so.
+
+    Broken scenes keep the matching scene's objects wherever they can: an object that must go is
+    turned into another shape in the same box rather than deleted, and "one more" recolours or
+    reshapes a spare object before it adds one. Negatives made by deleting would have less ink than
+    positives, and a judge can then answer from the amount of colour without reading the prompt
+    (sft.by_ink measures exactly that)."""
     kind = kind or rng.choice(failure_kinds(prompt))
     W = scene.size
     objs = [replace(o) for o in scene.objects]
-    f = rng.choice([f for f in prompt.facts if _can_fail(f, kind)] or [None])
-    if f is None:
+    i = rng.choice([i for i, f in enumerate(prompt.facts) if _can_fail(f, kind)] or [None])
+    if i is None:
         raise ValueError(f"failure kind {kind!r} does not apply to {prompt.text!r}")
+    f = prompt.facts[i]
     side = rng.randint(0, 1) if f.kind == "rel" else 0
     shape, colour = (f.shape2, f.colour2) if side else (f.shape, f.colour)
     targets = [o for o in objs if _match(o, colour, shape)]
+
+    def reshape(o):  # same box, same colour, another shape: the object count and ink stay
+        o.shape = rng.choice([s for s in SHAPES if s != o.shape])
+
     if kind == "colour":  # every object of the named colour+shape turns another colour
         for o in targets:
             o.colour = rng.choice([c for c in COLOUR_NAMES if c != colour])
-    elif kind == "missing":  # every object of the named shape (any colour) disappears
-        objs = [o for o in objs if o.shape != shape]
-    elif kind == "count":  # one more or one fewer than asked
-        if f.n > 1 and (rng.random() < 0.5 or len(objs) == 4):
-            objs.remove(rng.choice(targets))
-        else:
-            new = _random_obj(rng, W, f.shape, f.colour)
-            if _place(rng, [new], W, fixed=objs) is None:
-                return None
-            objs.append(new)
+    elif kind == "missing":  # every object of the named shape (any colour) becomes another shape
+        for o in objs:
+            if o.shape == shape:
+                o.shape = rng.choice([s for s in SHAPES if s != shape])
+    elif kind == "count" and f.n > 1 and rng.random() < 0.5:  # one fewer: a target changes shape
+        reshape(rng.choice(targets))
+    elif kind == "count":  # one more: a spare object becomes a target, else a new one is added
+        spare = [o for o in objs if o not in targets]
+        rng.shuffle(spare)
+        for o in spare:
+            was = (o.shape, o.colour)
+            o.shape, o.colour = f.shape, f.colour or rng.choice(COLOUR_NAMES)
+            if _only_fails(Scene(W, objs), prompt, i):
+                return Scene(W, objs)
+            o.shape, o.colour = was
+        new = _random_obj(rng, W, f.shape, f.colour)
+        if _place(rng, [new], W, fixed=objs) is None:
+            return None
+        objs.append(new)
     else:  # relation: mirror the scene so left<->right or above<->below swaps for every pair
         horizontal = f.rel in ("left of", "right of")
         for o in objs:
             o.x, o.y = (W - o.x - o.s, o.y) if horizontal else (o.x, W - o.y - o.s)
     bad = Scene(W, objs)
     return bad if not all(truth(bad, prompt).holds) else None
+
+
+def _only_fails(scene, prompt, i):
+    holds = truth(scene, prompt).holds
+    return not holds[i] and all(h for j, h in enumerate(holds) if j != i)
 
 
 def _can_fail(f, kind):

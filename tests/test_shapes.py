@@ -92,6 +92,30 @@ def test_each_failure_names_itself(kind):
         assert not c.verdict and re.fullmatch(pattern, c.reason), (p.text, c.reason)
 
 
+def test_broken_scenes_keep_their_objects():
+    # a negative that loses objects has less ink than a positive, and a judge can then answer from
+    # the amount of colour alone; broken scenes keep every object box (one more may add one)
+    rng = random.Random(6)
+    ink = {True: [], False: []}
+    for _ in range(400):
+        p = S.sample_prompt(rng)
+        good = S.sample_scene(rng, 64, p)
+        kind = rng.choice(S.failure_kinds(p))
+        bad = S.corrupt(rng, good, p, kind)
+        if bad is None:
+            continue
+        assert not S.truth(bad, p).verdict
+        boxes = lambda sc: sorted((o.x, o.y, o.s) for o in sc.objects)
+        if kind in ("colour", "missing"):
+            assert boxes(bad) == boxes(good), (p.text, kind)
+        elif kind == "count":
+            assert set(boxes(good)) <= set(boxes(bad)) and len(bad.objects) - len(good.objects) in (0, 1)
+        for sc, label in ((good, True), (bad, False)):
+            ink[label].append((S.render(sc) != 255).any(-1).mean())
+    assert len(ink[False]) > 300
+    assert abs(np.mean(ink[False]) / np.mean(ink[True]) - 1) < 0.05, (np.mean(ink[True]), np.mean(ink[False]))
+
+
 def test_prompts_parse_back_and_words_are_known():
     rng = random.Random(5)
     for _ in range(2000):
