@@ -147,10 +147,25 @@ def build_sft_pool(model, vq, tok, prompts, k, size, seed, batch=64, opt=Options
     return pool
 
 
-def sft_example(task, rng, prompts, pool, size, depth=1):
+OWN_SHARE = 0.7  # share of Task II answers, and of Task III failed rounds, shown on the base model's own images
+
+
+def own_samples(pool):
+    """The base model's own samples of every prompt, by verdict: {True: [(prompt text, sample)],
+    False: [...]}. Task II draws its Yes and its No answers from here in the same share: own images
+    look unlike rendered ones, and a judge shown own images mostly on the No side learns that look,
+    not the prompt."""
+    out = {True: [], False: []}
+    for text, samples in pool.items():
+        for s in samples:
+            out[bool(s[2])].append((text, s))
+    return out
+
+
+def sft_example(task, rng, prompts, pool, size, depth=1, own=None):
     """One SFT example. Positives: the base model's correct samples and rendered matching scenes
     (the strong external generator); negatives: the base model's wrong samples, or, when a prompt
-    has none, a rendered near-miss (a deliberately broken scene)."""
+    has none, a rendered near-miss (a deliberately broken scene). `own`: own_samples(pool)."""
     p = rng.choice(prompts)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
@@ -162,21 +177,26 @@ def sft_example(task, rng, prompts, pool, size, depth=1):
             return dict(codes=c, image=im)
         return dict(image=shapes.render(shapes.sample_scene(rng, size, p)))
 
-    def negative():
-        if neg and rng.random() < 0.7:
-            c, im, _, reason = rng.choice(neg)
-            return dict(codes=c, image=im, reason=reason)
+    def rendered_negative():
         im = shapes.render(shapes.sample_scene(rng, size, p, match=False))
         return dict(image=im, reason=shapes.check(im, p).reason)
+
+    def negative():
+        if neg and rng.random() < OWN_SHARE:
+            c, im, _, reason = rng.choice(neg)
+            return dict(codes=c, image=im, reason=reason)
+        return rendered_negative()
 
     if task == "task1":
         return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, **positive())
     if task == "task2":
-        if rng.random() < 0.5:  # balanced Yes / No
-            x = positive()
-            return dict(task=task, prompt=p.text, image=x["image"], answer=shapes.check(x["image"], p).reason)
-        x = negative()
-        return dict(task=task, prompt=p.text, image=x["image"], answer=x["reason"])
+        yes = rng.random() < 0.5  # balanced Yes / No, each shown on own images in the same share
+        own = own if own is not None else own_samples(pool)
+        if own[yes] and rng.random() < OWN_SHARE:
+            text, (_, im, _, reason) = rng.choice(own[yes])
+            return dict(task=task, prompt=text, image=im, answer=reason)
+        im = shapes.render(shapes.sample_scene(rng, size, p)) if yes else rendered_negative()["image"]
+        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason)
     history = [negative() for _ in range(rng.randint(1, depth))]
     return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT,
                 history=[(h.get("codes"), h["reason"], h["image"]) for h in history], **positive())
@@ -446,6 +466,7 @@ def run(args):
         n_pos = sum(s[2] for v in pool.values() for s in v)
         say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
         chosen = [p for p in {p.text: p for p in chosen}.values()]
+        own = own_samples(pool)
 
     optimizer = make_optimizer(model, settings["lr"])
     state_path = os.path.join(args.out, f"{args.stage}_state.pt")
@@ -482,7 +503,7 @@ def run(args):
         if args.stage == "base":
             exs = [base_example(task, rng, by_cat, size) for _ in range(settings["batch_size"])]
         else:
-            exs = [sft_example(task, rng, chosen, pool, size, args.depth) for _ in range(settings["batch_size"])]
+            exs = [sft_example(task, rng, chosen, pool, size, args.depth, own) for _ in range(settings["batch_size"])]
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
         batch = collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev)
         for g in optimizer.param_groups:

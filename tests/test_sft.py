@@ -44,6 +44,25 @@ def test_task1_loss_only_on_the_image():
     assert (b.text_targets == -1).all() and b.image_targets[0, P - 1:P + N - 1].tolist() == _codes()
 
 
+def test_task2_shows_own_images_equally_on_both_sides():
+    # the base model's own images look unlike rendered scenes: if they showed up mostly behind "No",
+    # the judge could answer from the look alone. Yes and No must each be ~OWN_SHARE own images.
+    rng = random.Random(0)
+    prompts = [shapes.sample_prompt(rng, c) for c in ("single", "two", "colour")]
+    own_im = np.zeros((32, 32, 3), np.uint8)  # a marker no renderer draws
+    pool = {p.text: [(_codes(), own_im, i == 0, "Yes." if i == 0 else "No, wrong.") for i in range(4)]
+            for p in prompts}
+    own = sft.own_samples(pool)
+    assert [len(own[True]), len(own[False])] == [3, 9]
+    counts = {(yes, mine): 0 for yes in (True, False) for mine in (True, False)}
+    for _ in range(2000):
+        ex = sft.sft_example("task2", rng, prompts, pool, 32, own=own)
+        counts[ex["answer"].startswith("Yes"), ex["image"] is own_im] += 1
+    for yes in (True, False):
+        n = counts[yes, True] + counts[yes, False]
+        assert 0.45 < n / 2000 < 0.55 and abs(counts[yes, True] / n - sft.OWN_SHARE) < 0.05, counts
+
+
 def test_task2_loss_on_the_answer_weighted():
     ex = dict(task="task2", prompt="a red circle", image=_image(), answer="No, the circle is green, not red.")
     s = sft.build_seq(ex, TOK, N)
