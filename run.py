@@ -140,6 +140,11 @@ def report(args, seconds):
                       "| quartile | yes-rate | match rate | agreement |", "|---|---|---|---|"]
             lines += [f"| {i + 1} | {b['yes_rate']:.2f} | {b['match_rate']:.2f} | {b['agreement']:.2f} |"
                       for i, b in enumerate(j["by_ink"])]
+        if j.get("by_category"):  # the prompt alone tells hard categories apart; inside one, the image must
+            lines += ["", f"{stage} self-check per category (its own images, every round):", "",
+                      "| category | images | yes-rate | match rate | agreement | AUC |", "|---|---|---|---|---|---|"]
+            lines += [f"| {c} | {b['n']} | {b['yes_rate']:.2f} | {b['match_rate']:.2f} | {b['agreement']:.2f} | "
+                      + ("n/a" if b["auc"] is None else f"{b['auc']:.2f}") + " |" for c, b in j["by_category"].items()]
     lines += ["", "## Editing (zero-shot: no stage trains it yet)", "", "| stage | follow | preserve |", "|---|---|---|"]
     for stage, e in rep["edit"].items():
         lines.append(f"| {stage} | {e['follow']:.2f} | {e['preserve']:.2f} |")

@@ -10,7 +10,8 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
   paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
     Task I   prompt -> a positive image;
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
-             the Yes/No token weighted 0.8, the rest of the answer 0.2;
+             the Yes/No token weighted 0.8, the rest of the answer 0.2; own images behind Yes and
+             behind No in the same share (OWN_SHARE), so their look tells nothing;
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
              new image" -> a POSITIVE image of the same prompt.
 Both stages share one training loop: AdamW, warmup + cosine, grad clip, bf16 autocast, periodic
@@ -248,7 +249,7 @@ def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False
     agreement with the checker (and AUC of its P(yes)) over every image it judged."""
     opt = Options(rounds=rounds)
     first, final = {}, {}
-    said, truth, p_yes = [], [], []
+    said, truth, p_yes, cats = [], [], [], []
     it = range(0, len(prompts), batch)
     for i in tqdm(it, desc=f"evaluating {len(prompts)} prompts", disable=not progress, dynamic_ncols=True):
         chunk = prompts[i:i + batch]
@@ -260,12 +261,21 @@ def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False
             said += [v == "yes" for v in c.verdicts]
             truth += checks
             p_yes += c.p_yes
+            cats += [p.category] * len(checks)
     out = {}
     for name, d in (("first", first), ("final", final)):
         out[name] = {cat: float(np.mean(v)) for cat, v in d.items()}
         out[name]["overall"] = float(np.mean([np.mean(v) for v in d.values()]))  # mean over categories
     out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))), "auc": auc(p_yes, truth),
                     "n": len(truth), "checker_yes_rate": float(np.mean(truth))}
+    # per category: a judge can beat chance overall from the prompt alone (hard categories fail
+    # more often); inside one category only what it reads from the image helps
+    out["judge"]["by_category"] = {
+        c: {"agreement": float(np.mean([s == t for s, t, k in zip(said, truth, cats) if k == c])),
+            "auc": auc([p for p, k in zip(p_yes, cats) if k == c], [t for t, k in zip(truth, cats) if k == c]),
+            "yes_rate": float(np.mean([s for s, k in zip(said, cats) if k == c])),
+            "match_rate": float(np.mean([t for t, k in zip(truth, cats) if k == c])), "n": cats.count(c)}
+        for c in dict.fromkeys(cats)}
     out["mean_images"] = len(truth) / len(prompts)
     return out
 

@@ -34,7 +34,12 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert cells[:-1] == [f"{ev['final'][c]:.2f}" for c in list(shapes.CATEGORIES) + ["overall"]]
     assert rep["vq"]["background_codes"] == 1  # the patch-local tokenizer
     assert len(rep["judge"]["base"]["by_ink"]) == 4
-    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "Editing", "Time", "VQ tokenizer"):
+    # the self-check per category splits the same judged images: counts and agreement add up
+    j = rep["judge"]["sft"]
+    assert sum(b["n"] for b in j["by_category"].values()) == j["n"]
+    assert np.isclose(sum(b["agreement"] * b["n"] for b in j["by_category"].values()) / j["n"], j["agreement"])
+    assert np.isclose(sum(b["match_rate"] * b["n"] for b in j["by_category"].values()) / j["n"], j["checker_yes_rate"])
+    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "self-check per category", "Editing", "Time", "VQ tokenizer"):
         assert title in md
 
     # running it again reuses every finished stage and writes the same report
