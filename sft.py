@@ -10,8 +10,8 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
   paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
     Task I   prompt -> a positive image;
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
-             the Yes/No token weighted 0.8, the rest of the answer 0.2; own images behind Yes and
-             behind No in the same share (OWN_SHARE), so their look tells nothing;
+             the Yes/No token weighted 0.8, the rest of the answer 0.2; even odds for every
+             prompt, and own images as often behind Yes as behind No (OWN_SHARE);
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
              new image" -> a POSITIVE image of the same prompt.
 Both stages share one training loop: AdamW, warmup + cosine, grad clip, bf16 autocast, periodic
@@ -148,25 +148,13 @@ def build_sft_pool(model, vq, tok, prompts, k, size, seed, batch=64, opt=Options
     return pool
 
 
-OWN_SHARE = 0.7  # share of Task II answers, and of Task III failed rounds, shown on the base model's own images
+OWN_SHARE = 0.7  # Task II: share of answers shown on the base model's own images, where a prompt has both kinds
 
 
-def own_samples(pool):
-    """The base model's own samples of every prompt, by verdict: {True: [(prompt text, sample)],
-    False: [...]}. Task II draws its Yes and its No answers from here in the same share: own images
-    look unlike rendered ones, and a judge shown own images mostly on the No side learns that look,
-    not the prompt."""
-    out = {True: [], False: []}
-    for text, samples in pool.items():
-        for s in samples:
-            out[bool(s[2])].append((text, s))
-    return out
-
-
-def sft_example(task, rng, prompts, pool, size, depth=1, own=None):
+def sft_example(task, rng, prompts, pool, size, depth=1):
     """One SFT example. Positives: the base model's correct samples and rendered matching scenes
     (the strong external generator); negatives: the base model's wrong samples, or, when a prompt
-    has none, a rendered near-miss (a deliberately broken scene). `own`: own_samples(pool)."""
+    has none, a rendered near-miss (a deliberately broken scene)."""
     p = rng.choice(prompts)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
@@ -178,25 +166,25 @@ def sft_example(task, rng, prompts, pool, size, depth=1, own=None):
             return dict(codes=c, image=im)
         return dict(image=shapes.render(shapes.sample_scene(rng, size, p)))
 
-    def rendered_negative():
-        im = shapes.render(shapes.sample_scene(rng, size, p, match=False))
-        return dict(image=im, reason=shapes.check(im, p).reason)
-
     def negative():
-        if neg and rng.random() < OWN_SHARE:
+        if neg and rng.random() < 0.7:
             c, im, _, reason = rng.choice(neg)
             return dict(codes=c, image=im, reason=reason)
-        return rendered_negative()
+        im = shapes.render(shapes.sample_scene(rng, size, p, match=False))
+        return dict(image=im, reason=shapes.check(im, p).reason)
 
     if task == "task1":
         return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, **positive())
     if task == "task2":
-        yes = rng.random() < 0.5  # balanced Yes / No, each shown on own images in the same share
-        own = own if own is not None else own_samples(pool)
-        if own[yes] and rng.random() < OWN_SHARE:
-            text, (_, im, _, reason) = rng.choice(own[yes])
-            return dict(task=task, prompt=text, image=im, answer=reason)
-        im = shapes.render(shapes.sample_scene(rng, size, p)) if yes else rendered_negative()["image"]
+        # Yes or No with even odds for every prompt, and on the base model's own images as often
+        # behind Yes as behind No: own images look unlike rendered ones, and a prompt the base model
+        # usually fails must not mean "No" either. Otherwise the judge learns the look or the
+        # prompt, not to read the image (measured: it did both).
+        yes = rng.random() < 0.5
+        if pos and neg and rng.random() < OWN_SHARE:
+            _, im, _, reason = rng.choice(pos if yes else neg)
+            return dict(task=task, prompt=p.text, image=im, answer=reason)
+        im = shapes.render(shapes.sample_scene(rng, size, p, match=yes))
         return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason)
     history = [negative() for _ in range(rng.randint(1, depth))]
     return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT,
@@ -476,7 +464,6 @@ def run(args):
         n_pos = sum(s[2] for v in pool.values() for s in v)
         say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
         chosen = [p for p in {p.text: p for p in chosen}.values()]
-        own = own_samples(pool)
 
     optimizer = make_optimizer(model, settings["lr"])
     state_path = os.path.join(args.out, f"{args.stage}_state.pt")
@@ -513,7 +500,7 @@ def run(args):
         if args.stage == "base":
             exs = [base_example(task, rng, by_cat, size) for _ in range(settings["batch_size"])]
         else:
-            exs = [sft_example(task, rng, chosen, pool, size, args.depth, own) for _ in range(settings["batch_size"])]
+            exs = [sft_example(task, rng, chosen, pool, size, args.depth) for _ in range(settings["batch_size"])]
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
         batch = collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev)
         for g in optimizer.param_groups:

@@ -383,11 +383,12 @@ def failure_kinds(prompt):
 def corrupt(rng, scene, prompt, kind=None):
     """Break one fact of a matching scene in a chosen way; None if this scene can't be broken so.
 
-    Broken scenes keep the matching scene's objects wherever they can: an object that must go is
-    turned into another shape in the same box rather than deleted, and "one more" recolours or
-    reshapes a spare object before it adds one. Negatives made by deleting would have less ink than
-    positives, and a judge can then answer from the amount of colour without reading the prompt
-    (sft.by_ink measures exactly that)."""
+    Broken scenes keep the matching scene's objects wherever they can: an object that must go
+    becomes another shape in the same box rather than being deleted, and "one more" turns a spare
+    object into one more of the counted kind before it adds one. Negatives made by deleting had
+    less ink than positives (fewer objects), and a judge could answer from the amount of colour
+    without reading the prompt (sft.by_ink measures that). Ink is now equal on average, not per
+    scene: a square fills its box, a circle ~0.79 of it, a triangle ~half."""
     kind = kind or rng.choice(failure_kinds(prompt))
     W = scene.size
     objs = [replace(o) for o in scene.objects]
@@ -398,10 +399,6 @@ def corrupt(rng, scene, prompt, kind=None):
     side = rng.randint(0, 1) if f.kind == "rel" else 0
     shape, colour = (f.shape2, f.colour2) if side else (f.shape, f.colour)
     targets = [o for o in objs if _match(o, colour, shape)]
-
-    def reshape(o):  # same box, same colour, another shape: the object count and ink stay
-        o.shape = rng.choice([s for s in SHAPES if s != o.shape])
-
     if kind == "colour":  # every object of the named colour+shape turns another colour
         for o in targets:
             o.colour = rng.choice([c for c in COLOUR_NAMES if c != colour])
@@ -409,17 +406,21 @@ def corrupt(rng, scene, prompt, kind=None):
         for o in objs:
             if o.shape == shape:
                 o.shape = rng.choice([s for s in SHAPES if s != shape])
-    elif kind == "count" and f.n > 1 and rng.random() < 0.5:  # one fewer: a target changes shape
-        reshape(rng.choice(targets))
-    elif kind == "count":  # one more: a spare object becomes a target, else a new one is added
-        spare = [o for o in objs if o not in targets]
-        rng.shuffle(spare)
-        for o in spare:
+    elif kind == "count":  # one too few or one too many, changing one object where possible
+        fewer = f.n > 1 and rng.random() < 0.5
+        if fewer:  # a counted object becomes another shape (same box and colour)
+            edits = [(o, s, o.colour) for o in targets for s in SHAPES if s != o.shape]
+        else:  # a spare object becomes one more of the counted kind
+            edits = [(o, f.shape, f.colour or o.colour) for o in objs if o not in targets]
+        rng.shuffle(edits)
+        for o, s, c in edits:  # the first edit that breaks this fact and no other
             was = (o.shape, o.colour)
-            o.shape, o.colour = f.shape, f.colour or rng.choice(COLOUR_NAMES)
+            o.shape, o.colour = s, c
             if _only_fails(Scene(W, objs), prompt, i):
                 return Scene(W, objs)
             o.shape, o.colour = was
+        if fewer or len(objs) == 4:  # scenes hold at most 4 objects
+            return None
         new = _random_obj(rng, W, f.shape, f.colour)
         if _place(rng, [new], W, fixed=objs) is None:
             return None

@@ -104,8 +104,9 @@ VQ_PRESETS = {
     # LlamaGen's encoder (GroupNorm over the whole image, attention) a code also depended on the rest
     # of the image: on the 1,400 held-out scenes of `evaluate`, the white background took 545
     # different codes and the codes' entropy was 6.16 nats, noise the language model then had to
-    # predict (the base stage's text-to-image loss ended at 5.27 nats). Patch-local: one background
-    # code, entropy 2.53 nats, that loss 1.90, the same checker agreement (0.996).
+    # predict (the base stage's text-to-image loss ended at 5.27 nats). Patch-local (then with two
+    # decoder blocks per level): one background code, entropy 2.53 nats, that loss 1.90, the same
+    # checker agreement (0.996). vq_eval.json has the current preset's figures.
     # One decoder block per level, not LlamaGen's encoder + 1: convolution backward is most of a
     # step. 1,400 steps in 163.8 s against ~200 s with two, and agreement 0.996 either way
     # (2026-11-26; halving the 32x32 level's channels instead was faster, 172 s on a busier machine,

@@ -36,6 +36,7 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert len(rep["judge"]["base"]["by_ink"]) == 4
     # the self-check per category splits the same judged images: counts and agreement add up
     j = rep["judge"]["sft"]
+    assert set(j["by_category"]) == set(shapes.CATEGORIES)  # the tiny run's eval prompts cover every category
     assert sum(b["n"] for b in j["by_category"].values()) == j["n"]
     assert np.isclose(sum(b["agreement"] * b["n"] for b in j["by_category"].values()) / j["n"], j["agreement"])
     assert np.isclose(sum(b["match_rate"] * b["n"] for b in j["by_category"].values()) / j["n"], j["checker_yes_rate"])

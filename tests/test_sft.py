@@ -44,23 +44,28 @@ def test_task1_loss_only_on_the_image():
     assert (b.text_targets == -1).all() and b.image_targets[0, P - 1:P + N - 1].tolist() == _codes()
 
 
-def test_task2_shows_own_images_equally_on_both_sides():
-    # the base model's own images look unlike rendered scenes: if they showed up mostly behind "No",
-    # the judge could answer from the look alone. Yes and No must each be ~OWN_SHARE own images.
+def test_task2_answers_are_balanced_per_prompt_and_per_look():
+    # own images look unlike rendered scenes, and some prompts the base model always fails: if own
+    # images sat mostly behind "No", or a prompt's answer were mostly "No", the judge could answer
+    # from the look or from the prompt without reading the image
     rng = random.Random(0)
-    prompts = [shapes.sample_prompt(rng, c) for c in ("single", "two", "colour")]
+    always, never, mixed = (shapes.sample_prompt(rng, c) for c in ("single", "two", "colour"))
     own_im = np.zeros((32, 32, 3), np.uint8)  # a marker no renderer draws
-    pool = {p.text: [(_codes(), own_im, i == 0, "Yes." if i == 0 else "No, wrong.") for i in range(4)]
-            for p in prompts}
-    own = sft.own_samples(pool)
-    assert [len(own[True]), len(own[False])] == [3, 9]
-    counts = {(yes, mine): 0 for yes in (True, False) for mine in (True, False)}
-    for _ in range(2000):
-        ex = sft.sft_example("task2", rng, prompts, pool, 32, own=own)
-        counts[ex["answer"].startswith("Yes"), ex["image"] is own_im] += 1
-    for yes in (True, False):
-        n = counts[yes, True] + counts[yes, False]
-        assert 0.45 < n / 2000 < 0.55 and abs(counts[yes, True] / n - sft.OWN_SHARE) < 0.05, counts
+    sample = lambda ok: (_codes(), own_im, ok, "Yes." if ok else "No, wrong.")
+    pool = {always.text: [sample(True)] * 4, never.text: [sample(False)] * 4,
+            mixed.text: [sample(True), sample(True), sample(False), sample(False)]}
+    seen = {}
+    for _ in range(3000):
+        ex = sft.sft_example("task2", rng, [always, never, mixed], pool, 32)
+        key = (ex["prompt"], ex["answer"].startswith("Yes"), ex["image"] is own_im)
+        seen[key] = seen.get(key, 0) + 1
+    for p in (always, never, mixed):
+        n = {yes: sum(v for (t, y, _), v in seen.items() if t == p.text and y == yes) for yes in (True, False)}
+        assert abs(n[True] / (n[True] + n[False]) - 0.5) < 0.05, (p.text, n)
+        for yes in (True, False):
+            share = seen.get((p.text, yes, True), 0) / n[yes]
+            # own images only where the prompt has both kinds, then as often behind Yes as behind No
+            assert share == 0 if p is not mixed else abs(share - sft.OWN_SHARE) < 0.07, (p.text, yes, share)
 
 
 def test_task2_loss_on_the_answer_weighted():

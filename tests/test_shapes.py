@@ -94,7 +94,8 @@ def test_each_failure_names_itself(kind):
 
 def test_broken_scenes_keep_their_objects():
     # a negative that loses objects has less ink than a positive, and a judge can then answer from
-    # the amount of colour alone; broken scenes keep every object box (one more may add one)
+    # the amount of colour alone; broken scenes keep every object box (one more may add one), so
+    # the mean ink is the same (per scene it is not: a shape fills more or less of its box)
     rng = random.Random(6)
     ink = {True: [], False: []}
     for _ in range(400):
@@ -110,6 +111,7 @@ def test_broken_scenes_keep_their_objects():
             assert boxes(bad) == boxes(good), (p.text, kind)
         elif kind == "count":
             assert set(boxes(good)) <= set(boxes(bad)) and len(bad.objects) - len(good.objects) in (0, 1)
+        assert len(bad.objects) <= 4
         for sc, label in ((good, True), (bad, False)):
             ink[label].append((S.render(sc) != 255).any(-1).mean())
     assert len(ink[False]) > 300
