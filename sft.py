@@ -258,12 +258,9 @@ def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False
                     "n": len(truth), "checker_yes_rate": float(np.mean(truth))}
     # per category: a judge can beat chance overall from the prompt alone (hard categories fail
     # more often); inside one category only what it reads from the image helps
-    out["judge"]["by_category"] = {
-        c: {"agreement": float(np.mean([s == t for s, t, k in zip(said, truth, cats) if k == c])),
-            "auc": auc([p for p, k in zip(p_yes, cats) if k == c], [t for t, k in zip(truth, cats) if k == c]),
-            "yes_rate": float(np.mean([s for s, k in zip(said, cats) if k == c])),
-            "match_rate": float(np.mean([t for t, k in zip(truth, cats) if k == c])), "n": cats.count(c)}
-        for c in dict.fromkeys(cats)}
+    cats, p_yes = np.array(cats), np.array(p_yes)
+    out["judge"]["by_category"] = {c: dict(group_stats(said, truth, cats == c), auc=auc(p_yes[cats == c], np.array(truth)[cats == c]))
+                                   for c in dict.fromkeys(cats.tolist())}
     out["mean_images"] = len(truth) / len(prompts)
     return out
 
@@ -274,12 +271,16 @@ def by_ink(images, said, labels, bins=4):
     the prompt's facts agrees well within every bin; one that learned "more colour -> Yes" (what
     negatives made by removing objects allow) tracks the match rate and sits near chance inside them."""
     ink = np.array([(np.asarray(im) != 255).any(-1).mean() for im in images])
-    said, labels = np.asarray(said, bool), np.asarray(labels, bool)
     edges = np.quantile(ink, np.linspace(0, 1, bins + 1)[1:-1])
     k = np.digitize(ink, edges)
-    return [{"yes_rate": float(said[k == b].mean()), "match_rate": float(labels[k == b].mean()),
-             "agreement": float((said[k == b] == labels[k == b]).mean()), "n": int((k == b).sum())}
-            for b in range(bins) if (k == b).any()]
+    return [group_stats(said, labels, k == b) for b in range(bins) if (k == b).any()]
+
+
+def group_stats(said, labels, sel):
+    """The judge's yes-rate, the true match rate and their agreement over the answers where sel."""
+    said, labels = np.asarray(said, bool)[sel], np.asarray(labels, bool)[sel]
+    return {"yes_rate": float(said.mean()), "match_rate": float(labels.mean()),
+            "agreement": float((said == labels).mean()), "n": int(sel.sum())}
 
 
 @torch.no_grad()
