@@ -44,6 +44,32 @@ def test_task1_loss_only_on_the_image():
     assert (b.text_targets == -1).all() and b.image_targets[0, P - 1:P + N - 1].tolist() == _codes()
 
 
+def test_base_steps_mix_describe_and_vqa_per_example():
+    # a step is text-to-image (every example) or understanding (describe and vqa mixed per example,
+    # in proportion 0.2 : 0.3 = 40% describe); the same rng state gives the same batch
+    by_cat = {}
+    for p in shapes.make_splits(seed=0)["train"]:
+        by_cat.setdefault(p.category, []).append(p)
+    mix, kinds, mixed = sft.BASE_MIX, {"t2i": 0, "und": 0}, 0
+    describe, und = 0, 0
+    for step in range(40):
+        task, exs = sft.base_batch(random.Random(f"t-{step}"), mix, 16, by_cat, 32)
+        kinds[task] += 1
+        tasks = {e["task"] for e in exs}
+        if task == "t2i":
+            assert tasks == {"t2i"}
+        else:
+            assert task == "und" and tasks <= {"describe", "vqa"}
+            mixed += tasks == {"describe", "vqa"}
+            describe += sum(e["task"] == "describe" for e in exs)
+            und += len(exs)
+    assert kinds["t2i"] > 10 and kinds["und"] > 10 and mixed >= kinds["und"] - 1
+    assert abs(describe / und - 0.4) < 0.08
+    a = sft.base_batch(random.Random("same"), mix, 8, by_cat, 32)
+    b = sft.base_batch(random.Random("same"), mix, 8, by_cat, 32)
+    assert a[0] == b[0] and all((x["image"] == y["image"]).all() for x, y in zip(a[1], b[1]))
+
+
 def test_task2_answers_are_balanced_per_prompt_and_per_look():
     # own images look unlike rendered scenes, and some prompts the base model always fails: if own
     # images sat mostly behind "No", or a prompt's answer were mostly "No", the judge could answer
