@@ -114,6 +114,7 @@ def report(args, seconds):
             first = ev["first"]
             rep["geneval"][stage] = {"first": dict(first, ood=extra["ood_first"]), "final": dict(first, ood=extra["ood_first"])}
             rep["judge"][stage] = dict(ev["understanding"], layout="vqa")
+            rep["describe_nats"] = ev.get("describe_nats")  # absent in runs made before it was measured
         else:
             rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
@@ -134,6 +135,9 @@ def report(args, seconds):
     for stage, j in rep["judge"].items():
         auc = "n/a (one class only)" if j["auc"] is None else f"{j['auc']:.3f}"
         lines.append(f"| {stage} | {j['layout']} | {j['agreement']:.3f} | {auc} |")
+    if rep.get("describe_nats") is not None:
+        lines += ["", f"base describing held-out scenes (teacher-forced canonical caption): "
+                  f"{rep['describe_nats']:.3f} nats per token"]
     for stage, j in rep["judge"].items():
         if j.get("by_ink"):  # a judge that reads the facts agrees within every bin, not only across them
             lines += ["", f"{stage} VQA by amount of ink (quartiles of the fraction of coloured pixels):", "",

@@ -324,6 +324,25 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
             "by_ink": by_ink(images, said, labels)}
 
 
+@torch.no_grad()
+def describe_loss(model, tok, prompts, size, seed=0, batch=64):
+    """The base model's describing skill: teacher-forced loss (nats per token) of the canonical
+    caption of a rendered held-out scene per prompt. It falls long before VQA leaves chance."""
+    rng = random.Random(f"describe-eval-{seed}")
+    dev = next(model.parameters()).device
+    total, count = 0.0, 0
+    for i in range(0, len(prompts), batch):
+        exs = []
+        for p in prompts[i:i + batch]:
+            scene = shapes.sample_scene(rng, size, p)
+            exs.append(dict(task="describe", image=shapes.render(scene), answer=shapes.describe(scene)))
+        b = collate([build_seq(ex, tok, model.cfg.image_tokens) for ex in exs], tok, dev)
+        losses = model.token_losses(model(embed_batch(model, b)), b.text_targets)  # (B, T)
+        total += (losses * b.weights).sum().item()  # every answer token weighs 1, the rest 0
+        count += int((b.weights > 0).sum())
+    return total / count
+
+
 # -----------------------------------------------------------------------------
 # The training loop, shared by both stages
 
@@ -569,8 +588,9 @@ def run(args):
 def quick_eval(model, vq, tok, prompts, stage, size):
     if stage == "base":
         r = evaluate(model, vq, tok, prompts, rounds=1)
-        return {"first": round(r["first"]["overall"], 3),
-                "vqa": round(evaluate_understanding(model, tok, prompts, size)["agreement"], 3)}
+        u = evaluate_understanding(model, tok, prompts, size)
+        return {"first": round(r["first"]["overall"], 3), "describe_nats": round(describe_loss(model, tok, prompts, size), 3),
+                "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3)}
     r = evaluate(model, vq, tok, prompts, rounds=3)
     return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
             "judge": round(r["judge"]["agreement"], 3)}
@@ -581,7 +601,8 @@ def final_eval(model, vq, tok, prompts, stage, size):
     introspective loop (first and final images) and its judging."""
     if stage == "base":
         r = evaluate(model, vq, tok, prompts, rounds=1, progress=True)
-        return {"first": r["first"], "understanding": evaluate_understanding(model, tok, prompts, size)}
+        return {"first": r["first"], "understanding": evaluate_understanding(model, tok, prompts, size),
+                "describe_nats": describe_loss(model, tok, prompts, size)}
     r = evaluate(model, vq, tok, prompts, rounds=3, progress=True)
     return r
 

@@ -10,6 +10,7 @@ import pytest
 import numpy as np
 import torch
 
+import model as M
 import sample as S
 import sft
 import shapes
@@ -134,6 +135,22 @@ def test_prompt_dropout_replaces_exactly_the_prompt_text():
     drop = sft.build_seq(dict(ex, drop=True), TOK, N)
     changed = [i for i, (a, b) in enumerate(zip(keep.ids, drop.ids)) if a != b]
     assert [keep.ids[i] for i in changed] == TOK.encode("two red circles")
+
+
+def test_describe_loss_is_the_mean_over_the_caption_tokens():
+    # recomputed by hand: the caption (+ EOS) follows the question, position t predicts token t+1
+    torch.manual_seed(0)
+    model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"])).eval()
+    p = shapes.make_splits(seed=0)["test"][0]
+    scene = shapes.sample_scene(random.Random("describe-eval-0"), 32, p)  # describe_loss's first scene
+    image, caption = shapes.render(scene), TOK.encode(shapes.describe(scene)) + [TOK.eos]
+    q = sft.vqa_seq(TOK, image, sft.DESCRIBE, N)
+    b = S.collate([q.add(caption)], TOK)
+    with torch.no_grad():
+        logp = model.text_logits(model(S.embed_batch(model, b)))[0].log_softmax(-1)  # (T, V)
+    start = len(q) - len(caption) - 1  # the position that predicts the caption's first token
+    want = -np.mean([logp[start + k, t].item() for k, t in enumerate(caption)])
+    assert abs(sft.describe_loss(model, TOK, [p], 32) - want) < 1e-5
 
 
 def test_auc_hand_computed():
