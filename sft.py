@@ -368,8 +368,8 @@ def all_reduce_grads(model, world):
     (Each process's loss is already divided by the GLOBAL loss weight, so the sum is the
     gradient of the global batch's weighted mean.) One flat buffer: one message per step."""
     # a path this step's task doesn't use (e.g. the ViT in text-to-image) has no gradient on any
-    # process (they all run the same kind of step: describe and vqa use the same parameters), and must keep none: AdamW skips such parameters,
-    # while a zero gradient would still decay them
+    # process (they all run the same kind of step; describe and vqa use the same parameters), and
+    # must keep none: AdamW skips such parameters, while a zero gradient would still decay them
     params = [p for p in model.parameters() if p.grad is not None]
     flat = torch.cat([p.grad.flatten() for p in params])
     dist.all_reduce(flat)
