@@ -53,6 +53,7 @@ CATEGORIES = ("single", "two", "counting", "colour", "position", "colour_attr", 
 RELATIONS = ("left of", "right of", "above", "below")
 REL_TEXT = {"left of": "to the left of", "right of": "to the right of", "above": "above", "below": "below"}
 NUMBERS = {1: "one", 2: "two", 3: "three", 4: "four"}
+MAX_OBJECTS = 4  # a scene holds 1-4 objects; an image with more is not a ShapeWorld scene
 DIRECTIONS = ("left", "right", "up", "down")
 # Colour-shape pairings that never appear in training text: the `ood` split tests whether a model
 # generalises to them (the paper's "SFT memorises, RL generalises").
@@ -79,7 +80,7 @@ def article(word):
 # capitalised "Yes"/"No" and the punctuation "," and "."). The text tokenizer is built from this.
 WORDS = sorted(set(
     "a an and one two three four many no none not of the there is are image shows it"
-    " to left right above below make remove add move up down".split()
+    " to left right above below make remove add move up down too shapes".split()
     + list(COLOURS) + list(SHAPES) + [s + "s" for s in SHAPES]))
 
 # -----------------------------------------------------------------------------
@@ -317,7 +318,7 @@ def _place(rng, objs, W, fixed=(), tries=50):
 
 def random_scene(rng, size=64, n=None):
     while True:
-        objs = [_random_obj(rng, size) for _ in range(n or rng.randint(1, 4))]
+        objs = [_random_obj(rng, size) for _ in range(n or rng.randint(1, MAX_OBJECTS))]
         if _place(rng, objs, size) is not None:
             return Scene(size, objs)
 
@@ -350,9 +351,9 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None):
         prompt = parse_prompt(prompt)
     for _ in range(1000):
         need = _required(rng, prompt.facts)
-        if len(need) > 4:
-            raise ValueError(f"prompt needs {len(need)} objects, scenes hold at most 4: {prompt.text!r}")
-        extra = rng.randint(0, 4 - len(need))
+        if len(need) > MAX_OBJECTS:
+            raise ValueError(f"prompt needs {len(need)} objects, scenes hold at most {MAX_OBJECTS}: {prompt.text!r}")
+        extra = rng.randint(0, MAX_OBJECTS - len(need))
         objs = [_random_obj(rng, size, s, c) for s, c in need] + [_random_obj(rng, size) for _ in range(extra)]
         if _place(rng, objs, size, tries=5) is None:
             continue
@@ -500,6 +501,11 @@ def evaluate(objs, prompt, W):
         ok, why = _eval_fact(f, objs, W)
         holds.append(ok)
         reason = reason or why
+    if len(objs) > MAX_OBJECTS:
+        # Not a ShapeWorld scene: without this rule an image strewn with coloured blobs "shows a
+        # triangle" by luck, and an untrained generator scored 0.19 overall on the test split (a
+        # trained one 0.18). The scene rule counts as one more condition in the soft score.
+        return Check(False, sum(holds) / (len(holds) + 1), "No, there are too many shapes.", holds)
     if all(holds):
         return Check(True, 1.0, f"Yes, the image shows {prompt.text}.", holds)
     return Check(False, sum(holds) / len(holds), f"No, {reason}.", holds)
@@ -716,7 +722,7 @@ def sample_prompt(rng, category=None):
             kinds = [rng.choice(("rel", "count")), *rng.choices(("exists", "count", "rel"), k=rng.randint(1, 2))]
             used = set()
             facts = [_coloured_fact(rng, k, used) for k in kinds]
-            if None not in facts and len(_required(rng, facts)) <= 4:
+            if None not in facts and len(_required(rng, facts)) <= MAX_OBJECTS:
                 break
     else:
         raise ValueError(f"unknown category {cat!r}; choose from {', '.join(CATEGORIES)}")
@@ -839,7 +845,7 @@ def apply_edit(rng, scene, edit):
     target = [o for o in objs if o.colour == edit.colour and o.shape == edit.shape]
     others = [o for o in objs if not (o.colour == edit.colour and o.shape == edit.shape)]
     if edit.kind == "add":
-        if target or len(objs) >= 4:
+        if target or len(objs) >= MAX_OBJECTS:
             return None
         new = _random_obj(rng, W, edit.shape, edit.colour)
         return Scene(W, objs + [new]) if _place(rng, [new], W, fixed=objs) else None

@@ -71,6 +71,19 @@ def test_hand_made_scene():
     assert S.check(im, "a triangle").reason == "No, there is no triangle."
 
 
+def test_more_objects_than_a_scene_holds_fail():
+    # five small shapes on a 64 px grid: every prompt fact holds, but no ShapeWorld scene has five
+    # objects (a generator strewing coloured blobs must not "show a circle" by luck)
+    objs = [S.Obj(s, "red", x, y, 10) for s, (x, y) in zip(["circle", "square", "triangle", "circle", "square"],
+                                                       [(4, 4), (26, 4), (48, 4), (4, 40), (40, 40)])]
+    im = S.render(S.Scene(64, objs))
+    assert len(S.detect(im)) == 5
+    c = S.check(im, "a red circle and a square")
+    assert (c.verdict, c.score, c.reason, c.holds) == (False, 2 / 3, "No, there are too many shapes.", [True, True])
+    assert S.check(S.render(S.Scene(64, objs[:4])), "a red circle and a square").verdict  # four are fine
+    assert S.truth(S.Scene(64, objs), "a circle").reason == "No, there are too many shapes."
+
+
 FAILURES = {  # failure kind -> (a category that shows it plainly, the reason it must give)
     "colour": ("colour", r"No, (the (circle|square|triangle) is \w+, not \w+|none of the \w+ is \w+)\."),
     "count": ("counting", r"No, there (is one|are (no|two|three|four|many)) \w+, not (two|three|four)\."),
