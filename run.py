@@ -115,6 +115,7 @@ def report(args, seconds):
             rep["geneval"][stage] = {"first": dict(first, ood=extra["ood_first"]), "final": dict(first, ood=extra["ood_first"])}
             rep["judge"][stage] = dict(ev["understanding"], layout="vqa")
             rep["describe_nats"] = ev.get("describe_nats")  # absent in runs made before it was measured
+            rep["describe_exact"] = ev.get("describe_exact")
         else:
             rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
@@ -138,6 +139,11 @@ def report(args, seconds):
     if rep.get("describe_nats") is not None:
         lines += ["", f"base describing held-out scenes (teacher-forced canonical caption): "
                   f"{rep['describe_nats']:.3f} nats per token"]
+    if rep.get("describe_exact") is not None:  # understanding scored like generation: per category, exact
+        d = rep["describe_exact"]
+        lines += ["", "base describing held-out scenes (greedy description exactly the canonical caption):", "",
+                  "| " + " | ".join(cats) + " |", "|" + "---|" * len(cats),
+                  "| " + " | ".join(f"{d[c]:.2f}" for c in cats) + " |"]
     for stage, j in rep["judge"].items():
         if j.get("by_ink"):  # a judge that reads the facts agrees within every bin, not only across them
             lines += ["", f"{stage} VQA by amount of ink (quartiles of the fraction of coloured pixels):", "",

@@ -289,23 +289,31 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     p_yes = two.softmax(-1)[:, 0]
     first = pick(two, u[:, 0], opt.text_temperature)  # 0 = Yes, 1 = No
     ids = torch.where(first == 0, tok.yes, tok.no)
-    out, done = [ids], torch.zeros(B, dtype=torch.bool, device=dev)
-    for t in range(opt.max_reason):
-        h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
-        pos += 1
-        logits = model.text_logits(h)
-        logits[:, len(tok):] = float("-inf")  # the model's vocabulary is padded past the tokenizer's
-        ids = pick(logits, u[:, 1 + t], opt.text_temperature)
-        ids = torch.where(done, tok.pad, ids)
-        out.append(ids)
-        done |= ids == tok.eos
-        if done.all():
-            break
-    answer_ids = []  # up to (not including) EOS; a reason cut at max_reason gets its EOS later
-    for row in torch.stack(out, 1).tolist():
-        answer_ids.append(row[:row.index(tok.eos)] if tok.eos in row else [i for i in row if i != tok.pad])
+    h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+    reasons = decode_text(model, tok, cache, km, h, pos + 1, u[:, 1:], opt.text_temperature)
+    answer_ids = [[i] + r for i, r in zip(ids.tolist(), reasons)]
     verdicts = ["yes" if f == 0 else "no" for f in first.tolist()]
     return verdicts, p_yes.tolist(), [tok.decode(a) for a in answer_ids], answer_ids
+
+
+@torch.no_grad()
+def decode_text(model, tok, cache, km, h, pos, u, temperature):
+    """Text tokens after the last hidden states h (B, D), the next one going to cache position
+    pos, until EOS or u.size(1) tokens (u: (B, steps) uniforms). Returns B id lists without EOS
+    (a text cut at the limit gets its EOS later, where it is put in a context)."""
+    out, done = [], torch.zeros(h.size(0), dtype=torch.bool, device=h.device)
+    for t in range(u.size(1)):
+        logits = model.text_logits(h)
+        logits[:, len(tok):] = float("-inf")  # the model's vocabulary is padded past the tokenizer's
+        ids = torch.where(done, tok.pad, pick(logits, u[:, t], temperature))
+        out.append(ids)
+        done |= ids == tok.eos
+        if done.all() or t == u.size(1) - 1:
+            break
+        h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+        pos += 1
+    rows = torch.stack(out, 1).tolist()
+    return [row[:row.index(tok.eos)] if tok.eos in row else [i for i in row if i != tok.pad] for row in rows]
 
 
 def _prefill_pair(model, cond, uncond, tok, cache_len, dev):

@@ -39,8 +39,8 @@ from tqdm import tqdm
 import shapes
 from common import janus_checkpoint, load_checkpoint, load_janus, pick_device, save_checkpoint
 from model import PRESETS, Janus, JanusConfig
-from sample import (CUE, Options, Seq, add_answer, add_reflection, collate, embed_batch, generate,
-                    introspect, prompt_seq)
+from sample import (CUE, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
+                    decode_text, embed_batch, generate, introspect, prompt_seq)
 from tokenizer import TextTokenizer, load_vq, to_tensor
 
 # -----------------------------------------------------------------------------
@@ -325,22 +325,45 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
 
 
 @torch.no_grad()
-def describe_loss(model, tok, prompts, size, seed=0, batch=64):
-    """The base model's describing skill: teacher-forced loss (nats per token) of the canonical
-    caption of a rendered held-out scene per prompt. It falls long before VQA leaves chance."""
+def greedy_captions(model, tok, images, max_len=24):
+    """The base model's descriptions of uint8 images: greedy text after the describe question,
+    until EOS or max_len tokens (KV-cached, one batch)."""
+    dev = next(model.parameters()).device
+    b = collate([vqa_seq(tok, im, DESCRIBE, model.cfg.image_tokens) for im in images], tok, dev, left=True)
+    P = b.idx.size(1)
+    cache = _new_cache(model, len(images), P + max_len)
+    km = torch.ones(len(images), P + max_len, dtype=torch.bool, device=dev)
+    km[:, :P] = b.key_mask
+    h = _forward(model, embed_batch(model, b), cache, 0, km)[:, -1]
+    u = torch.zeros(len(images), max_len, device=dev)  # unused by greedy decoding
+    return [tok.decode(ids) for ids in decode_text(model, tok, cache, km, h, P, u, temperature=0)]
+
+
+@torch.no_grad()
+def evaluate_describing(model, tok, prompts, size, seed=0, batch=64):
+    """The base model's describing skill on one rendered held-out scene per prompt:
+    - nats: teacher-forced loss per token of the canonical caption (+ EOS); it falls long before
+      VQA leaves chance;
+    - exact: per prompt category (and overall, the mean over categories) the share of scenes whose
+      greedy description is exactly the canonical caption, i.e. names every object with its
+      colour and count and nothing else: understanding scored by the same world as generation."""
     rng = random.Random(f"describe-eval-{seed}")
     dev = next(model.parameters()).device
-    total, count = 0.0, 0
+    total, count, exact = 0.0, 0, {}
     for i in range(0, len(prompts), batch):
-        exs = []
-        for p in prompts[i:i + batch]:
-            scene = shapes.sample_scene(rng, size, p)
-            exs.append(dict(task="describe", image=shapes.render(scene), answer=shapes.describe(scene)))
+        chunk = prompts[i:i + batch]
+        scenes = [shapes.sample_scene(rng, size, p) for p in chunk]
+        exs = [dict(task="describe", image=shapes.render(sc), answer=shapes.describe(sc)) for sc in scenes]
         b = collate([build_seq(ex, tok, model.cfg.image_tokens) for ex in exs], tok, dev)
         losses = model.token_losses(model(embed_batch(model, b)), b.text_targets)  # (B, T)
         total += (losses * b.weights).sum().item()  # every answer token weighs 1, the rest 0
         count += int((b.weights > 0).sum())
-    return total / count
+        said = greedy_captions(model, tok, [ex["image"] for ex in exs])
+        for p, ex, s in zip(chunk, exs, said):
+            exact.setdefault(p.category, []).append(s == ex["answer"])
+    exact = {c: float(np.mean(v)) for c, v in exact.items()}
+    exact["overall"] = float(np.mean(list(exact.values())))
+    return {"nats": total / count, "exact": exact}
 
 
 # -----------------------------------------------------------------------------
@@ -589,7 +612,9 @@ def quick_eval(model, vq, tok, prompts, stage, size):
     if stage == "base":
         r = evaluate(model, vq, tok, prompts, rounds=1)
         u = evaluate_understanding(model, tok, prompts, size)
-        return {"first": round(r["first"]["overall"], 3), "describe_nats": round(describe_loss(model, tok, prompts, size), 3),
+        d = evaluate_describing(model, tok, prompts, size)
+        return {"first": round(r["first"]["overall"], 3), "describe_nats": round(d["nats"], 3),
+                "describe_exact": round(d["exact"]["overall"], 3),
                 "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3)}
     r = evaluate(model, vq, tok, prompts, rounds=3)
     return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
@@ -597,12 +622,13 @@ def quick_eval(model, vq, tok, prompts, stage, size):
 
 
 def final_eval(model, vq, tok, prompts, stage, size):
-    """On the test split: the base model's first images and its VQA accuracy; the SFT model's
+    """On the test split: the base model's first images, its VQA and its describing; the SFT model's
     introspective loop (first and final images) and its judging."""
     if stage == "base":
         r = evaluate(model, vq, tok, prompts, rounds=1, progress=True)
+        d = evaluate_describing(model, tok, prompts, size)
         return {"first": r["first"], "understanding": evaluate_understanding(model, tok, prompts, size),
-                "describe_nats": describe_loss(model, tok, prompts, size)}
+                "describe_nats": d["nats"], "describe_exact": d["exact"]}
     r = evaluate(model, vq, tok, prompts, rounds=3, progress=True)
     return r
 

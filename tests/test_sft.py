@@ -142,7 +142,7 @@ def test_describe_loss_is_the_mean_over_the_caption_tokens():
     torch.manual_seed(0)
     model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"])).eval()
     p = shapes.make_splits(seed=0)["test"][0]
-    scene = shapes.sample_scene(random.Random("describe-eval-0"), 32, p)  # describe_loss's first scene
+    scene = shapes.sample_scene(random.Random("describe-eval-0"), 32, p)  # the evaluation's first scene
     image, caption = shapes.render(scene), TOK.encode(shapes.describe(scene)) + [TOK.eos]
     q = sft.vqa_seq(TOK, image, sft.DESCRIBE, N)
     b = S.collate([q.add(caption)], TOK)
@@ -150,7 +150,31 @@ def test_describe_loss_is_the_mean_over_the_caption_tokens():
         logp = model.text_logits(model(S.embed_batch(model, b)))[0].log_softmax(-1)  # (T, V)
     start = len(q) - len(caption) - 1  # the position that predicts the caption's first token
     want = -np.mean([logp[start + k, t].item() for k, t in enumerate(caption)])
-    assert abs(sft.describe_loss(model, TOK, [p], 32) - want) < 1e-5
+    assert abs(sft.evaluate_describing(model, TOK, [p], 32)["nats"] - want) < 1e-5
+
+
+def test_greedy_captions_equal_full_recomputation():
+    import copy
+
+    # KV-cached greedy decoding of a batch against argmax over full forwards of each growing
+    # sequence alone (an untrained model: six arbitrary tokens each)
+    torch.manual_seed(0)
+    model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"]))
+    rng = random.Random(0)
+    images = [shapes.render(shapes.random_scene(rng, 32)) for _ in range(3)]
+    model.eval()
+    got = sft.greedy_captions(model, TOK, images, max_len=6)
+    for im, text in zip(images, got):
+        q = sft.vqa_seq(TOK, im, sft.DESCRIBE, N)
+        ids = []
+        with torch.no_grad():
+            for _ in range(6):
+                b = S.collate([copy.deepcopy(q).add(ids)], TOK)
+                nxt = model.text_logits(model(S.embed_batch(model, b))[:, -1])[0, :len(TOK)].argmax().item()
+                if nxt == TOK.eos:
+                    break
+                ids.append(nxt)
+        assert text == TOK.decode(ids)
 
 
 def test_auc_hand_computed():
