@@ -99,9 +99,32 @@ def extra_evals(args, stage):
     return res
 
 
+def untrained_eval(args):
+    """The checker's chance level: first images of the same model with random weights (seed 0)
+    and the run's VQ tokenizer, on the test and ood prompts the stages are scored on. A stage is
+    only as good as its margin over this row."""
+    import torch
+    import sft
+    from model import PRESETS, Janus, JanusConfig
+    from tokenizer import TextTokenizer, load_vq
+    path = os.path.join(args.out, "untrained_eval.json")
+    if os.path.isfile(path):
+        return _read(args.out, "untrained_eval.json")
+    torch.manual_seed(0)
+    model = Janus(JanusConfig(**PRESETS[args.config])).eval()
+    vq, tok = load_vq(os.path.join(args.out, "vq.pt")), TextTokenizer(shapes.WORDS)
+    splits = shapes.make_splits(seed=0)
+    first = sft.evaluate(model, vq, tok, splits["test"], rounds=1, progress=True)["first"]
+    ood = splits["ood"][::max(1, len(splits["ood"]) // args.ood_prompts)]
+    first["ood"] = sft.evaluate(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
+    _write_json(first, path)
+    return first
+
+
 def report(args, seconds):
     cats = list(shapes.CATEGORIES) + ["overall"]
-    rep = {"config": args.config, "geneval": {}, "judge": {}, "edit": {}, "seconds": seconds, "examples": {}}
+    rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {},
+           "seconds": seconds, "examples": {}}
     vq = _read(args.out, "vq_eval.json")
     rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
                                                "code_entropy", "background_codes", "train_seconds")}
@@ -131,6 +154,8 @@ def report(args, seconds):
             if stage == "base" and mode == "final":
                 continue  # the base model does not judge: its final image is its first
             lines.append(f"| {stage} | {mode} | " + " | ".join(f"{acc[c]:.2f}" for c in cats + ["ood"]) + " |")
+    lines += ["", "untrained: the same model with random weights (seed 0) and this run's VQ, i.e. what the checker "
+              "credits to chance."]
     lines += ["", "## The model as a judge (agreement of its Yes/No with the checker)", "",
               "| stage | layout | agreement | AUC of P(yes) |", "|---|---|---|---|"]
     for stage, j in rep["judge"].items():

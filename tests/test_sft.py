@@ -51,7 +51,7 @@ def test_base_steps_mix_describe_and_vqa_per_example():
     by_cat = {}
     for p in shapes.make_splits(seed=0)["train"]:
         by_cat.setdefault(p.category, []).append(p)
-    mix, kinds, mixed = sft.BASE_MIX, {"t2i": 0, "und": 0}, 0
+    mix, kinds, mixed = {"t2i": 0.5, "describe": 0.2, "vqa": 0.3}, {"t2i": 0, "und": 0}, 0
     describe, und = 0, 0
     for step in range(40):
         task, exs = sft.base_batch(random.Random(f"t-{step}"), mix, 16, by_cat, 32)
