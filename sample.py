@@ -301,6 +301,8 @@ def decode_text(model, tok, cache, km, h, pos, u, temperature):
     """Text tokens after the last hidden states h (B, D), the next one going to cache position
     pos, until EOS or u.size(1) tokens (u: (B, steps) uniforms). Returns B id lists without EOS
     (a text cut at the limit gets its EOS later, where it is put in a context)."""
+    if u.size(1) == 0:
+        return [[] for _ in range(h.size(0))]
     out, done = [], torch.zeros(h.size(0), dtype=torch.bool, device=h.device)
     for t in range(u.size(1)):
         logits = model.text_logits(h)

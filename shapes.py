@@ -10,6 +10,7 @@ its object detector). At toy scale both become this one exact program over synth
   with one canonical English rendering, and a parser that reads that English back;
 - the checker: image + prompt -> verdict, soft score (fraction of facts that hold: our stand-in for
   the judge's P(yes), SPEC.md section 5) and a reason sentence ("No, the circle is green, not red.");
+  an image with more than four objects is no scene and fails ("No, there are too many shapes.");
 - edit instructions (recolour, remove, add, move) with follow / preserve scores;
 - seeded train / val / test / ood prompt splits.
 
@@ -420,7 +421,7 @@ def corrupt(rng, scene, prompt, kind=None):
             if _only_fails(Scene(W, objs), prompt, i):
                 return Scene(W, objs)
             o.shape, o.colour = was
-        if fewer or len(objs) == 4:  # scenes hold at most 4 objects
+        if fewer or len(objs) == MAX_OBJECTS:
             return None
         new = _random_obj(rng, W, f.shape, f.colour)
         if _place(rng, [new], W, fixed=objs) is None:
@@ -459,10 +460,12 @@ def describe(scene):
 
 @dataclass
 class Check:
-    verdict: bool
-    score: float   # fraction of the prompt's facts that hold: our P(yes)
-    reason: str    # "Yes, ..." or "No, <the first failed fact in plain words>."
-    holds: list    # one bool per fact
+    verdict: bool  # every fact holds, and the image holds at most MAX_OBJECTS objects
+    score: float   # fraction of the prompt's facts that hold: our P(yes); with too many objects,
+                   # the scene rule counts as one more (failed) condition
+    reason: str    # "Yes, ..." or "No, <the first failed fact in plain words>." ("No, there are too
+                   # many shapes." first when the image holds too many objects)
+    holds: list    # one bool per fact (all True is possible with too many objects)
 
 
 def _match(o, colour, shape):

@@ -32,6 +32,10 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     row = next(line for line in md.splitlines() if line.startswith("| sft | final |"))
     cells = [c.strip() for c in row.strip("|").split("|")][2:]  # the categories, overall, ood
     assert cells[:-1] == [f"{ev['final'][c]:.2f}" for c in list(shapes.CATEGORIES) + ["overall"]]
+    # the chance row: a random-weights model, same categories; the describing table per category
+    assert set(rep["geneval"]["untrained"]["first"]) == set(shapes.CATEGORIES) | {"overall", "ood"}
+    assert any(line.startswith("| untrained | first |") for line in md.splitlines())
+    assert set(rep["describe_exact"]) == set(shapes.CATEGORIES) | {"overall"}
     assert rep["vq"]["background_codes"] == 1  # the patch-local tokenizer
     assert len(rep["judge"]["base"]["by_ink"]) == 4
     # the self-check per category splits the same judged images: counts and agreement add up
@@ -40,7 +44,7 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert sum(b["n"] for b in j["by_category"].values()) == j["n"]
     assert np.isclose(sum(b["agreement"] * b["n"] for b in j["by_category"].values()) / j["n"], j["agreement"])
     assert np.isclose(sum(b["match_rate"] * b["n"] for b in j["by_category"].values()) / j["n"], j["checker_yes_rate"])
-    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "self-check per category", "Editing", "Time", "VQ tokenizer"):
+    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer"):
         assert title in md
 
     # running it again reuses every finished stage and writes the same report

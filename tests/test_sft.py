@@ -137,7 +137,7 @@ def test_prompt_dropout_replaces_exactly_the_prompt_text():
     assert [keep.ids[i] for i in changed] == TOK.encode("two red circles")
 
 
-def test_describe_loss_is_the_mean_over_the_caption_tokens():
+def test_describing_nats_are_the_mean_over_the_caption_tokens():
     # recomputed by hand: the caption (+ EOS) follows the question, position t predicts token t+1
     torch.manual_seed(0)
     model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"])).eval()
@@ -175,6 +175,22 @@ def test_greedy_captions_equal_full_recomputation():
                     break
                 ids.append(nxt)
         assert text == TOK.decode(ids)
+    assert all(len(TOK.encode(t)) == 6 for t in got)  # no early EOS: every step was compared
+
+
+def test_describing_exact_is_per_category_then_mean(monkeypatch):
+    # exact match with the canonical caption, per category, overall = mean over categories: a
+    # describer that gets only the `single` scenes right scores 1 there, 0 elsewhere, 1/2 overall
+    torch.manual_seed(0)
+    model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"])).eval()
+    test = shapes.make_splits(seed=0)["test"]
+    prompts = [p for p in test if p.category == "single"][:2] + [p for p in test if p.category == "colour"][:3]
+    rng = random.Random("describe-eval-0")  # the evaluation's scenes, replayed
+    right = [shapes.describe(shapes.sample_scene(rng, 32, p)) for p in prompts]
+    # canonical captions always name a colour, so "a circle" is never exact
+    monkeypatch.setattr(sft, "greedy_captions", lambda m, tok, images: right[:2] + ["a circle"] * 3)
+    d = sft.evaluate_describing(model, TOK, prompts, 32)["exact"]
+    assert d == {"single": 1.0, "colour": 0.0, "overall": 0.5}
 
 
 def test_auc_hand_computed():
