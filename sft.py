@@ -57,8 +57,9 @@ TRAIN = {
 }
 # The base model: draw, describe, answer. Describing gets most understanding examples: VQA's
 # verdict stayed at chance in every budget we tried (README "Results"), while describing is the
-# skill that teaches the ViT to read. 900 toy steps, test split: t2i/describe/vqa 0.5/0.4/0.1 gave
-# 0.371 nats per caption token and 0.097 exact descriptions; 0.5/0.2/0.3 gave 0.472 and 0.06.
+# skill that teaches the ViT to read. 900 toy steps, test split, two runs each: t2i/describe/vqa
+# 0.5/0.4/0.1 gave 0.371-0.398 nats per caption token and 0.069-0.097 exact descriptions (first
+# images 0.12-0.13); 0.5/0.2/0.3 gave 0.472-0.626 nats and 0.03-0.06 exact (first 0.15-0.16).
 BASE_MIX = {"t2i": 0.5, "describe": 0.4, "vqa": 0.1}
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
 DESCRIBE = "Describe the image."
