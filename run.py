@@ -58,6 +58,11 @@ def _read(out, name):
         return json.load(f)
 
 
+def ood_prompts(args, splits):
+    """About --ood-prompts of the ood split, every category alike (a stride through it)."""
+    return splits["ood"][::max(1, len(splits["ood"]) // args.ood_prompts)]
+
+
 def extra_evals(args, stage):
     """What the stage scripts don't measure themselves: the ood split, editing, example chains."""
     import sample
@@ -69,7 +74,7 @@ def extra_evals(args, stage):
     model, vq, tok, _ = load_janus(os.path.join(args.out, f"{stage}.pt"))
     splits = shapes.make_splits(seed=0)
     rounds = 1 if stage == "base" else 3
-    ood = splits["ood"][::max(1, len(splits["ood"]) // args.ood_prompts)]  # every category alike
+    ood = ood_prompts(args, splits)
     ood = sft.evaluate(model, vq, tok, ood, rounds=rounds, seed=7, progress=True)
     # editing (no stage trains it yet: this measures what the model does zero-shot)
     import random
@@ -115,7 +120,7 @@ def untrained_eval(args):
     vq, tok = load_vq(os.path.join(args.out, "vq.pt")), TextTokenizer(shapes.WORDS)
     splits = shapes.make_splits(seed=0)
     first = sft.evaluate(model, vq, tok, splits["test"], rounds=1, progress=True)["first"]
-    ood = splits["ood"][::max(1, len(splits["ood"]) // args.ood_prompts)]
+    ood = ood_prompts(args, splits)
     first["ood"] = sft.evaluate(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
     _write_json(first, path)
     return first
