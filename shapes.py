@@ -264,18 +264,32 @@ class Scene:
     objects: list = field(default_factory=list)
 
 
+def _draw(d, o, fill):
+    x1, y1 = o.x + o.s - 1, o.y + o.s - 1
+    if o.shape == "circle":
+        d.ellipse([o.x, o.y, x1, y1], fill=fill)
+    elif o.shape == "square":
+        d.rectangle([o.x, o.y, x1, y1], fill=fill)
+    else:  # isosceles triangle pointing up, base = bounding-box width
+        d.polygon([(o.x, y1), (x1, y1), (o.x + (o.s - 1) / 2, o.y)], fill=fill)
+
+
 def render(scene):
     """Scene -> uint8 array (size, size, 3). Hard edges (no anti-aliasing): the colours stay exact."""
     img = Image.new("RGB", (scene.size, scene.size), BACKGROUND)
     d = ImageDraw.Draw(img)
     for o in scene.objects:
-        x1, y1, c = o.x + o.s - 1, o.y + o.s - 1, COLOURS[o.colour]
-        if o.shape == "circle":
-            d.ellipse([o.x, o.y, x1, y1], fill=c)
-        elif o.shape == "square":
-            d.rectangle([o.x, o.y, x1, y1], fill=c)
-        else:  # isosceles triangle pointing up, base = bounding-box width
-            d.polygon([(o.x, y1), (x1, y1), (o.x + (o.s - 1) / 2, o.y)], fill=c)
+        _draw(d, o, COLOURS[o.colour])
+    return np.asarray(img)
+
+
+def object_map(scene):
+    """Scene -> uint8 (size, size): which object each pixel shows, 1 + its index (0 = background),
+    drawn exactly as `render` draws the objects."""
+    img = Image.new("L", (scene.size, scene.size), 0)
+    d = ImageDraw.Draw(img)
+    for i, o in enumerate(scene.objects):
+        _draw(d, o, i + 1)
     return np.asarray(img)
 
 
