@@ -5,7 +5,8 @@ reused, an interrupted one resumes), then the evaluation and the report.
     python run.py                      # toy config, out/toy
     python run.py --config tiny        # the whole pipeline in about half a minute (tests/test_run.py)
 
-Stages: vq (tokenizer.py) -> base (sft.py --stage base) -> sft (sft.py --stage sft) -> report.
+Stages: vq (tokenizer.py) -> vit (vit.py, the SigLIP stand-in) -> base (sft.py --stage base)
+-> sft (sft.py --stage sft) -> report.
 Writes OUT/report.json and OUT/report.md (tables and image chains: image 1, the model's verdict
 and reason, image 2 ...). Every number in them comes from this run's evaluations.
 """
@@ -25,7 +26,7 @@ STAGES = ("base", "sft")
 
 
 def stage_done(out, stage):
-    names = {"vq": ["vq.pt", "vq_eval.json"]}.get(stage, [f"{stage}.pt", f"{stage}_eval.json"])
+    names = [f"{stage}.pt", f"{stage}_eval.json"]
     return all(os.path.isfile(os.path.join(out, n)) for n in names)
 
 
@@ -33,6 +34,7 @@ def run_stage(stage, args, seconds):
     """Run one stage's own command line in this process, timing it; skip it when it is done."""
     import sft
     import tokenizer
+    import vit
     if stage_done(args.out, stage):
         print(f"[{stage}] done earlier, reusing {args.out}")
         return
@@ -41,6 +43,8 @@ def run_stage(stage, args, seconds):
     if stage == "vq":
         # `small` is a bigger transformer over the same toy world: it shares toy's tokenizer
         tokenizer.main(["--config", "toy" if args.config == "small" else args.config, "--out", args.out])
+    elif stage == "vit":
+        vit.main(["--config", args.config, "--out", args.out])
     else:
         sft.main(["--stage", stage, "--config", args.config, "--out", args.out])
     seconds[stage] = round(time.time() - t + seconds.get(stage, 0.0), 1)
@@ -133,6 +137,7 @@ def report(args, seconds):
     vq = _read(args.out, "vq_eval.json")
     rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
                                                "code_entropy", "background_codes", "train_seconds")}
+    rep["vit"] = _read(args.out, "vit_eval.json")
     for stage in STAGES:
         if not stage_done(args.out, stage):
             continue
@@ -197,7 +202,10 @@ def report(args, seconds):
         line += f" (matching {q['agreement_matching']:.3f}, mismatching {q['agreement_mismatching']:.3f})"
     if "code_entropy" in q:
         line += f"; codes' entropy {q['code_entropy']:.2f} nats, {q['background_codes']} code(s) for the white background"
-    lines += ["", line + ".", ""]
+    v = rep["vit"]
+    lines += ["", line + ".", "", f"ViT pretraining (held-out scenes, per patch an object owns): shape {v['shape']:.3f}, "
+              f"colour {v['colour']:.3f}, background {v['background']:.3f}; object count from the centre patches "
+              f"exact in {v['count']:.3f} of scenes.", ""]
     for stage, ex in rep["examples"].items():
         lines += [f"## Example chains: {stage}", ""]
         for c in ex:
@@ -213,7 +221,7 @@ def report(args, seconds):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Run every stage (vq -> base -> sft), then evaluate and report.")
+    ap = argparse.ArgumentParser(description="Run every stage (vq -> vit -> base -> sft), then evaluate and report.")
     ap.add_argument("--config", default="toy", choices=["tiny", "toy", "small"], help="which rung of the config ladder")
     ap.add_argument("--out", help="run folder (default out/CONFIG)")
     ap.add_argument("--ood-prompts", type=int, default=300, help="prompts of the ood split to evaluate")
@@ -223,7 +231,7 @@ def main(argv=None):
     os.makedirs(args.out, exist_ok=True)
     sp = os.path.join(args.out, "seconds.json")
     seconds = _read(args.out, "seconds.json") if os.path.isfile(sp) else {}
-    for stage in ("vq",) + STAGES:
+    for stage in ("vq", "vit") + STAGES:
         run_stage(stage, args, seconds)
     report(args, seconds)
 

@@ -15,7 +15,7 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     argv = ["--config", "tiny", "--out", out, "--ood-prompts", "14", "--edit-prompts", "8"]
     run.main(argv)
     rep = json.load(open(os.path.join(out, "report.json")))
-    assert rep["config"] == "tiny" and set(rep["seconds"]) == {"vq", "base", "sft"}
+    assert rep["config"] == "tiny" and set(rep["seconds"]) == {"vq", "vit", "base", "sft"}
     for stage in ("base", "sft"):
         for mode in ("first", "final"):
             acc = rep["geneval"][stage][mode]
@@ -44,14 +44,14 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert sum(b["n"] for b in j["by_category"].values()) == j["n"]
     assert np.isclose(sum(b["agreement"] * b["n"] for b in j["by_category"].values()) / j["n"], j["agreement"])
     assert np.isclose(sum(b["match_rate"] * b["n"] for b in j["by_category"].values()) / j["n"], j["checker_yes_rate"])
-    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer"):
+    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer", "ViT pretraining"):
         assert title in md
 
     # running it again reuses every finished stage and writes the same report
-    stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in ("vq.pt", "base.pt", "sft.pt")}
+    stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in ("vq.pt", "vit.pt", "base.pt", "sft.pt")}
     capsys.readouterr()
     run.main(argv)
     said = capsys.readouterr().out
-    assert all(f"[{s}] done earlier" in said for s in ("vq", "base", "sft"))
+    assert all(f"[{s}] done earlier" in said for s in ("vq", "vit", "base", "sft"))
     assert stamps == {f: os.path.getmtime(os.path.join(out, f)) for f in stamps}
     assert json.load(open(os.path.join(out, "report.json"))) == rep
