@@ -15,6 +15,7 @@ import sample as S
 import sft
 import shapes
 import tokenizer
+import vit
 from common import load_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -105,6 +106,45 @@ def test_task2_loss_on_the_answer_weighted():
     assert w == pytest.approx([0.8] + [0.2] * (len(ans) - 1))
     assert b.text_targets[0, len(s) - len(ans) - 1:len(s) - 1].tolist() == ans and ans[0] == TOK.no
     assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+
+
+def test_vqa_conversation_loss_on_every_answer():
+    """One image, several questions: each answer (+ EOS) carries the loss, 0.8 on its Yes/No and
+    0.2 on the rest; the questions and the image carry none; the image goes in once."""
+    qa = [("a red circle", "Yes, there is a red circle."), ("a square", "No, there is no square."),
+          ("two circles", "No, there is one circle, not two.")]
+    s = sft.build_seq(dict(task="vqa", image=_image(), qa=qa), TOK, N)
+    b = S.collate([s], TOK)
+    pos, w = _where(b)
+    expect_pos, expect_w, i = [], [], 0
+    for j, (q, a) in enumerate(qa):
+        turn = sft.question(q) + "\n\n<|Assistant|>:"
+        turn = ("<end_of_image>\n" if j == 0 else "<|User|>: ") + turn
+        ids = TOK.encode(turn)
+        start = s.ids.index(TOK.img) + N if j == 0 else i
+        assert s.ids[start:start + len(ids)] == ids  # the question, as written
+        ans = TOK.encode(a) + [TOK.eos]
+        first = start + len(ids)
+        assert s.ids[first:first + len(ans)] == ans
+        expect_pos += list(range(first, first + len(ans)))
+        expect_w += [0.8] + [0.2] * (len(ans) - 1)
+        i = first + len(ans)
+    assert i == len(s) and pos == expect_pos and w == pytest.approx(expect_w)
+    assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+
+
+def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
+    by_cat = {}
+    for p in shapes.make_splits(seed=0)["train"]:
+        by_cat.setdefault(p.category, []).append(p)
+    rng, first_yes = random.Random(0), []
+    for _ in range(60):
+        ex = sft.base_example("vqa", rng, by_cat, 32)
+        assert len(ex["qa"]) == sft.VQA_QUESTIONS
+        for q, a in ex["qa"]:
+            assert shapes.check(ex["image"], q).reason == a  # the rendered image answers every question
+        first_yes.append(ex["qa"][0][1].startswith("Yes"))
+    assert 0.3 < np.mean(first_yes) < 0.7
 
 
 def test_task3_loss_only_on_the_new_image():
@@ -205,8 +245,10 @@ def test_auc_hand_computed():
 
 @pytest.fixture(scope="module")
 def vq_dir(tmp_path_factory):
+    """The stages below the base model, trained once for this file: the VQ and the ViT."""
     d = str(tmp_path_factory.mktemp("vq"))
     tokenizer.main(["--config", "tiny", "--out", d, "--steps", "30", "--eval-prompts", "10"])
+    vit.main(["--config", "tiny", "--out", d, "--steps", "10"])
     return d
 
 
@@ -214,6 +256,7 @@ def _run_dir(vq_dir, tmp_path, name):
     d = str(tmp_path / name)
     os.makedirs(d)
     shutil.copy(os.path.join(vq_dir, "vq.pt"), d)
+    shutil.copy(os.path.join(vq_dir, "vit.pt"), d)
     return d
 
 
@@ -266,6 +309,13 @@ def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkey
     sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
     a, b = _params(os.path.join(full, "base.pt")), _params(os.path.join(cut, "base.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_needs_the_pretrained_vit(vq_dir, tmp_path):
+    d = _run_dir(vq_dir, tmp_path, "novit")
+    os.remove(os.path.join(d, "vit.pt"))
+    with pytest.raises(SystemExit, match="vit.pt not found"):
+        sft.main(BASE + ["--steps", "1", "--out", d])
 
 
 def test_ddp_two_processes_equal_one(vq_dir, tmp_path):
