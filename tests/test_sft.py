@@ -131,6 +131,11 @@ def test_vqa_conversation_loss_on_every_answer():
         i = first + len(ans)
     assert i == len(s) and pos == expect_pos and w == pytest.approx(expect_w)
     assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+    # the first question before the image: the same answers with the same weights, the image later
+    s2 = sft.build_seq(dict(task="vqa", image=_image(), qa=qa, before=True), TOK, N)
+    q1 = TOK.encode("<|User|>: " + sft.question(qa[0][0]) + "\n<begin_of_image>")
+    assert s2.ids[1:1 + len(q1)] == q1 and s2.kind[1 + len(q1)] == S.UND and len(s2) == len(s)
+    assert _where(S.collate([s2], TOK))[1] == pytest.approx(expect_w)
 
 
 def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
