@@ -6,6 +6,7 @@ A checkpoint is a plain dict saved with torch.save and always read back with
 torch.load(..., weights_only=True): loading a checkpoint can never run code.
 """
 
+import math
 import os
 
 import torch
@@ -19,6 +20,14 @@ def pick_device(name="auto"):
     if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+def lr_at(step, steps, lr, warmup):
+    """The learning rate of every training loop here: linear warmup, then cosine decay to 10% of the peak."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    t = (step - warmup) / max(1, steps - warmup)
+    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
 def save_checkpoint(obj, path):

@@ -24,7 +24,6 @@ held-out evaluation, atomic checkpoints, resume after interruption, DDP through 
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -37,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import janus_checkpoint, load_checkpoint, load_janus, pick_device, save_checkpoint
+from common import janus_checkpoint, load_checkpoint, load_janus, lr_at, pick_device, save_checkpoint
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
@@ -396,14 +395,6 @@ def evaluate_describing(model, tok, prompts, size, seed=0, batch=64):
 
 # -----------------------------------------------------------------------------
 # The training loop, shared by both stages
-
-
-def lr_at(step, steps, lr, warmup):
-    """Linear warmup, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
 
 
 def make_optimizer(model, lr, weight_decay=0.05):

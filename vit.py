@@ -22,7 +22,6 @@ The head is thrown away; `vit.pt` holds the ViT's weights, which the base stage 
 
 import argparse
 import json
-import math
 import os
 import random
 import sys
@@ -35,7 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from common import load_checkpoint, pick_device, save_checkpoint
+from common import load_checkpoint, lr_at, pick_device, save_checkpoint
 from model import PRESETS, JanusConfig, VisionTransformer
 from tokenizer import to_tensor
 
@@ -172,11 +171,8 @@ def run(args):
         # the batch of a step is a function of (seed, step) only: a resumed run sees the same data
         rng = random.Random(f"vit-train-{args.seed}-{step}")
         pixels, shape, colour, centre = (t.to(dev) for t in make_batch(rng, settings["batch_size"], cfg.image_size, cfg.vit_patch))
-        w = settings["warmup"]
-        t = (step - w) / max(1, steps - w)
-        lr = settings["lr"] * ((step + 1) / w if step < w else 0.1 + 0.45 * (1 + math.cos(math.pi * t)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr_at(step, steps, settings["lr"], settings["warmup"])
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
             loss = losses(head(vit(pixels)), shape, colour, centre)
         if not torch.isfinite(loss):
