@@ -140,7 +140,9 @@ def run(args):
     preset = TRAIN[args.config]
     cfg = JanusConfig(**PRESETS[args.config])
     dev = pick_device(args.device)
-    steps = args.steps or preset["steps"]
+    steps = args.steps if args.steps is not None else preset["steps"]
+    if steps < 1:
+        raise ValueError(f"--steps must be at least 1, got {steps}")
     settings = dict(config=vit_config(cfg), seed=args.seed, steps=steps, batch_size=args.batch_size or preset["batch_size"],
                     lr=args.lr or preset["lr"], warmup=preset["warmup"], bf16=not args.fp32, cover=COVER)
     torch.manual_seed(args.seed)
