@@ -109,9 +109,8 @@ def test_task2_loss_on_the_answer_weighted():
 
 
 def test_vqa_conversation_loss_on_every_answer():
-    """One image, several questions (the first before the image, the others after it): each answer
-    (+ EOS) carries the loss, 0.8 on its Yes/No and 0.2 on the rest; the questions and the image
-    carry none; the image goes in once."""
+    """One image, several questions: each answer (+ EOS) carries the loss, 0.8 on its Yes/No and
+    0.2 on the rest; the questions and the image carry none; the image goes in once."""
     qa = [("a red circle", "Yes, there is a red circle."), ("a square", "No, there is no square."),
           ("two circles", "No, there is one circle, not two.")]
     s = sft.build_seq(dict(task="vqa", image=_image(), qa=qa), TOK, N)
@@ -119,14 +118,10 @@ def test_vqa_conversation_loss_on_every_answer():
     pos, w = _where(b)
     expect_pos, expect_w, i = [], [], 0
     for j, (q, a) in enumerate(qa):
-        if j == 0:  # the first question before the image
-            q1 = TOK.encode("<|User|>: " + sft.question(q) + "\n<begin_of_image>")
-            assert s.ids[1:1 + len(q1)] == q1 and s.kind[1 + len(q1)] == S.UND
-            ids = TOK.encode("<end_of_image>\n\n<|Assistant|>:")
-            start = s.ids.index(TOK.img) + N
-        else:
-            ids = TOK.encode("<|User|>: " + sft.question(q) + "\n\n<|Assistant|>:")
-            start = i
+        turn = sft.question(q) + "\n\n<|Assistant|>:"
+        turn = ("<end_of_image>\n" if j == 0 else "<|User|>: ") + turn
+        ids = TOK.encode(turn)
+        start = s.ids.index(TOK.img) + N if j == 0 else i
         assert s.ids[start:start + len(ids)] == ids  # the question, as written
         ans = TOK.encode(a) + [TOK.eos]
         first = start + len(ids)
@@ -136,6 +131,11 @@ def test_vqa_conversation_loss_on_every_answer():
         i = first + len(ans)
     assert i == len(s) and pos == expect_pos and w == pytest.approx(expect_w)
     assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+    # the first question before the image: the same answers with the same weights, the image later
+    s2 = sft.build_seq(dict(task="vqa", image=_image(), qa=qa, before=True), TOK, N)
+    q1 = TOK.encode("<|User|>: " + sft.question(qa[0][0]) + "\n<begin_of_image>")
+    assert s2.ids[1:1 + len(q1)] == q1 and s2.kind[1 + len(q1)] == S.UND and len(s2) == len(s)
+    assert _where(S.collate([s2], TOK))[1] == pytest.approx(expect_w)
 
 
 def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
