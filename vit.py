@@ -39,7 +39,7 @@ from model import PRESETS, JanusConfig, VisionTransformer
 from tokenizer import to_tensor
 
 TRAIN = {
-    "tiny": dict(steps=40, batch_size=16, lr=1e-3, warmup=10, eval_scenes=64),
+    "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=10, eval_scenes=64),
     "toy": dict(steps=1000, batch_size=32, lr=1e-3, warmup=30, eval_scenes=512),
     "small": dict(steps=3000, batch_size=64, lr=6e-4, warmup=100, eval_scenes=512),
 }

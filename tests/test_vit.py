@@ -52,7 +52,8 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
 
 def test_pretraining_learns_colours_and_shapes(tmp_path):
-    """The tiny run (40 steps, seconds) against its own initialisation, on held-out scenes."""
+    """The tiny run (150 steps, 2 seconds) against its own initialisation, on held-out scenes:
+    colour 0.07 -> 0.99, shape 0.18 -> 0.51 when written."""
     cfg = JanusConfig(**PRESETS["tiny"])
     torch.manual_seed(0)
     before = vit.evaluate(vit.VisionTransformer(cfg), vit.PatchHead(cfg.vit_width), 64, 32, 8, "cpu")
