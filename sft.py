@@ -328,9 +328,10 @@ def group_stats(said, labels, sel):
 
 
 @torch.no_grad()
-def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
+def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, before=False):
     """The base model's VQA skill: rendered held-out scenes, half matching and half broken,
-    "Does this image match the prompt {prompt}" -> the forced Yes/No at the first answer position. Returns the
+    "Does this image match the prompt {prompt}" (after the image; before=True: before it) -> the
+    forced Yes/No at the first answer position. Returns the
     agreement of its Yes/No with the checker, the AUC of its P(yes), and both per ink quartile (by_ink)."""
     rng = random.Random(f"und-eval-{seed}")
     N = model.cfg.image_tokens
@@ -340,7 +341,7 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64):
         for p in prompts[i:i + batch]:
             match = rng.random() < 0.5
             im = shapes.render(shapes.sample_scene(rng, size, p, match=match))
-            seqs.append(vqa_seq(tok, im, question(p.text), N))
+            seqs.append(vqa_seq(tok, im, question(p.text), N, before))
             labels.append(match)
             images.append(im)
         b = collate(seqs, tok, next(model.parameters()).device, left=True)
