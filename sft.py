@@ -463,6 +463,8 @@ def main(argv=None):
     ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = ap.parse_args(argv)
+    if args.ckpt_every < 1:
+        ap.error(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
     try:
         run(args)
     except ValueError as e:

@@ -130,6 +130,8 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=200, help="save the resumable state every N steps")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     args = ap.parse_args(argv)
+    if args.ckpt_every < 1:
+        ap.error(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
     try:
         run(args)
     except ValueError as e:
