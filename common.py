@@ -8,6 +8,7 @@ torch.load(..., weights_only=True): loading a checkpoint can never run code.
 
 import math
 import os
+import sys
 
 import torch
 
@@ -28,6 +29,31 @@ def lr_at(step, steps, lr, warmup):
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
     return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
+
+
+def load_state(path, kind, settings, ignore=()):
+    """A training loop's resumable state at `path` (None if there is none), refused with a one-line
+    ValueError if it was made with other `settings` (keys in `ignore` may differ)."""
+    if not os.path.isfile(path):
+        return None
+    st = load_checkpoint(path, {"kind": kind})
+    diff = [f"{k}={st['settings'].get(k)!r} (now {v!r})" for k, v in settings.items()
+            if k not in ignore and st["settings"].get(k) != v]
+    if diff:
+        raise ValueError(f"{path} is a run with other settings: {', '.join(diff)}; use another --out")
+    return st
+
+
+def run_cli(ap, argv, run):
+    """Parse a stage's command line, check the options every stage shares, run it; a ValueError
+    (bad input, a mismatched checkpoint, a NaN loss) becomes one line and a non-zero exit."""
+    args = ap.parse_args(argv)
+    if args.ckpt_every < 1:
+        ap.error(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
+    try:
+        run(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
 
 def save_checkpoint(obj, path):

@@ -26,7 +26,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 from dataclasses import asdict
 
@@ -36,7 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import janus_checkpoint, load_checkpoint, load_janus, lr_at, pick_device, save_checkpoint
+from common import janus_checkpoint, load_checkpoint, load_janus, load_state, lr_at, pick_device, run_cli, save_checkpoint
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
@@ -462,13 +461,7 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=int, default=100, help="save the resumable state every N steps")
     ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    args = ap.parse_args(argv)
-    if args.ckpt_every < 1:
-        ap.error(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
-    try:
-        run(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run_cli(ap, argv, run)
 
 
 def run(args):
@@ -558,12 +551,8 @@ def run(args):
     optimizer = make_optimizer(model, settings["lr"])
     state_path = os.path.join(args.out, f"{args.stage}_state.pt")
     step, log = 0, []
-    if os.path.isfile(state_path):
-        st = load_checkpoint(state_path, {"kind": f"{args.stage}_state"})
-        diff = [f"{k}={st['settings'].get(k)!r} (now {v!r})" for k, v in settings.items()
-                if k != "steps" and st["settings"].get(k) != v]
-        if diff:
-            raise ValueError(f"{state_path} is a run with other settings: {', '.join(diff)}; use another --out")
+    st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps",))  # more steps continue a run
+    if st is not None:
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
         step, log = st["step"], st["log"]

@@ -24,7 +24,6 @@ import argparse
 import json
 import os
 import random
-import sys
 import time
 
 import numpy as np
@@ -34,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from common import load_checkpoint, lr_at, pick_device, save_checkpoint
+from common import load_checkpoint, load_state, lr_at, pick_device, run_cli, save_checkpoint
 from model import PRESETS, JanusConfig, VisionTransformer
 from tokenizer import to_tensor
 
@@ -129,13 +128,7 @@ def main(argv=None):
     ap.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
     ap.add_argument("--ckpt-every", type=int, default=200, help="save the resumable state every N steps")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    args = ap.parse_args(argv)
-    if args.ckpt_every < 1:
-        ap.error(f"--ckpt-every must be at least 1, got {args.ckpt_every}")
-    try:
-        run(args)
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    run_cli(ap, argv, run)
 
 
 def run(args):
@@ -153,11 +146,8 @@ def run(args):
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.05)
     state_path = os.path.join(args.out, "vit_state.pt")
     step, seconds = 0, 0.0
-    if os.path.isfile(state_path):
-        st = load_checkpoint(state_path, {"kind": "vit_state"})
-        diff = [f"{k}={st['settings'].get(k)!r} (now {v!r})" for k, v in settings.items() if st["settings"].get(k) != v]
-        if diff:
-            raise ValueError(f"{state_path} is a run with other settings: {', '.join(diff)}; use another --out")
+    st = load_state(state_path, "vit_state", settings)
+    if st is not None:
         vit.load_state_dict(st["model"])
         head.load_state_dict(st["head"])
         opt.load_state_dict(st["optimizer"])
