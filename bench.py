@@ -7,7 +7,7 @@ built from the same shapes with the same weights (DESIGN.md, "Performance method
   one batch, as the Janus sampler does), image tokens/s.
 Both models get identical inputs, the same loss code around them, the same optimizer and dtype.
 
-    python bench.py --config toy --batch 8 --dtype bf16
+    python bench.py --config toy --batch 8            # --dtype auto: bf16 where it measures faster
 """
 
 import argparse
@@ -17,6 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from common import bf16_pays
 from model import PRESETS, Janus, JanusConfig, to_official
 
 # -----------------------------------------------------------------------------
@@ -238,8 +239,8 @@ def main():
                    help="model preset (the full-size ones do not fit a CPU bench)")
     p.add_argument("--batch", type=int, default=8, help="rows per training step; images per decode run")
     p.add_argument("--seq", type=int, default=0, help="training sequence length (0: 2 images + 64 text)")
-    p.add_argument("--dtype", default="bf16", choices=["fp32", "bf16"],
-                   help="fp32, or bf16: training under bf16 autocast (fp32 weights, optimizer state "
+    p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="auto (default): bf16 where it measures faster than fp32 on this CPU, else fp32; bf16: training under bf16 autocast (fp32 weights, optimizer state "
                    "and losses; bf16 matmuls), decoding on bf16 weights and KV cache")
     p.add_argument("--compile", action="store_true",
                    help="also time training with both models' ViT and LLM under torch.compile "
@@ -253,6 +254,8 @@ def main():
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
     args = p.parse_args()
+    if args.dtype == "auto":
+        args.dtype = "bf16" if bf16_pays("cpu") else "fp32"
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -35,7 +35,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import janus_checkpoint, load_checkpoint, load_janus, load_state, lr_at, pick_device, run_cli, save_checkpoint
+from common import (DTYPE_HELP, janus_checkpoint, load_checkpoint, load_janus, load_state, lr_at, pick_device, run_cli,
+                    save_checkpoint, use_bf16)
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
@@ -447,7 +448,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="optimizer steps; rerun with more to continue")
     ap.add_argument("--batch-size", type=int, help="sequences per step, over all processes")
     ap.add_argument("--lr", type=float, help="peak AdamW learning rate")
-    ap.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     ap.add_argument("--train-vit", action="store_true", help="train the ViT too (default: keep it fixed in both stages, as vit.py pretrained it)")
     # sft data
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
@@ -476,7 +477,7 @@ def run(args):
     # everything that shapes the training path: a saved state made with other values can't resume
     settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=args.lr or preset[f"{args.stage}_lr"],
                     batch_size=args.batch_size or preset["batch_size"], warmup=preset["warmup"], steps=steps,
-                    bf16=not args.fp32, mix=mix, depth=args.depth, freeze_vit=not args.train_vit)
+                    bf16=None, mix=mix, depth=args.depth, freeze_vit=not args.train_vit)
     ddp = "RANK" in os.environ
     dev = pick_device(args.device)
     if ddp:
@@ -487,6 +488,10 @@ def run(args):
             torch.cuda.set_device(dev)
     else:
         rank, world = 0, 1
+    bf16 = torch.tensor([use_bf16(args.dtype, dev)], device=dev)
+    if ddp:
+        dist.broadcast(bf16, 0)  # a timing measured per process could disagree: rank 0's holds for all
+    settings["bf16"] = bool(bf16.item())
     if settings["batch_size"] % world:
         raise ValueError(f"--batch-size {settings['batch_size']} does not split over {world} processes")
     master = rank == 0
@@ -551,7 +556,7 @@ def run(args):
     optimizer = make_optimizer(model, settings["lr"])
     state_path = os.path.join(args.out, f"{args.stage}_state.pt")
     step, log = 0, []
-    st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps",))  # more steps continue a run
+    st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps", "bf16"))  # more steps continue a run
     if st is not None:
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
@@ -568,7 +573,7 @@ def run(args):
     val = [p for cat in shapes.CATEGORIES for p in [q for q in val if q.category == cat][:per_cat]]
     eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
     local = settings["batch_size"] // world
-    bar = tqdm(total=steps, initial=step, desc=f"{args.stage} {args.config}", disable=not master, dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}", disable=not master, dynamic_ncols=True)
     running = {}
     t0 = time.time()
     model.train()

@@ -38,7 +38,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import shapes
-from common import load_checkpoint, save_checkpoint
+from common import DTYPE_HELP, load_checkpoint, save_checkpoint, use_bf16
 
 # -----------------------------------------------------------------------------
 # Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
@@ -547,7 +547,7 @@ def main(argv=None):
     parser.add_argument("--steps", type=int, help="total optimizer steps (the lr schedule spans them)")
     parser.add_argument("--batch-size", type=int, help="images per step")
     parser.add_argument("--lr", type=float, help="peak Adam learning rate (linear warm-up, then cosine to lr/10)")
-    parser.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     # monitoring and evaluation
     parser.add_argument("--ckpt-every", type=int, default=100, help="save the resumable checkpoint every N steps")
     parser.add_argument("--eval-prompts", type=int, help="held-out prompts (each gives a matching and a mismatching scene)")
@@ -559,7 +559,7 @@ def main(argv=None):
     # everything that shapes the training path; a checkpoint made with other values cannot be resumed
     run = dict(seed=args.seed, steps=steps, batch_size=args.batch_size or preset["batch_size"],
                lr=args.lr or preset["lr"], warmup=preset["warmup"], window=preset["window"],
-               bf16=preset["bf16"] and not args.fp32)
+               bf16=use_bf16(args.dtype, "cpu"))
     os.makedirs(args.out, exist_ok=True)
     ckpt_path = os.path.join(args.out, "ckpt.pt")
 
@@ -582,7 +582,8 @@ def main(argv=None):
         except ValueError as e:  # unreadable or not ours: say so in one line
             sys.exit(f"error: {e}")
         for key, want in (("config", asdict(cfg)), ("run", run)):
-            diff = [f"{k}={ckpt[key].get(k)!r} (now {v!r})" for k, v in want.items() if ckpt[key].get(k) != v]
+            # the dtype may differ (a resume on another machine): the run's path is the same
+            diff = [f"{k}={ckpt[key].get(k)!r} (now {v!r})" for k, v in want.items() if k != "bf16" and ckpt[key].get(k) != v]
             if diff:
                 sys.exit(f"error: {ckpt_path} is a run with other settings: {', '.join(diff)}; use another --out")
         model.load_state_dict(ckpt["model"])
@@ -597,7 +598,7 @@ def main(argv=None):
                          seconds=seconds + time.time() - t0), ckpt_path)
 
     model.train()
-    pbar = tqdm(total=steps, initial=step, desc=f"vq {args.config}", dynamic_ncols=True)
+    pbar = tqdm(total=steps, initial=step, desc=f"vq {args.config} {'bf16' if run['bf16'] else 'fp32'}", dynamic_ncols=True)
     t0 = time.time()
     while step < steps:
         x = train_batch(args.seed, step, run["batch_size"], cfg.image_size)  # (B, 3, H, W)

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from common import load_checkpoint, load_state, lr_at, pick_device, run_cli, save_checkpoint
+from common import DTYPE_HELP, load_checkpoint, load_state, lr_at, pick_device, run_cli, save_checkpoint, use_bf16
 from model import PRESETS, JanusConfig, VisionTransformer
 from tokenizer import to_tensor
 
@@ -125,7 +125,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=int, help="optimizer steps (the lr schedule spans them)")
     ap.add_argument("--batch-size", type=int, help="images per step")
     ap.add_argument("--lr", type=float, help="peak AdamW learning rate (warm-up, then cosine to lr/10)")
-    ap.add_argument("--fp32", action="store_true", help="train in fp32 instead of bf16 autocast")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     ap.add_argument("--ckpt-every", type=int, default=200, help="save the resumable state every N steps")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     run_cli(ap, argv, run)
@@ -139,14 +139,14 @@ def run(args):
     if steps < 1:
         raise ValueError(f"--steps must be at least 1, got {steps}")
     settings = dict(config=vit_config(cfg), seed=args.seed, steps=steps, batch_size=args.batch_size or preset["batch_size"],
-                    lr=args.lr or preset["lr"], warmup=preset["warmup"], bf16=not args.fp32, cover=COVER)
+                    lr=args.lr or preset["lr"], warmup=preset["warmup"], bf16=use_bf16(args.dtype, dev), cover=COVER)
     torch.manual_seed(args.seed)
     vit, head = VisionTransformer(cfg).to(dev), PatchHead(cfg.vit_width).to(dev)
     params = list(vit.parameters()) + list(head.parameters())
     opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.05)
     state_path = os.path.join(args.out, "vit_state.pt")
     step, seconds = 0, 0.0
-    st = load_state(state_path, "vit_state", settings)
+    st = load_state(state_path, "vit_state", settings, ignore=("bf16",))
     if st is not None:
         vit.load_state_dict(st["model"])
         head.load_state_dict(st["head"])
@@ -158,7 +158,7 @@ def run(args):
         save_checkpoint({"kind": "vit_state", "settings": settings, "model": vit.state_dict(), "head": head.state_dict(),
                          "optimizer": opt.state_dict(), "step": step, "seconds": seconds + time.time() - t0}, state_path)
 
-    bar = tqdm(total=steps, initial=step, desc=f"vit {args.config}", dynamic_ncols=True)
+    bar = tqdm(total=steps, initial=step, desc=f"vit {args.config} {'bf16' if settings['bf16'] else 'fp32'}", dynamic_ncols=True)
     t0 = time.time()
     vit.train()
     while step < steps:

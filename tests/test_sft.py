@@ -273,7 +273,7 @@ def _same(a, b, atol):
     return all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
 
 
-BASE = ["--stage", "base", "--config", "tiny", "--fp32", "--no-final-eval", "--eval-every", "0", "--batch-size", "8"]
+BASE = ["--stage", "base", "--config", "tiny", "--dtype", "fp32", "--no-final-eval", "--eval-every", "0", "--batch-size", "8"]
 
 
 def test_by_ink_hand_computed():

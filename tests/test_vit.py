@@ -29,7 +29,7 @@ def test_patch_labels_hand_computed():
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
-    args = ["--config", "tiny", "--steps", "6", "--fp32"]
+    args = ["--config", "tiny", "--steps", "6", "--dtype", "fp32"]
     full, cut = str(tmp_path / "full"), str(tmp_path / "cut")
     vit.main(args + ["--out", full])
     real, calls = vit.losses, []
