@@ -201,6 +201,46 @@ def bench_sampling(ours, hf, cfg, batch, runs):
 
 
 # -----------------------------------------------------------------------------
+# floors: what the same matmuls cost alone, and what streaming the weights costs
+
+
+def linears(*modules):
+    return [m for mod in modules for m in mod.modules() if isinstance(m, torch.nn.Linear)]
+
+
+@torch.no_grad()
+def gemm_seconds(layers, rows, dtype, reps=10):
+    """Seconds for `rows` rows to pass through every nn.Linear in `layers`, each matmul timed alone
+    (best of reps, its weight hot in cache): what a step costs if it did nothing but its matmuls."""
+    total = 0.0
+    for lin in layers:
+        x, w = torch.randn(rows, lin.in_features, dtype=dtype), lin.weight.detach().to(dtype)
+        F.linear(x, w)
+        best = float("inf")
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            F.linear(x, w)
+            best = min(best, time.perf_counter() - t0)
+        total += best
+    return total
+
+
+def copy_bandwidth(mb=64):
+    """Bytes/s of a large tensor copy (read + write): the memory system's practical rate."""
+    x = torch.empty(mb * 2 ** 20 // 4)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    best = min(timeit_once(lambda: y.copy_(x)) for _ in range(5))
+    return 2 * x.numel() * 4 / best
+
+
+def timeit_once(fn):
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+# -----------------------------------------------------------------------------
 
 
 def timed(fns, warmup, steps):
@@ -330,6 +370,25 @@ def main():
              ("sampling GFLOP/s", sampling["ours"] * dflops / 1e9, sampling["hf"] * dflops / 1e9)]
     for name, a, c in rows:
         print(f"{name:34s}{a:10.1f}{c:10.1f}{a / c:9.2f}")
+
+    # how far from the floors (DESIGN.md, "Performance method"): the LM's matmuls alone, timed
+    # one by one with hot weights (a training step runs each 3 times: forward, and two in backward)
+    lm = linears(ours.layers)
+    head = linears(ours.layers, ours.gen_aligner, ours.gen_head)
+    wdt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    t_train = 3 * gemm_seconds(lm, args.batch * T, wdt)
+    t_dec = gemm_seconds(head, 2 * args.batch, dtype)  # one image token: cond + uncond rows
+    wbytes = sum(lin.weight.numel() for lin in head) * torch.finfo(dtype).bits // 8
+    bw = copy_bandwidth()
+    print(f"floors on this CPU ({args.dtype}):")
+    print(f"  training: the LM's matmuls alone {t_train:.3f} s per step -> at most {args.batch * T / t_train:.0f} "
+          f"tokens/s ({train['ours'] * t_train / (args.batch * T):.0%} of that reached; hf {train['hf'] * t_train / (args.batch * T):.0%}); "
+          f"{3 * sum(2 * l.in_features * l.out_features for l in lm) * args.batch * T / t_train / 1e9:.0f} GFLOP/s in them")
+    print(f"  decoding: matmuls alone {t_dec * 1e3:.2f} ms per image token of {args.batch} images -> at most "
+          f"{args.batch / t_dec:.0f} image tokens/s ({sampling['ours'] * t_dec / args.batch:.0%} of that reached; "
+          f"hf {sampling['hf'] * t_dec / args.batch:.0%})")
+    print(f"  decoding: {wbytes / 1e6:.1f} MB of weights per token at {bw / 1e9:.1f} GB/s (a large copy) -> "
+          f"at most {args.batch * bw / wbytes:.0f} image tokens/s")
 
 
 if __name__ == "__main__":
