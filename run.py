@@ -146,7 +146,9 @@ def report(args, seconds):
         if stage == "base":
             first = ev["first"]
             rep["geneval"][stage] = {"first": dict(first, ood=extra["ood_first"]), "final": dict(first, ood=extra["ood_first"])}
-            rep["judge"][stage] = dict(ev["understanding"], layout="vqa")
+            rep["judge"][stage] = dict(ev["understanding"], layout="vqa (question after the image)")
+            if "selfcheck" in ev:  # the layout the judge uses, on the same rendered scenes
+                rep["judge"]["base self-check"] = dict(ev["selfcheck"], layout="self-check, rendered scenes", stage=stage)
             rep["describe_nats"] = ev.get("describe_nats")  # absent in runs made before it was measured
             rep["describe_exact"] = ev.get("describe_exact")
         else:
@@ -170,7 +172,7 @@ def report(args, seconds):
               "| stage | layout | agreement | AUC of P(yes) |", "|---|---|---|---|"]
     for stage, j in rep["judge"].items():
         auc = "n/a (one class only)" if j["auc"] is None else f"{j['auc']:.3f}"
-        lines.append(f"| {stage} | {j['layout']} | {j['agreement']:.3f} | {auc} |")
+        lines.append(f"| {j.get('stage', stage)} | {j['layout']} | {j['agreement']:.3f} | {auc} |")
     if rep.get("describe_nats") is not None:
         lines += ["", f"base describing held-out scenes (teacher-forced canonical caption): "
                   f"{rep['describe_nats']:.3f} nats per token"]
@@ -181,7 +183,7 @@ def report(args, seconds):
                   "| " + " | ".join(f"{d[c]:.2f}" for c in cats) + " |"]
     for stage, j in rep["judge"].items():
         if j.get("by_ink"):  # a judge that reads the facts agrees within every bin, not only across them
-            lines += ["", f"{stage} VQA by amount of ink (quartiles of the fraction of coloured pixels):", "",
+            lines += ["", f"{j.get('stage', stage)}, {j['layout']}, by amount of ink (quartiles of the fraction of coloured pixels):", "",
                       "| quartile | yes-rate | match rate | agreement |", "|---|---|---|---|"]
             lines += [f"| {i + 1} | {b['yes_rate']:.2f} | {b['match_rate']:.2f} | {b['agreement']:.2f} |"
                       for i, b in enumerate(j["by_ink"])]

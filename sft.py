@@ -48,11 +48,11 @@ from vit import load_vit
 # from scratch, so they need far more than the paper's 2e-5 for fine-tuning a 7B model.
 
 TRAIN = {
-    "tiny": dict(base_steps=60, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
+    "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
-    "toy": dict(base_steps=900, sft_steps=300, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
+    "toy": dict(base_steps=900, easy_steps=300, sft_steps=300, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
                 eval_every=300, eval_prompts=6, sft_prompts=400, samples_per_prompt=4),
-    "small": dict(base_steps=6000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
+    "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
 }
 # The base model: draw, describe, answer. With the pretrained ViT (vit.py) describing is learned
@@ -66,6 +66,14 @@ BASE_MIX = {"t2i": 0.5, "describe": 0.15, "vqa": 0.35}
 # ViT teaches several answers. All categories, frozen pretrained ViT, lr 3e-4, 400 VQA-only steps:
 # one question per image reached 0.77 agreement (AUC 0.82) in 258 s, four reached 0.83 (AUC 0.90) in 272 s.
 VQA_QUESTIONS = 4
+# The first question of every VQA conversation is asked in the self-check's own layout (prompt,
+# image, cue), the one the judge needs, and for the first `easy_steps` base steps its prompt comes
+# from these categories only. The toy LM does not find that layout by itself: VQA only, all
+# categories, 400 steps, it stayed at chance (agreement 0.60, AUC 0.64); with 150 steps on these
+# categories first it reached 0.81 / 0.87 by step 450 (scratch runs, README "Results"). The answer
+# must join the prompt read before the image with the image: two hops, where the question after
+# the image needs one; on one-object prompts the model finds the two hops, then keeps them.
+EASY_CATEGORIES = ("single", "colour")
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
 DESCRIBE = "Describe the image."
 PROMPT_DROPOUT = 0.1
@@ -81,6 +89,12 @@ def vqa_seq(tok, image, question, n_tokens, before=False):
     s = Seq().add([tok.bos]).text(tok, f"{USER} " + (question + "\n" if before else "") + "<begin_of_image>")
     s.und_image(tok, image, n_tokens)
     return s.text(tok, "<end_of_image>" + ("" if before else "\n" + question) + "\n\n" + ASSISTANT)
+
+
+def selfcheck_seq(tok, prompt_text, image, n_tokens):
+    """The self-check layout (SPEC.md section 3): `<bos><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>`
+    [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows."""
+    return prompt_seq(tok, prompt_text).und_image(tok, image, n_tokens).text(tok, CUE)
 
 
 def question(prompt_text):
@@ -102,33 +116,32 @@ def train_prompt(rng, by_cat):
 # split over several processes, sees exactly the data of an uninterrupted single-process run.
 
 
-def base_example(task, rng, by_cat, size):
+def base_example(task, rng, by_cat, size, easy=False):
     """(kind, scene-or-None, seq builder args) for the base stage; images are rendered here and
-    VQ-encoded per batch by `encode_codes`."""
-    p = train_prompt(rng, by_cat)
+    VQ-encoded per batch by `encode_codes`. easy: a VQA conversation opens with an EASY_CATEGORIES prompt."""
+    if task == "vqa" and easy:
+        p = train_prompt(rng, {c: v for c, v in by_cat.items() if c in EASY_CATEGORIES})
+    else:
+        p = train_prompt(rng, by_cat)
     if task == "t2i":
         return dict(task=task, prompt=p.text, image=shapes.render(shapes.sample_scene(rng, size, p)),
                     drop=rng.random() < PROMPT_DROPOUT)
     if task == "describe":
         scene = shapes.sample_scene(rng, size, p)
         return dict(task=task, image=shapes.render(scene), answer=shapes.describe(scene))
-    # a conversation about one image: the first question matches or breaks with even odds (the
-    # scene is drawn for it), the others are further training prompts answered from the same scene
+    # a conversation about one image: the first question, in the self-check layout, matches or
+    # breaks with even odds (the scene is drawn for it); the others, asked after the image as a VLM
+    # is usually asked, are further training prompts answered from the same scene
     match = rng.random() < 0.5
     scene = shapes.sample_scene(rng, size, p, match=match)
-    # The first question comes before the image half of the time, because the self-check reads
-    # its prompt before the image. It is not enough (README "Results"): on the test split this base
-    # model agrees with the checker 0.844 (AUC 0.909) asked after the image, 0.584 (0.642) asked
-    # before it; asking the first question always before gave 0.554 (0.580) there and a worse judge.
     asked = [p] + [train_prompt(rng, by_cat) for _ in range(VQA_QUESTIONS - 1)]
-    return dict(task=task, image=shapes.render(scene), qa=[(q.text, shapes.truth(scene, q).reason) for q in asked],
-                before=rng.random() < 0.5)
+    return dict(task=task, image=shapes.render(scene), qa=[(q.text, shapes.truth(scene, q).reason) for q in asked])
 
 
 UND_TASKS = ("describe", "vqa")  # the base tasks that read an image through the ViT
 
 
-def base_batch(rng, mix, n, by_cat, size):
+def base_batch(rng, mix, n, by_cat, size, easy=False):
     """One base-stage step -> (task, n examples): a text-to-image step with probability mix["t2i"],
     otherwise an understanding step ("und") whose examples are describe or vqa, drawn per example
     in the proportion mix["describe"] : mix["vqa"]. Mixed per example because alternating whole
@@ -138,7 +151,7 @@ def base_batch(rng, mix, n, by_cat, size):
     if task not in UND_TASKS:
         return task, [base_example(task, rng, by_cat, size) for _ in range(n)]
     w = [mix[t] for t in UND_TASKS]
-    return "und", [base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size) for _ in range(n)]
+    return "und", [base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size, easy) for _ in range(n)]
 
 
 def build_seq(ex, tok, n_tokens):
@@ -152,13 +165,12 @@ def build_seq(ex, tok, n_tokens):
         return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0)
     if t == "vqa":
         (q, a), *more = ex["qa"]
-        s = add_answer(vqa_seq(tok, ex["image"], question(q), n_tokens, ex.get("before", False)), tok, a, 0.8, 0.2)
+        s = add_answer(selfcheck_seq(tok, q, ex["image"], n_tokens), tok, a, 0.8, 0.2)
         for q, a in more:
             add_answer(next_turn(s, tok, question(q)), tok, a, 0.8, 0.2)
         return s
     if t == "task2":
-        s = prompt_seq(tok, ex["prompt"]).und_image(tok, ex["image"], n_tokens).text(tok, CUE)
-        return add_answer(s, tok, ex["answer"], 0.8, 0.2)
+        return add_answer(selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens), tok, ex["answer"], 0.8, 0.2)
     # task3: the earlier failed rounds go in through the VQ path, each with its reflection
     s = prompt_seq(tok, ex["prompt"])
     for codes, reason in ex["history"]:
@@ -328,9 +340,10 @@ def group_stats(said, labels, sel):
 
 
 @torch.no_grad()
-def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, before=False):
-    """The base model's VQA skill: rendered held-out scenes, half matching and half broken,
-    "Does this image match the prompt {prompt}" (after the image; before=True: before it) -> the
+def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="after"):
+    """The base model's VQA skill: rendered held-out scenes, half matching and half broken, asked
+    "Does this image match the prompt {prompt}" after the image (layout "after"), before it in the
+    user's turn ("before"), or as the self-check does ("selfcheck": prompt, image, cue) -> the
     forced Yes/No at the first answer position. Returns the
     agreement of its Yes/No with the checker, the AUC of its P(yes), and both per ink quartile (by_ink)."""
     rng = random.Random(f"und-eval-{seed}")
@@ -341,7 +354,8 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, before=F
         for p in prompts[i:i + batch]:
             match = rng.random() < 0.5
             im = shapes.render(shapes.sample_scene(rng, size, p, match=match))
-            seqs.append(vqa_seq(tok, im, question(p.text), N, before))
+            seqs.append(selfcheck_seq(tok, p.text, im, N) if layout == "selfcheck"
+                        else vqa_seq(tok, im, question(p.text), N, layout == "before"))
             labels.append(match)
             images.append(im)
         b = collate(seqs, tok, next(model.parameters()).device, left=True)
@@ -477,7 +491,8 @@ def run(args):
     # everything that shapes the training path: a saved state made with other values can't resume
     settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=args.lr or preset[f"{args.stage}_lr"],
                     batch_size=args.batch_size or preset["batch_size"], warmup=preset["warmup"], steps=steps,
-                    bf16=None, mix=mix, depth=args.depth, freeze_vit=not args.train_vit)
+                    bf16=None, mix=mix, depth=args.depth, freeze_vit=not args.train_vit,
+                    easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
     ddp = "RANK" in os.environ
     dev = pick_device(args.device)
     if ddp:
@@ -581,7 +596,7 @@ def run(args):
         # the global batch of this step, a function of (seed, step) only; this process's share
         rng = random.Random(f"{args.stage}-{args.seed}-{step}")
         if args.stage == "base":
-            task, exs = base_batch(rng, mix, settings["batch_size"], by_cat, size)
+            task, exs = base_batch(rng, mix, settings["batch_size"], by_cat, size, easy=step < settings["easy_steps"])
         else:
             task = rng.choices(list(mix), weights=list(mix.values()))[0]
             exs = [sft_example(task, rng, chosen, pool, size, args.depth) for _ in range(settings["batch_size"])]
@@ -637,10 +652,12 @@ def quick_eval(model, vq, tok, prompts, stage, size):
     if stage == "base":
         r = evaluate(model, vq, tok, prompts, rounds=1)
         u = evaluate_understanding(model, tok, prompts, size)
+        sc = evaluate_understanding(model, tok, prompts, size, layout="selfcheck")
         d = evaluate_describing(model, tok, prompts, size)
         return {"first": round(r["first"]["overall"], 3), "describe_nats": round(d["nats"], 3),
                 "describe_exact": round(d["exact"]["overall"], 3),
-                "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3)}
+                "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3),
+                "selfcheck": round(sc["agreement"], 3), "selfcheck_auc": sc["auc"] and round(sc["auc"], 3)}
     r = evaluate(model, vq, tok, prompts, rounds=3)
     return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
             "judge": round(r["judge"]["agreement"], 3)}
@@ -653,6 +670,7 @@ def final_eval(model, vq, tok, prompts, stage, size):
         r = evaluate(model, vq, tok, prompts, rounds=1, progress=True)
         d = evaluate_describing(model, tok, prompts, size)
         return {"first": r["first"], "understanding": evaluate_understanding(model, tok, prompts, size),
+                "selfcheck": evaluate_understanding(model, tok, prompts, size, layout="selfcheck"),
                 "describe_nats": d["nats"], "describe_exact": d["exact"]}
     r = evaluate(model, vq, tok, prompts, rounds=3, progress=True)
     return r

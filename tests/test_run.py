@@ -37,14 +37,14 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert any(line.startswith("| untrained | first |") for line in md.splitlines())
     assert set(rep["describe_exact"]) == set(shapes.CATEGORIES) | {"overall"}
     assert rep["vq"]["background_codes"] == 1  # the patch-local tokenizer
-    assert len(rep["judge"]["base"]["by_ink"]) == 4
+    assert len(rep["judge"]["base"]["by_ink"]) == 4 and len(rep["judge"]["base self-check"]["by_ink"]) == 4
     # the self-check per category splits the same judged images: counts and agreement add up
     j = rep["judge"]["sft"]
     assert set(j["by_category"]) == set(shapes.CATEGORIES)  # the tiny run's eval prompts cover every category
     assert sum(b["n"] for b in j["by_category"].values()) == j["n"]
     assert np.isclose(sum(b["agreement"] * b["n"] for b in j["by_category"].values()) / j["n"], j["agreement"])
     assert np.isclose(sum(b["match_rate"] * b["n"] for b in j["by_category"].values()) / j["n"], j["checker_yes_rate"])
-    for title in ("GenEval-style accuracy", "The model as a judge", "VQA by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer", "ViT pretraining"):
+    for title in ("GenEval-style accuracy", "The model as a judge", "by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer", "ViT pretraining"):
         assert title in md
 
     # running it again reuses every finished stage and writes the same report

@@ -109,33 +109,44 @@ def test_task2_loss_on_the_answer_weighted():
 
 
 def test_vqa_conversation_loss_on_every_answer():
-    """One image, several questions: each answer (+ EOS) carries the loss, 0.8 on its Yes/No and
-    0.2 on the rest; the questions and the image carry none; the image goes in once."""
+    """One image, several questions: the first in the self-check layout (prompt, image, cue), the
+    others after the image; each answer (+ EOS) carries the loss, 0.8 on its Yes/No and 0.2 on the
+    rest; the questions and the image carry none; the image goes in once."""
     qa = [("a red circle", "Yes, there is a red circle."), ("a square", "No, there is no square."),
           ("two circles", "No, there is one circle, not two.")]
     s = sft.build_seq(dict(task="vqa", image=_image(), qa=qa), TOK, N)
     b = S.collate([s], TOK)
     pos, w = _where(b)
+    # the opening is exactly the judge's: Task II's sequence up to its answer
+    head = sft.build_seq(dict(task="task2", prompt=qa[0][0], image=_image(), answer=qa[0][1]), TOK, N)
+    assert s.ids[:len(head)] == head.ids and s.kind[:len(head)] == head.kind
     expect_pos, expect_w, i = [], [], 0
     for j, (q, a) in enumerate(qa):
-        turn = sft.question(q) + "\n\n<|Assistant|>:"
-        turn = ("<end_of_image>\n" if j == 0 else "<|User|>: ") + turn
-        ids = TOK.encode(turn)
+        turn = TOK.encode("<end_of_image>\nLet me think Does this image match the prompt...") if j == 0 else \
+            TOK.encode("<|User|>: " + sft.question(q) + "\n\n<|Assistant|>:")
         start = s.ids.index(TOK.img) + N if j == 0 else i
-        assert s.ids[start:start + len(ids)] == ids  # the question, as written
+        assert s.ids[start:start + len(turn)] == turn  # the cue, or the question, as written
         ans = TOK.encode(a) + [TOK.eos]
-        first = start + len(ids)
+        first = start + len(turn)
         assert s.ids[first:first + len(ans)] == ans
         expect_pos += list(range(first, first + len(ans)))
         expect_w += [0.8] + [0.2] * (len(ans) - 1)
         i = first + len(ans)
+    assert s.ids[:s.ids.index(TOK.img)] == [TOK.bos] + TOK.encode("<|User|>: a red circle\n\n<|Assistant|>:<begin_of_image>")
     assert i == len(s) and pos == expect_pos and w == pytest.approx(expect_w)
     assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
-    # the first question before the image: the same answers with the same weights, the image later
-    s2 = sft.build_seq(dict(task="vqa", image=_image(), qa=qa, before=True), TOK, N)
-    q1 = TOK.encode("<|User|>: " + sft.question(qa[0][0]) + "\n<begin_of_image>")
-    assert s2.ids[1:1 + len(q1)] == q1 and s2.kind[1 + len(q1)] == S.UND and len(s2) == len(s)
-    assert _where(S.collate([s2], TOK))[1] == pytest.approx(expect_w)
+
+
+def test_easy_steps_open_conversations_with_easy_prompts():
+    by_cat = {}
+    for p in shapes.make_splits(seed=0)["train"]:
+        by_cat.setdefault(p.category, []).append(p)
+    easy = {p.text for c in sft.EASY_CATEGORIES for p in by_cat[c]}
+    rng = random.Random(0)
+    firsts = [sft.base_example("vqa", rng, by_cat, 32, easy=True)["qa"][0][0] for _ in range(40)]
+    assert all(t in easy for t in firsts)
+    firsts = [sft.base_example("vqa", rng, by_cat, 32)["qa"][0][0] for _ in range(40)]
+    assert sum(t not in easy for t in firsts) > 20  # afterwards every category (5 of 7 are not easy)
 
 
 def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
