@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import bf16_pays
+from common import best_seconds, bf16_pays
 from model import PRESETS, Janus, JanusConfig, to_official
 
 # -----------------------------------------------------------------------------
@@ -215,13 +215,7 @@ def gemm_seconds(layers, rows, dtype, reps=10):
     total = 0.0
     for lin in layers:
         x, w = torch.randn(rows, lin.in_features, dtype=dtype), lin.weight.detach().to(dtype)
-        F.linear(x, w)
-        best = float("inf")
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            F.linear(x, w)
-            best = min(best, time.perf_counter() - t0)
-        total += best
+        total += best_seconds(lambda: F.linear(x, w), reps)
     return total
 
 
@@ -229,15 +223,7 @@ def copy_bandwidth(mb=64):
     """Bytes/s of a large tensor copy (read + write): the memory system's practical rate."""
     x = torch.empty(mb * 2 ** 20 // 4)
     y = torch.empty_like(x)
-    y.copy_(x)
-    best = min(timeit_once(lambda: y.copy_(x)) for _ in range(5))
-    return 2 * x.numel() * 4 / best
-
-
-def timeit_once(fn):
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+    return 2 * x.numel() * 4 / best_seconds(lambda: y.copy_(x), 5)
 
 
 # -----------------------------------------------------------------------------

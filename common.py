@@ -36,17 +36,19 @@ def bf16_pays(device):
     if device.type != "cpu":
         return False
     a, b = torch.randn(256, 256), torch.randn(256, 256)
+    x, y = a.bfloat16(), b.bfloat16()
+    return best_seconds(lambda: x @ y) < 0.8 * best_seconds(lambda: a @ b)
 
-    def best(dtype):
-        x, y = a.to(dtype), b.to(dtype)
-        x @ y  # warm up
-        t = []
-        for _ in range(3):
-            t0 = time.perf_counter()
-            x @ y
-            t.append(time.perf_counter() - t0)
-        return min(t)
-    return best(torch.bfloat16) < 0.8 * best(torch.float32)
+
+def best_seconds(fn, reps=3):
+    """The fastest of `reps` timed calls of fn, after one untimed warm-up call."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
 
 
 def use_bf16(choice, device):

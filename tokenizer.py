@@ -465,8 +465,8 @@ class TextTokenizer:
 # then follows a cosine down to lr / 10 at the last step.
 TRAIN_PRESETS = {
     # tiny only has to be quick (the tests and the tiny pipeline); it reconstructs poorly
-    "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=20, window=25, bf16=True, eval_prompts=70),
-    "toy": dict(steps=1400, batch_size=16, lr=1e-3, warmup=50, window=50, bf16=True, eval_prompts=700),
+    "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=20, window=25, eval_prompts=70),
+    "toy": dict(steps=1400, batch_size=16, lr=1e-3, warmup=50, window=50, eval_prompts=700),
 }
 
 
