@@ -184,10 +184,17 @@ def bench_sampling(ours, hf, cfg, batch, runs):
     P, N = len(seqs[0]), cfg.image_tokens
 
     @torch.no_grad()
-    def ours_sample():
+    def ours_sample(compile=False):
         cache, km, h, pos = sample._prefill_pair(ours, seqs, [s.uncond(tok, True) for s in seqs], tok, P + N, "cpu")
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
-        return sample._draw_image(ours, cache, km, h, pos, batch, sample.Options(), sample._uniforms(gens, N, "cpu"))
+        opt = sample.Options(compile=compile)
+        return sample._draw_image(ours, cache, km, h, pos, batch, opt, sample._uniforms(gens, N, "cpu"))[0]
+
+    # sample.py --compile: the first call compiles; the same seeds must give the same images
+    t0 = time.perf_counter()
+    same = (ours_sample(True) == ours_sample()).float().mean().item()
+    print(f"sample.py --compile: compiled in {time.perf_counter() - t0:.1f} s; "
+          f"{same:.1%} of its image tokens equal the eager sampler's (same seeds)")
 
     ids = torch.tensor([s.ids for s in seqs])  # the same token ids and length
     gc = GenerationConfig(do_sample=True, guidance_scale=5.0, bos_token_id=tok.bos, pad_token_id=tok.pad,
@@ -197,7 +204,8 @@ def bench_sampling(ours, hf, cfg, batch, runs):
     def hf_sample():
         return hf.generate(ids, attention_mask=torch.ones_like(ids), generation_mode="image", generation_config=gc)
 
-    return {k: batch * N / sec for k, sec in timed({"ours": ours_sample, "hf": hf_sample}, 1, runs).items()}
+    fns = {"ours": ours_sample, "ours compiled": lambda: ours_sample(True), "hf": hf_sample}
+    return {k: batch * N / sec for k, sec in timed(fns, 1, runs).items()}
 
 
 # -----------------------------------------------------------------------------
@@ -274,7 +282,7 @@ def main():
     # how long
     p.add_argument("--steps", type=int, default=10, help="timed training steps per model (after --warmup)")
     p.add_argument("--warmup", type=int, default=3, help="untimed training steps per model first")
-    p.add_argument("--decode-runs", type=int, default=2,
+    p.add_argument("--decode-runs", type=int, default=5,
                    help="timed CFG decode runs of one image per row (after one warm-up run)")
     p.add_argument("--prompt", type=int, default=32, help="prompt length before the image when decoding")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
@@ -353,7 +361,8 @@ def main():
     rows += [("CFG decode image tokens/s", decode["ours"], decode["hf"]),
              ("decode GFLOP/s", decode["ours"] * dflops / 1e9, decode["hf"] * dflops / 1e9),
              ("CFG sampling image tokens/s (generate)", sampling["ours"], sampling["hf"]),
-             ("sampling GFLOP/s", sampling["ours"] * dflops / 1e9, sampling["hf"] * dflops / 1e9)]
+             ("sampling GFLOP/s", sampling["ours"] * dflops / 1e9, sampling["hf"] * dflops / 1e9),
+             ("  ... sample.py --compile", sampling["ours compiled"], sampling["hf"])]
     for name, a, c in rows:
         print(f"{name:34s}{a:10.1f}{c:10.1f}{a / c:9.2f}")
 
@@ -371,8 +380,8 @@ def main():
           f"tokens/s ({train['ours'] * t_train / (args.batch * T):.0%} of that reached; hf {train['hf'] * t_train / (args.batch * T):.0%}); "
           f"{3 * sum(2 * l.in_features * l.out_features for l in lm) * args.batch * T / t_train / 1e9:.0f} GFLOP/s in them")
     print(f"  decoding: matmuls alone {t_dec * 1e3:.2f} ms per image token of {args.batch} images -> at most "
-          f"{args.batch / t_dec:.0f} image tokens/s ({sampling['ours'] * t_dec / args.batch:.0%} of that reached; "
-          f"hf {sampling['hf'] * t_dec / args.batch:.0%})")
+          f"{args.batch / t_dec:.0f} image tokens/s ({sampling['ours'] * t_dec / args.batch:.0%} of that reached, "
+          f"{sampling['ours compiled'] * t_dec / args.batch:.0%} compiled; hf {sampling['hf'] * t_dec / args.batch:.0%})")
     print(f"  decoding: {wbytes / 1e6:.1f} MB of weights per token at {bw / 1e9:.1f} GB/s (a large copy) -> "
           f"at most {args.batch * bw / wbytes:.0f} image tokens/s")
 

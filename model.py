@@ -142,13 +142,27 @@ def attend(q, k, v, mask=None, causal=False, sdpa=True):
 
 
 class KVCache:
-    """Keys and values of every layer, preallocated: (n_layer, B, nkv, max_len, hs) each.
-    Decoding writes the new positions in place; nothing is concatenated or reallocated per step."""
+    """Keys and values, preallocated: k[i] and v[i] are layer i's (B, nkv, max_len, hs). Decoding
+    writes the new positions in place; nothing is concatenated or reallocated per step. One tensor
+    per layer, not one stacked tensor: a compiled decoding step (sample.py, --compile) then writes
+    each layer's slot in place, where a stacked tensor made it copy the whole cache per layer
+    (measured on toy: 20 ms per step against 8)."""
 
     def __init__(self, n_layer, batch, n_kv_head, max_len, head_dim, device=None, dtype=None):
-        shape = (n_layer, batch, n_kv_head, max_len, head_dim)
-        self.k = torch.zeros(shape, device=device, dtype=dtype)
-        self.v = torch.zeros(shape, device=device, dtype=dtype)
+        shape = (batch, n_kv_head, max_len, head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n_layer)]
+
+    def rows(self, sl):
+        """A view on some rows (batch slice sl): writes through it land in this cache."""
+        view = KVCache.__new__(KVCache)
+        view.k, view.v = [t[sl] for t in self.k], [t[sl] for t in self.v]
+        return view
+
+    def copy_from(self, src, rows, length):
+        """Positions [0, length) of every row of this cache <- those of src's rows `rows`."""
+        for dst, s in zip(self.k + self.v, src.k + src.v):
+            dst[:, :, :length] = s[rows, :, :length]
 
 
 class Attention(nn.Module):
@@ -167,9 +181,16 @@ class Attention(nn.Module):
         # q and k heads rotated in one go (fewer small ops per decoding step), then split
         q, k = apply_rope(qkv[:, :nh + nkv], *rope).split([nh, nkv], dim=1)  # (B, nh, T, hs), (B, nkv, T, hs)
         v = qkv[:, nh + nkv:]  # (B, nkv, T, hs)
-        if kv is not None:
+        if kv is not None and torch.is_tensor(start_pos):
+            # static decoding (T == 1, start_pos a 0-d tensor): write the slot, attend over the whole
+            # cache; the mask hides the slots not written yet, so every step has the same shapes
+            cache_k, cache_v = kv  # (B, nkv, max_len, hs) each, this layer's
+            cache_k.index_copy_(2, start_pos.view(1), k)
+            cache_v.index_copy_(2, start_pos.view(1), v)
+            k, v = cache_k, cache_v
+        elif kv is not None:
             # write this chunk into the cache, then attend over everything cached so far
-            cache_k, cache_v = kv  # (B, nkv, max_len, hs) each, this layer's slice
+            cache_k, cache_v = kv  # (B, nkv, max_len, hs) each, this layer's
             end = start_pos + T
             cache_k[:, :, start_pos:end] = k
             cache_v[:, :, start_pos:end] = v
@@ -382,9 +403,19 @@ class Janus(nn.Module):
         """Final hidden states (B, T, D), after the last RMSNorm, of input embeddings x (B, T, D)
         sitting at positions start_pos..start_pos+T-1 of the sequence (start_pos > 0 only with a
         cache holding the earlier positions). key_mask (B, start_pos + T), True = real token, is for
-        padded batches: masked slots are never attended to and do not count as positions."""
+        padded batches: masked slots are never attended to and do not count as positions.
+        start_pos as a 0-d tensor selects static decoding (see below; key_mask then spans the cache)."""
         T = x.size(1)
-        if key_mask is None:
+        if torch.is_tensor(start_pos):
+            # static decoding: one new token per row at cache slot start_pos (a 0-d tensor, so the
+            # shapes, and a compiled graph, are the same at every step); key_mask (B, max_len) spans
+            # the whole cache and the mask built here also hides the slots after start_pos
+            assert T == 1 and cache is not None and key_mask is not None, "static decoding: one token, cache, key_mask"
+            slots = torch.arange(key_mask.size(1), device=x.device)
+            seen = (key_mask & (slots <= start_pos)) | (slots == start_pos)  # (B, max_len)
+            pos = (seen.sum(-1) - 1)[:, None, None]  # (B, 1, 1): the row's real tokens before this one
+            mask = seen[:, None, None]  # (B, 1, 1, max_len)
+        elif key_mask is None:
             pos = torch.arange(start_pos, start_pos + T, device=x.device)  # (T,)
         else:
             # a row's positions count only its real tokens, so masked slots (left padding, or holes
@@ -396,7 +427,8 @@ class Janus(nn.Module):
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         rope = (cos.to(dt), sin.to(dt))
-        mask = attention_mask(T, start_pos, key_mask, x.device)
+        if not torch.is_tensor(start_pos):
+            mask = attention_mask(T, start_pos, key_mask, x.device)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             x = layer(x, rope, mask, kv, start_pos)

@@ -196,15 +196,11 @@ class Options:
     text_temperature: float = 0.0  # the judge's answer: 0 = greedy (Yes/No by the larger P)
     max_reason: int = 24       # tokens after Yes/No, EOS included
     rounds: int = 3            # most images per chain
+    compile: bool = False      # image tokens by the compiled static step (faster per token, compiles first)
 
 
 # -----------------------------------------------------------------------------
 # The KV cache plumbing: row views, copies, one batched forward for cond + uncond rows
-
-def _rows(cache, sl):
-    # a view on some rows of a cache: writes through it land in the big cache
-    return SimpleNamespace(k=cache.k[:, sl], v=cache.v[:, sl])
-
 
 def _new_cache(model, batch, length):
     # under autocast k and v come out in the autocast dtype: store them so, at half the bytes
@@ -219,21 +215,63 @@ def _forward(model, x, cache, start, key_mask):
     return model(x, cache=cache, start_pos=start, key_mask=km)
 
 
+def _image_code(model, h_last, u, n_cond, opt):
+    """The next image code of n_cond chains from the last hidden states of their cond and uncond rows."""
+    logits = model.image_logits(h_last)  # (2 n_cond, V) fp32
+    guided = cfg_logits(logits[:n_cond], logits[n_cond:], opt.cfg)
+    return pick(guided, u, opt.temperature, opt.top_k, opt.top_p)  # (n_cond,)
+
+
+def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
+    """One image token with static shapes: pick the code, feed it (both rows) at cache slot `slot`,
+    a 0-d tensor, attending over the whole cache. The unit that --compile compiles."""
+    code = _image_code(model, h_last, u, n_cond, opt)
+    x = model.embed_image_ids(code.repeat(2))[:, None]  # (2 n_cond, 1, D)
+    return code, model(x, cache=cache, start_pos=slot, key_mask=key_mask)[:, -1]
+
+
+_compiled_token = None
+
+
+def compiled_token():
+    """_static_token compiled by inductor, made once per process. Shapes are static: each new batch
+    size or cache length compiles again (toy: ~5-25 s each on a CPU), then every token reuses it."""
+    global _compiled_token
+    if _compiled_token is None:
+        _compiled_token = torch.compile(_static_token, dynamic=False, fullgraph=True)
+    return _compiled_token
+
+
 @torch.no_grad()
 def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     """Sample one image's codes for n_cond chains whose cond rows are cache rows [0, n_cond) and
     uncond rows [n_cond, 2 n_cond), both already prefilled up to `start` (h_last: their last hidden
     states, (2 n_cond, D)). One batched forward per token for both rows. Returns codes (n_cond, N)
-    and the cache position after feeding all but the last code."""
-    N = model.cfg.image_tokens
-    codes = torch.empty(n_cond, N, dtype=torch.long, device=h_last.device)
+    and the cache position after feeding all but the last code (it is fed later, only if the chain
+    continues). key_mask: (2 n_cond, cache length) or None when nothing is padded."""
+    N, dev = model.cfg.image_tokens, h_last.device
+    codes = torch.empty(n_cond, N, dtype=torch.long, device=dev)
+    if opt.compile:
+        # the same tokens by the static path: one compiled graph for every step (model.forward)
+        km = key_mask if key_mask is not None else torch.ones(2 * n_cond, cache.k[0].size(2), dtype=torch.bool, device=dev)
+        step, slots = compiled_token(), torch.arange(start, start + N - 1, device=dev)
+        h_last = h_last.contiguous()  # as the step returns it: one graph for every call
+        def token(i):
+            codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
+            return h
+
+        h_last = token(0)  # checked: finds (or compiles) the graph for these inputs
+        # later calls change only tensor values, so dynamo's guard checks (~0.3 ms a call on toy) are skipped
+        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+            for i in range(1, N - 1):
+                h_last = token(i)
+        codes[:, N - 1] = _image_code(model, h_last, uniforms[:, N - 1], n_cond, opt)
+        return codes, start + N - 1
     padded = key_mask is not None and not bool(key_mask.all())  # checked once, not per token
     for i in range(N):
-        logits = model.image_logits(h_last)  # (2 n_cond, V) fp32
-        guided = cfg_logits(logits[:n_cond], logits[n_cond:], opt.cfg)
-        codes[:, i] = pick(guided, uniforms[:, i], opt.temperature, opt.top_k, opt.top_p)
+        codes[:, i] = _image_code(model, h_last, uniforms[:, i], n_cond, opt)
         if i == N - 1:
-            break  # the last code is fed later, only if the chain continues
+            break
         x = model.embed_image_ids(codes[:, i].repeat(2))[:, None]  # (2 n_cond, 1, D)
         h_last = model(x, cache=cache, start_pos=start, key_mask=key_mask[:, :start + 1] if padded else None)[:, -1]
         start += 1
@@ -272,8 +310,7 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     N = model.cfg.image_tokens
     L = prefix_len + N + len(cue) + 1 + opt.max_reason
     cache = _new_cache(model, B, L)
-    cache.k[:, :, :, :prefix_len] = prefix_cache.k[:, :B, :, :prefix_len]
-    cache.v[:, :, :, :prefix_len] = prefix_cache.v[:, :B, :, :prefix_len]
+    cache.copy_from(prefix_cache, slice(0, B), prefix_len)
     km = torch.ones(B, L, dtype=torch.bool, device=dev)
     km[:, :prefix_len] = key_mask[:B, :prefix_len]
     idx = torch.tensor([[tok.img] * N + cue] * B, device=dev)
@@ -380,21 +417,20 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
         m, C = len(live), max(map(len, chunks))
         sel = torch.tensor(keep, device=dev)
         new = _new_cache(model, 2 * m, longest)
-        new.k[:, :m, :, :end] = cache.k[:, sel, :, :end]
-        new.v[:, :m, :, :end] = cache.v[:, sel, :, :end]
+        new.rows(slice(0, m)).copy_from(cache, sel, end)
         new_km = torch.ones(2 * m, longest, dtype=torch.bool, device=dev)
         new_km[:m, :end] = km[sel, :end]
         # cond rows: feed only the new chunk, left-padded (the holes are masked keys)
         b = collate(chunks, tok, dev, left=True)
         new_km[:m, end:end + C] = b.key_mask
-        h_c = _forward(model, embed_batch(model, b), _rows(new, slice(0, m)), end, new_km[:m])[:, -1]
+        h_c = _forward(model, embed_batch(model, b), new.rows(slice(0, m)), end, new_km[:m])[:, -1]
         # uncond rows: the whole regeneration context with only the caption padded, prefilled
         # afresh and right-aligned with the cond rows (both hold the same number of real tokens)
         ub = collate([seqs[i].uncond(tok, False) for i in live], tok, dev, left=True)
         pad = end + C - ub.idx.size(1)
         new_km[m:, :pad] = False
         new_km[m:, pad:end + C] = ub.key_mask
-        h_u = _forward(model, embed_batch(model, ub), _rows(new, slice(m, 2 * m)), pad, new_km[m:])[:, -1]
+        h_u = _forward(model, embed_batch(model, ub), new.rows(slice(m, 2 * m)), pad, new_km[m:])[:, -1]
         cache, km, h, pos = new, new_km, torch.cat([h_c, h_u]), end + C
     bar.close()
     return chains
@@ -453,6 +489,9 @@ def main(argv=None):
     ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass for image tokens")
     ap.add_argument("--seed", type=int, default=0, help="chain i uses seed + i: any image can be redrawn alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    ap.add_argument("--compile", action="store_true",
+                    help="draw image tokens with a torch.compile'd static decoding step: faster per token "
+                         "(bench.py), but each new batch size compiles first (seconds); pays off for many images")
     args = ap.parse_args(argv)
 
     import shapes
@@ -465,7 +504,8 @@ def main(argv=None):
         model, vq, tok, _ = load_janus(args.ckpt, pick_device(args.device))
         seeds = [args.seed + i for i in range(args.n)]
         opt = Options(cfg=args.cfg if args.cfg is not None else (4.0 if args.edit else 5.0),
-                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds)
+                      temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
+                      compile=args.compile)
         tmp = args.out.rstrip("/") + ".partial"
         shutil.rmtree(tmp, ignore_errors=True)
         if args.edit:

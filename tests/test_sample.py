@@ -3,6 +3,7 @@ A randomly initialised tiny model is enough: these are properties of the sampler
 Run: python -m pytest tests/test_sample.py"""
 import json
 import os
+import shutil
 
 import numpy as np
 import pytest
@@ -135,9 +136,13 @@ def test_same_seed_same_image_whatever_the_batch(bundle):
     assert not torch.equal(cb[0], cc[0])
 
 
-def test_kv_cached_loop_equals_full_recomputation(bundle):
+@pytest.mark.parametrize("static", [False, True])
+def test_kv_cached_loop_equals_full_recomputation(bundle, static, monkeypatch):
     model, vq, tok = bundle
-    opt = S.Options(rounds=2, text_temperature=1.0, max_reason=6)
+    # static: image tokens by the static-shape step (--compile's path) run eagerly here; the
+    # compiled graph is checked against it in test_compiled_step_draws_the_same_codes
+    monkeypatch.setattr(S, "compiled_token", lambda: S._static_token)
+    opt = S.Options(rounds=2, text_temperature=1.0, max_reason=6, compile=static)
     seeds = list(range(20, 26))
     prompts = PROMPTS * 2
     chains = S.introspect(model, vq, tok, prompts, seeds, opt)
@@ -160,6 +165,15 @@ def test_kv_cached_loop_equals_full_recomputation(bundle):
         cond2.append(S.add_reflection(s, tok, chains[i].reasons[0]))
     ref2 = _reference_image(model, tok, cond2, [s.uncond(tok, False) for s in cond2], u2, opt.cfg, opt)
     assert torch.equal(ref2, torch.tensor([chains[i].codes[1] for i in no]))
+
+
+@pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="inductor needs a C++ compiler")
+def test_compiled_step_draws_the_same_codes(bundle):
+    # the graph torch.compile makes of the static step draws the codes the eager sampler draws
+    model, vq, tok = bundle
+    _, eager = S.generate(model, vq, tok, PROMPTS, [40, 41, 42])
+    _, compiled = S.generate(model, vq, tok, PROMPTS, [40, 41, 42], S.Options(compile=True))
+    assert torch.equal(eager, compiled)
 
 
 def test_loop_stops_at_yes_and_respects_rounds(bundle):
