@@ -130,6 +130,15 @@ def untrained_eval(args):
     return first
 
 
+def always_no(j):
+    """Agreement of a judge that always says No on the same images: the checker's No rate."""
+    if "checker_yes_rate" in j:
+        return 1 - j["checker_yes_rate"]
+    if j.get("by_ink"):  # the rendered-scene evaluations carry it per ink quartile
+        return 1 - sum(b["match_rate"] * b["n"] for b in j["by_ink"]) / sum(b["n"] for b in j["by_ink"])
+    return None
+
+
 def report(args, seconds):
     cats = list(shapes.CATEGORIES) + ["overall"]
     rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {},
@@ -169,10 +178,14 @@ def report(args, seconds):
     lines += ["", "untrained: the same model with random weights (seed 0) and this run's VQ, i.e. what the checker "
               "credits to chance."]
     lines += ["", "## The model as a judge (agreement of its Yes/No with the checker)", "",
-              "| stage | layout | agreement | AUC of P(yes) |", "|---|---|---|---|"]
+              "| stage | layout | agreement | a judge that always says No | AUC of P(yes) |", "|---|---|---|---|---|"]
     for stage, j in rep["judge"].items():
         auc = "n/a (one class only)" if j["auc"] is None else f"{j['auc']:.3f}"
-        lines.append(f"| {j.get('stage', stage)} | {j['layout']} | {j['agreement']:.3f} | {auc} |")
+        no = always_no(j)
+        lines.append(f"| {j.get('stage', stage)} | {j['layout']} | {j['agreement']:.3f} | "
+                     f"{'n/a' if no is None else f'{no:.3f}'} | {auc} |")
+    lines += ["", "Agreement alone flatters a judge when most images are wrong: on the model's own images "
+              "a judge that always says No agrees as often as the checker says No. AUC (0.5 = chance) does not."]
     if rep.get("describe_nats") is not None:
         lines += ["", f"base describing held-out scenes (teacher-forced canonical caption): "
                   f"{rep['describe_nats']:.3f} nats per token"]

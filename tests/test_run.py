@@ -55,3 +55,11 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert all(f"[{s}] done earlier" in said for s in ("vq", "vit", "base", "sft"))
     assert stamps == {f: os.path.getmtime(os.path.join(out, f)) for f in stamps}
     assert json.load(open(os.path.join(out, "report.json"))) == rep
+
+
+def test_always_no_is_the_checkers_no_rate():
+    # own images: the evaluation records the checker's Yes rate; rendered scenes: per ink quartile
+    assert run.always_no({"checker_yes_rate": 0.25}) == 0.75
+    j = {"by_ink": [{"match_rate": 0.5, "n": 2}, {"match_rate": 0.25, "n": 4}, {"match_rate": 1.0, "n": 2}]}
+    assert np.isclose(run.always_no(j), 1 - (1 + 1 + 2) / 8)
+    assert run.always_no({"agreement": 0.5}) is None
