@@ -115,6 +115,26 @@ def test_kv_cache_decode_equals_full_forward(sdpa, n_kv_head):
         assert maxdiff(torch.cat(out, 1), full) <= 1e-5
 
 
+@pytest.mark.parametrize("sdpa", [True, False])
+@pytest.mark.parametrize("n_kv_head", [4, 2])
+def test_static_decode_equals_full_forward(sdpa, n_kv_head):
+    # sample.py --compile's path: the slot as a 0-d tensor, attention over the whole (longer)
+    # cache; a left-padded row with a hole, as the introspective loop's cache has
+    cfg = tiny(n_kv_head=n_kv_head, sdpa=sdpa)
+    model = randomized(Janus(cfg))
+    x = inputs(cfg)
+    T, P = x.size(1), 10
+    key_mask = torch.ones(2, T + 6, dtype=torch.bool)  # the cache is 6 slots longer than needed
+    key_mask[1, :3] = False
+    key_mask[1, 7] = False
+    with torch.no_grad():
+        full = model(x, key_mask=key_mask[:, :T])
+        cache = model.make_cache(2, T + 6)
+        model(x[:, :P], cache=cache, key_mask=key_mask[:, :P])
+        steps = [model(x[:, t:t + 1], cache=cache, start_pos=torch.tensor(t), key_mask=key_mask) for t in range(P, T)]
+    assert maxdiff(torch.cat(steps, 1), full[:, P:]) <= 1e-5
+
+
 def test_causal_masking():
     cfg = tiny()
     model = randomized(Janus(cfg))
