@@ -169,11 +169,19 @@ def test_kv_cached_loop_equals_full_recomputation(bundle, static, monkeypatch):
 
 @pytest.mark.skipif(not (shutil.which("g++") or shutil.which("clang++")), reason="inductor needs a C++ compiler")
 def test_compiled_step_draws_the_same_codes(bundle):
-    # the graph torch.compile makes of the static step draws the codes the eager sampler draws
+    # the graph torch.compile makes of the static step draws the codes the eager sampler draws: at
+    # the first batch size (a static graph), then at two others, which share one graph with
+    # symbolic sizes (compiled once, at the second)
+    from torch._dynamo.utils import counters
     model, vq, tok = bundle
-    _, eager = S.generate(model, vq, tok, PROMPTS, [40, 41, 42])
-    _, compiled = S.generate(model, vq, tok, PROMPTS, [40, 41, 42], S.Options(compile=True))
-    assert torch.equal(eager, compiled)
+    torch._dynamo.reset()
+    counters.clear()
+    S._compiled_token = None
+    for prompts, seeds in ((PROMPTS, [40, 41, 42]), (PROMPTS[:2], [43, 44]), (PROMPTS * 2, list(range(45, 51)))):
+        _, eager = S.generate(model, vq, tok, prompts, seeds)
+        _, compiled = S.generate(model, vq, tok, prompts, seeds, S.Options(compile=True))
+        assert torch.equal(eager, compiled)
+    assert counters["stats"]["unique_graphs"] == 2
 
 
 def test_loop_stops_at_yes_and_respects_rounds(bundle):
