@@ -8,7 +8,7 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
 - stage `sft`: builds its data as the paper does (sample the base model several times per training
   prompt, score every image with the judge = the ShapeWorld checker; rendered scenes play the
   paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
-    Task I   prompt -> a positive image;
+    Task I   prompt -> a positive image (rendered: OWN_POSITIVE);
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
              the Yes/No token weighted 0.8, the rest of the answer 0.2; even odds for every
              prompt, and own images as often behind Yes as behind No (OWN_SHARE);
