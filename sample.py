@@ -236,8 +236,8 @@ _compiled_token = None
 def compiled_token():
     """_static_token compiled by inductor, made once per process. The first call compiles for its
     batch size and cache length; the first call with other sizes compiles once more, with those
-    sizes symbolic (dynamo's automatic dynamic shapes), and every later size reuses that graph.
-    Measured on toy: 4-20 s per compile on a CPU, and the symbolic graph as fast per token as the
+    sizes symbolic (dynamo's automatic dynamic shapes), and every later size reuses that graph, except
+    a single chain (dynamo fixes sizes 0 and 1): that compiles once more. Measured on toy: 4-30 s per compile on a CPU, and the symbolic graph as fast per token as the
     static one. A new model or sampling option compiles again; past dynamo's limit of 8 versions it
     runs eagerly, with a warning (no fullgraph=True: that would make the limit an error)."""
     global _compiled_token
@@ -496,7 +496,8 @@ def main(argv=None):
     ap.add_argument("--compile", action="store_true",
                     help="draw image tokens with a torch.compile'd static decoding step: faster per token "
                          "(bench.py), but it compiles first: once for the first batch, once more for any "
-                         "other batch size or cache length (toy: 4-30 s each); pays off for many images")
+                         "other batch size or cache length (toy: 4-30 s each); on a 2-core CPU that costs more than it "
+                         "saves in this CLI (README, Speed)")
     args = ap.parse_args(argv)
 
     import shapes

@@ -8,7 +8,7 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
 - stage `sft`: builds its data as the paper does (sample the base model several times per training
   prompt, score every image with the judge = the ShapeWorld checker; rendered scenes play the
   paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
-    Task I   prompt -> a positive image (rendered: OWN_POSITIVE);
+    Task I   prompt -> a positive image (rendered; own correct samples at rate OWN_POSITIVE, 0 on toy);
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
              the Yes/No token weighted 0.8, the rest of the answer 0.2; even odds for every
              prompt, and own images as often behind Yes as behind No (OWN_SHARE);
@@ -210,11 +210,12 @@ def build_sft_pool(model, vq, tok, prompts, k, size, seed, batch=64, opt=Options
 
 
 OWN_SHARE = 0.7  # Task II: share of answers shown on the base model's own images, where a prompt has both kinds
-# Tasks I and III: share of target (positive) images taken from the base model's own correct samples,
-# the rest rendered. 0: training the toy base on its own checker-approved samples taught it their
-# mess (scratch, 150 Task I steps from the 1200-step base, first-image accuracy on the test split:
-# 0.129 with half own positives, 0.179 with rendered ones only, 0.17 before). The renderer is the
-# toy's strong external generator, and a perfect one; own images still teach the judge (Task II).
+# Tasks I and III: for a prompt with a correct own sample, the chance that its target (positive)
+# image is one of them rather than a rendered scene. 0: training the toy base on its own
+# checker-approved samples taught it their mess (scratch, 150 Task I steps from the 1200-step base,
+# first-image accuracy on the test split: 0.129 at 0.5, as before; 0.179 at 0; the base 0.17).
+# The renderer is the toy's strong external generator, and a perfect one; own images still teach
+# the judge (Task II) and are what Task III corrects.
 OWN_POSITIVE = 0.0
 
 
