@@ -236,9 +236,9 @@ _compiled_token = None
 def compiled_token():
     """_static_token compiled by inductor, made once per process. The first call compiles for its
     batch size and cache length; the first call with other sizes compiles once more, with those
-    sizes symbolic (dynamo's automatic dynamic shapes), and every later size reuses that graph, except
-    a single chain (dynamo fixes sizes 0 and 1): that compiles once more. Measured on toy: 4-30 s per compile on a CPU, and the symbolic graph as fast per token as the
-    static one. A new model or sampling option compiles again; past dynamo's limit of 8 versions it
+    sizes symbolic (dynamo's automatic dynamic shapes), and every later size reuses that graph,
+    except a single chain (dynamo fixes sizes 0 and 1): that compiles once more. Measured on toy:
+    4-30 s per compile on a CPU, and the symbolic graph as fast per token as the static one. A new model or sampling option compiles again; past dynamo's limit of 8 versions it
     runs eagerly, with a warning (no fullgraph=True: that would make the limit an error)."""
     global _compiled_token
     if _compiled_token is None:

@@ -220,9 +220,9 @@ OWN_POSITIVE = 0.0
 
 
 def sft_example(task, rng, prompts, pool, size, depth=1):
-    """One SFT example. Positives: rendered matching scenes (the strong external generator) and a
-    share OWN_POSITIVE of the base model's correct samples; negatives: the base model's wrong samples, or, when a prompt
-    has none, a rendered near-miss (a deliberately broken scene)."""
+    """One SFT example. Positives: rendered matching scenes (the strong external generator), or at
+    rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
+    or, when a prompt has none, a rendered near-miss (a deliberately broken scene)."""
     p = rng.choice(prompts)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]

@@ -177,11 +177,15 @@ def test_compiled_step_draws_the_same_codes(bundle):
     torch._dynamo.reset()
     counters.clear()
     S._compiled_token = None
-    for prompts, seeds in ((PROMPTS, [40, 41, 42]), (PROMPTS[:2], [43, 44]), (PROMPTS * 2, list(range(45, 51)))):
-        _, eager = S.generate(model, vq, tok, prompts, seeds)
-        _, compiled = S.generate(model, vq, tok, prompts, seeds, S.Options(compile=True))
-        assert torch.equal(eager, compiled)
-    n = counters["stats"]["unique_graphs"]
+    try:
+        for prompts, seeds in ((PROMPTS, [40, 41, 42]), (PROMPTS[:2], [43, 44]), (PROMPTS * 2, list(range(45, 51)))):
+            _, eager = S.generate(model, vq, tok, prompts, seeds)
+            _, compiled = S.generate(model, vq, tok, prompts, seeds, S.Options(compile=True))
+            assert torch.equal(eager, compiled)
+        n = counters["stats"]["unique_graphs"]
+    finally:  # leave no compiled step or dynamo cache behind for other tests
+        S._compiled_token = None
+        torch._dynamo.reset()
     assert n == 2, f"{n} graphs: expected one static and one with symbolic sizes (a graph break also adds one)"
 
 
