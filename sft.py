@@ -11,7 +11,8 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
     Task I   prompt -> a positive image (rendered; own correct samples at rate OWN_POSITIVE, 0 on toy);
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
              the Yes/No token weighted 0.8, the rest of the answer 0.2; even odds for every
-             prompt, and own images as often behind Yes as behind No (OWN_SHARE);
+             prompt, and own images as often behind Yes as behind No (OWN_SHARE); after 0 to
+             `--depth` earlier failed rounds, as the loop judges its later images;
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
              new image" -> a POSITIVE image of the same prompt.
 Both stages share one training loop: AdamW, warmup + cosine, grad clip, bf16 autocast, periodic
@@ -50,7 +51,7 @@ from vit import load_vit
 TRAIN = {
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
-    "toy": dict(base_steps=1200, easy_steps=400, sft_steps=300, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
+    "toy": dict(base_steps=1200, easy_steps=400, sft_steps=600, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
                 eval_every=300, eval_prompts=6, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
@@ -80,6 +81,11 @@ VQA_QUESTIONS = 4
 # the image needs one; on one-object prompts the model finds the two hops, then keeps them.
 EASY_CATEGORIES = ("single", "colour")
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
+# The ViT: base keeps vit.py's pretraining (the SigLIP stand-in). SFT trains it: only Task II reaches
+# it, so it can learn to read the model's own images while Tasks I and III pull the shared LM
+# towards drawing. Toy, 150 steps of the paper's mix from the base, judging the base model's own
+# images (scratch): fixed AUC 0.58 on Task II's training images, 0.67 on held-out ones; trained 0.66 / 0.76.
+VIT_DEFAULT = {"base": "fixed", "sft": "train"}
 DESCRIBE = "Describe the image."
 PROMPT_DROPOUT = 0.1
 
@@ -96,10 +102,15 @@ def vqa_seq(tok, image, question, n_tokens, before=False):
     return s.text(tok, "<end_of_image>" + ("" if before else "\n" + question) + "\n\n" + ASSISTANT)
 
 
-def selfcheck_seq(tok, prompt_text, image, n_tokens):
+def selfcheck_seq(tok, prompt_text, image, n_tokens, history=()):
     """The self-check layout (SPEC.md section 3): `<bos><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>`
-    [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows."""
-    return prompt_seq(tok, prompt_text).und_image(tok, image, n_tokens).text(tok, CUE)
+    [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows.
+    history: earlier failed rounds [(VQ codes, "No, reason")], each drawn and reflected on as the
+    loop does before a regeneration, so the judged image is the one drawn after them."""
+    s = prompt_seq(tok, prompt_text)
+    for codes, reason in history:
+        add_reflection(s.gen_image(tok, codes), tok, reason)
+    return s.und_image(tok, image, n_tokens).text(tok, CUE)
 
 
 def question(prompt_text):
@@ -175,7 +186,8 @@ def build_seq(ex, tok, n_tokens):
             add_answer(next_turn(s, tok, question(q)), tok, a, 0.8, 0.2)
         return s
     if t == "task2":
-        return add_answer(selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens), tok, ex["answer"], 0.8, 0.2)
+        s = selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens, ex.get("history", ()))
+        return add_answer(s, tok, ex["answer"], 0.8, 0.2)
     # task3: the earlier failed rounds go in through the VQ path, each with its reflection
     s = prompt_seq(tok, ex["prompt"])
     for codes, reason in ex["history"]:
@@ -209,7 +221,11 @@ def build_sft_pool(model, vq, tok, prompts, k, size, seed, batch=64, opt=Options
     return pool
 
 
-OWN_SHARE = 0.7  # Task II: share of answers shown on the base model's own images, where a prompt has both kinds
+# Task II: share of answers shown on the base model's own images, where a prompt has both kinds.
+# The judge reads rendered scenes already (the base's VQA); its own images are what it misreads.
+# Toy, 300 SFT steps: at 0.7 its AUC on its own test images was 0.44, at 1.0 0.40 (one seed each), with
+# final-image accuracy 0.15 and 0.19; at 1.0 and 600 steps 0.47 and 0.19 (scratch).
+OWN_SHARE = 1.0
 # Tasks I and III: for a prompt with a correct own sample, the chance that its target (positive)
 # image is one of them rather than a rendered scene. 0: training the toy base on its own
 # checker-approved samples taught it their mess (scratch, 150 Task I steps from the 1200-step base,
@@ -248,15 +264,24 @@ def sft_example(task, rng, prompts, pool, size, depth=1):
         # behind Yes as behind No: own images look unlike rendered ones, and a prompt the base model
         # usually fails must not mean "No" either. Otherwise the judge learns the look or the
         # prompt, not to read the image (measured: it did both).
+        # The paper's deeper context: 0 to `depth` earlier failed rounds before the judged image,
+        # with even odds, as the loop judges every image after the first. Trained without them, the
+        # judge said No to 95% of second images and 99.7% of third ones: the only answers it had seen
+        # after a reflection were No (scratch, toy; second images were right 25% of the time).
         yes = rng.random() < 0.5
+        history = [_hist(negative()) for _ in range(rng.randint(0, depth))]
         if pos and neg and rng.random() < OWN_SHARE:
             _, im, _, reason = rng.choice(pos if yes else neg)
-            return dict(task=task, prompt=p.text, image=im, answer=reason)
+            return dict(task=task, prompt=p.text, image=im, answer=reason, history=history)
         im = shapes.render(shapes.sample_scene(rng, size, p, match=yes))
-        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason)
-    history = [negative() for _ in range(rng.randint(1, depth))]
-    return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT,
-                history=[(h.get("codes"), h["reason"], h["image"]) for h in history], **positive())
+        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history)
+    history = [_hist(negative()) for _ in range(rng.randint(1, depth))]
+    return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=history, **positive())
+
+
+def _hist(neg):
+    """A failed round for an example's history: (codes or None until finish_examples, reason, image)."""
+    return neg.get("codes"), neg["reason"], neg["image"]
 
 
 def finish_examples(exs, vq):
@@ -475,11 +500,12 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, help="sequences per step, over all processes")
     ap.add_argument("--lr", type=float, help="peak AdamW learning rate")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
-    ap.add_argument("--train-vit", action="store_true", help="train the ViT too (default: keep it fixed in both stages, as vit.py pretrained it)")
+    ap.add_argument("--vit", choices=["fixed", "train"], help="the pretrained ViT (vit.py): kept fixed or trained "
+                    "(default: fixed in base, trained in sft, where Task II alone trains it to read the model's own images)")
     # sft data
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
-    ap.add_argument("--depth", type=int, default=1, help="sft Task III: up to this many failed rounds in context (paper: 2)")
+    ap.add_argument("--depth", type=int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=int, help="base-model images per SFT prompt")
     # monitoring
@@ -503,7 +529,7 @@ def run(args):
     # everything that shapes the training path: a saved state made with other values can't resume
     settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=args.lr or preset[f"{args.stage}_lr"],
                     batch_size=args.batch_size or preset["batch_size"], warmup=preset["warmup"], steps=steps,
-                    bf16=None, mix=mix, depth=args.depth, freeze_vit=not args.train_vit,
+                    bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
                     easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
     ddp = "RANK" in os.environ
     dev = pick_device(args.device)

@@ -163,6 +163,44 @@ def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
     assert 0.3 < np.mean(first_yes) < 0.7
 
 
+def test_task2_history_is_the_loops_second_judgement():
+    # Task II with an earlier failed round must be the context in which the loop judges its second
+    # image: its P(yes) by one forward over the training sequence equals the loop's, and the loss
+    # stays on the answer only (the earlier image and its reflection carry none)
+    torch.manual_seed(0)
+    model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"])).eval()
+    vq = tokenizer.VQModel(tokenizer.VQ_PRESETS["tiny"]).eval()
+    chains = S.introspect(model, vq, TOK, ["a red circle", "three squares"] * 4, list(range(40, 48)),
+                          S.Options(rounds=2, text_temperature=1.0, max_reason=6))
+    twice = [c for c in chains if len(c.images) == 2]
+    assert twice
+    for c in twice:
+        ex = dict(task="task2", prompt=c.prompt, image=c.images[1], answer="Yes.",
+                  history=[(c.codes[0], c.reason_ids[0])])
+        s = sft.build_seq(ex, TOK, N)
+        b = S.collate([s], TOK)
+        ans = TOK.encode("Yes.") + [TOK.eos]
+        first = len(s) - len(ans) - 1  # the position that predicts Yes/No
+        with torch.no_grad():
+            two = model.text_logits(model(S.embed_batch(model, b))[0, first])[[TOK.yes, TOK.no]]
+        assert two.softmax(-1)[0].item() == pytest.approx(c.p_yes[1], abs=1e-5)
+        assert s.codes == c.codes[0] and int(b.und_mask.sum()) == N
+        assert _where(b)[0] == list(range(len(s) - len(ans), len(s))) and (b.image_targets == -1).all()
+
+
+def test_task2_history_has_zero_to_depth_failed_rounds():
+    rng = random.Random(0)
+    p = shapes.sample_prompt(rng, "single")
+    pool = {p.text: [(_codes(), _image(), False, "No, wrong.")]}
+    seen = {d: set() for d in (1, 2)}
+    for d in (1, 2):
+        for _ in range(200):
+            ex = sft.sft_example("task2", rng, [p], pool, 32, depth=d)
+            assert all(reason.startswith("No") for _, reason, _ in ex["history"])
+            seen[d].add(len(ex["history"]))
+    assert seen == {1: {0, 1}, 2: {0, 1, 2}}
+
+
 def test_task3_loss_only_on_the_new_image():
     reason = "No, the circle is green, not red."
     ex = dict(task="task3", prompt="a red circle", codes=_codes(1), drop=False, history=[(_codes(2), reason)])
