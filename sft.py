@@ -107,10 +107,16 @@ def selfcheck_seq(tok, prompt_text, image, n_tokens, history=()):
     [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows.
     history: earlier failed rounds [(VQ codes, "No, reason")], each drawn and reflected on as the
     loop does before a regeneration, so the judged image is the one drawn after them."""
+    return after_rounds(tok, prompt_text, history).und_image(tok, image, n_tokens).text(tok, CUE)
+
+
+def after_rounds(tok, prompt_text, history):
+    """The prompt, then each earlier failed round as the loop leaves it before the next image:
+    image (VQ path) + cue + "No, reason" + EOS + "Next, I will draw a new image<begin_of_image>"."""
     s = prompt_seq(tok, prompt_text)
     for codes, reason in history:
         add_reflection(s.gen_image(tok, codes), tok, reason)
-    return s.und_image(tok, image, n_tokens).text(tok, CUE)
+    return s
 
 
 def question(prompt_text):
@@ -189,9 +195,7 @@ def build_seq(ex, tok, n_tokens):
         s = selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens, ex.get("history", ()))
         return add_answer(s, tok, ex["answer"], 0.8, 0.2)
     # task3: the earlier failed rounds go in through the VQ path, each with its reflection
-    s = prompt_seq(tok, ex["prompt"])
-    for codes, reason in ex["history"]:
-        add_reflection(s.gen_image(tok, codes), tok, reason)
+    s = after_rounds(tok, ex["prompt"], ex["history"])
     s = s.uncond(tok, False) if ex["drop"] else s  # dropout pads only the user's words
     return s.gen_image(tok, ex["codes"], w=1.0)
 
