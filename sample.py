@@ -16,6 +16,7 @@ import json
 import os
 import shutil
 import sys
+import weakref
 from dataclasses import dataclass, field
 from types import SimpleNamespace
 
@@ -230,20 +231,41 @@ def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
     return code, model(x, cache=cache, start_pos=slot, key_mask=key_mask)[:, -1]
 
 
-_compiled_token = None
+# Inductor options for the compiled step on a CPU. The weights are frozen into the graph as
+# constants, which lets max-autotune time its C++ GEMM template, each weight prepacked for decoding's
+# few rows (2 per image), against ATen's matmul and keep the faster. bench.py, batch 8, 2-core AVX2
+# CPU: 2.5-2.9x transformers' generate with them, 1.6-1.8x without; freezing alone, or max-autotune
+# alone, measured no faster (README, "Speed"). The price: frozen weights go stale when the model
+# is written in place, so compiled_token() checks them at every image. On a GPU (not measured with
+# these options) the step compiles as it did before them, reading the live weights.
+CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       "autotune_num_choices_displayed": 0}  # no table of timings on stderr per GEMM
+_compiled = None  # (weakref to the model, its weights' stamp, the compiled step)
 
 
-def compiled_token():
-    """_static_token compiled by inductor, made once per process. The first call compiles for its
-    batch size and cache length; the first call with other sizes compiles once more, with those
-    sizes symbolic (dynamo's automatic dynamic shapes), and every later size reuses that graph,
-    except a single chain (dynamo fixes sizes 0 and 1): that compiles once more. Measured on toy:
-    4-30 s per compile on a CPU, and the symbolic graph as fast per token as the static one. A new model or sampling option compiles again; past dynamo's limit of 8 versions it
-    runs eagerly, with a warning (no fullgraph=True: that would make the limit an error)."""
-    global _compiled_token
-    if _compiled_token is None:
-        _compiled_token = torch.compile(_static_token, dynamic=None)
-    return _compiled_token
+def _weights_stamp(model):
+    # every in-place write (optimizer step, load_state_dict, .mul_) bumps a tensor's _version
+    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+
+
+def compiled_token(model):
+    """_static_token compiled by inductor for this model, and the inductor options to compile it
+    under: CPU_COMPILE_OPTIONS on a CPU (the weights frozen in), none elsewhere. The first call
+    compiles for its batch size and cache length; the first call with other sizes compiles once
+    more, with those sizes symbolic (dynamo's automatic dynamic shapes), and every later size
+    reuses that graph, except a single chain (dynamo fixes sizes 0 and 1): that compiles once more.
+    Another model, or on a CPU this one with weights written since (training), drops every graph
+    dynamo holds and compiles afresh: the old ones have the old weights baked in. A new sampling
+    option compiles again too; past dynamo's limit of 8 versions it runs eagerly, with a warning
+    (no fullgraph=True: that would make the limit an error)."""
+    global _compiled
+    frozen = model.lm_head.weight.device.type == "cpu"
+    stamp = _weights_stamp(model) if frozen else None
+    if _compiled is None or _compiled[0]() is not model or _compiled[1] != stamp:
+        if _compiled is not None:
+            torch._dynamo.reset()
+        _compiled = (weakref.ref(model), stamp, torch.compile(_static_token, dynamic=None))
+    return _compiled[2], CPU_COMPILE_OPTIONS if frozen else {}
 
 
 @torch.no_grad()
@@ -258,13 +280,16 @@ def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     if opt.compile:
         # the same tokens by the static path: one compiled graph for every step (model.forward)
         km = key_mask if key_mask is not None else torch.ones(2 * n_cond, cache.k[0].size(2), dtype=torch.bool, device=dev)
-        step, slots = compiled_token(), torch.arange(start, start + N - 1, device=dev)
+        (step, options), slots = compiled_token(model), torch.arange(start, start + N - 1, device=dev)
         h_last = h_last.contiguous()  # as the step returns it: one graph for every call
         def token(i):
             codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
             return h
 
-        h_last = token(0)  # checked: finds (or compiles) the graph for these inputs
+        # checked: finds (or compiles) the graph for these inputs. The options go in as a patch:
+        # given as torch.compile(options=...) they measured no faster (freezing did not apply)
+        with torch._inductor.config.patch(options):
+            h_last = token(0)
         # later calls change only tensor values, so dynamo's guard checks (~0.3 ms a call on toy) are skipped
         with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
             for i in range(1, N - 1):

@@ -141,7 +141,7 @@ def test_kv_cached_loop_equals_full_recomputation(bundle, static, monkeypatch):
     model, vq, tok = bundle
     # static: image tokens by the static-shape step (--compile's path) run eagerly here; the
     # compiled graph is checked against it in test_compiled_step_draws_the_same_codes
-    monkeypatch.setattr(S, "compiled_token", lambda: S._static_token)
+    monkeypatch.setattr(S, "compiled_token", lambda model: (S._static_token, {}))
     opt = S.Options(rounds=2, text_temperature=1.0, max_reason=6, compile=static)
     seeds = list(range(20, 26))
     prompts = PROMPTS * 2
@@ -176,15 +176,30 @@ def test_compiled_step_draws_the_same_codes(bundle):
     model, vq, tok = bundle
     torch._dynamo.reset()
     counters.clear()
-    S._compiled_token = None
+    S._compiled = None
     try:
         for prompts, seeds in ((PROMPTS, [40, 41, 42]), (PROMPTS[:2], [43, 44]), (PROMPTS * 2, list(range(45, 51)))):
             _, eager = S.generate(model, vq, tok, prompts, seeds)
             _, compiled = S.generate(model, vq, tok, prompts, seeds, S.Options(compile=True))
             assert torch.equal(eager, compiled)
         n = counters["stats"]["unique_graphs"]
+        # the weights are baked into the graph: written in place (as training does), they must not
+        # go stale; sampling compiles again and draws what the eager sampler draws with the new ones
+        _, old = S.generate(model, vq, tok, PROMPTS, [40, 41, 42])
+        with torch.no_grad():
+            for p in model.gen_head.parameters():
+                p.mul_(-2.0)
+        try:
+            _, eager = S.generate(model, vq, tok, PROMPTS, [40, 41, 42])
+            _, compiled = S.generate(model, vq, tok, PROMPTS, [40, 41, 42], S.Options(compile=True))
+        finally:
+            with torch.no_grad():
+                for p in model.gen_head.parameters():
+                    p.div_(-2.0)
+        assert not torch.equal(old, eager)  # the change shows in the codes
+        assert torch.equal(eager, compiled)
     finally:  # leave no compiled step or dynamo cache behind for other tests
-        S._compiled_token = None
+        S._compiled = None
         torch._dynamo.reset()
     assert n == 2, f"{n} graphs: expected one static and one with symbolic sizes (a graph break also adds one)"
 
