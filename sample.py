@@ -234,7 +234,7 @@ def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
 # Inductor options for the compiled step on a CPU. The weights are frozen into the graph as
 # constants, which lets max-autotune time its C++ GEMM template, each weight prepacked for decoding's
 # few rows (2 per image), against ATen's matmul and keep the faster. bench.py, batch 8, 2-core AVX2
-# CPU: 2.5-2.9x transformers' generate with them, 1.6-1.8x without; freezing alone, or max-autotune
+# CPU: 2.5-2.8x transformers' generate with them, 1.5-2.0x without; freezing alone, or max-autotune
 # alone, measured no faster (README, "Speed"). The price: frozen weights go stale when the model
 # is written in place, so compiled_token() checks them at every image. On a GPU (not measured with
 # these options) the step compiles as it did before them, reading the live weights.
@@ -244,8 +244,11 @@ _compiled = None  # (weakref to the model, its weights' stamp, the compiled step
 
 
 def _weights_stamp(model):
-    # every in-place write (optimizer step, load_state_dict, .mul_) bumps a tensor's _version
-    return tuple((p.data_ptr(), p._version) for p in model.parameters())
+    # every in-place write on a parameter or buffer (optimizer step, load_state_dict, .mul_ under
+    # no_grad) bumps its _version, and replacing one moves its data_ptr. Writes through `.data`
+    # (p.data.copy_(...)) bump nothing: they are not seen, so write weights in place under no_grad
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tuple((t.data_ptr(), t._version) for t in tensors)
 
 
 def compiled_token(model):
