@@ -239,7 +239,8 @@ def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
 # is written in place, so compiled_token() checks them at every image. On a GPU (not measured with
 # these options) the step compiles as it did before them, reading the live weights.
 CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       "autotune_num_choices_displayed": 0}  # no table of timings on stderr per GEMM
+                       # and no table of timings, or stats line, on stderr per GEMM
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
 _compiled = None  # (weakref to the model, its weights' stamp, the compiled step)
 
 
