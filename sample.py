@@ -284,7 +284,8 @@ def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     if opt.compile:
         # the same tokens by the static path: one compiled graph for every step (model.forward)
         km = key_mask if key_mask is not None else torch.ones(2 * n_cond, cache.k[0].size(2), dtype=torch.bool, device=dev)
-        (step, options), slots = compiled_token(model), torch.arange(start, start + N - 1, device=dev)
+        step, options = compiled_token(model)
+        slots = torch.arange(start, start + N - 1, device=dev)
         h_last = h_last.contiguous()  # as the step returns it: one graph for every call
         def token(i):
             codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
