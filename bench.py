@@ -395,21 +395,23 @@ def main():
     t_dec = gemm_seconds(head, 2 * args.batch, dtype)  # one image token: cond + uncond rows
     wbytes = sum(lin.weight.numel() for lin in head) * torch.finfo(dtype).bits // 8
     bw = copy_bandwidth()
+    s = sampling
+
+    def reached(cap):  # the four sampling rates as shares of a cap in image tokens/s
+        return (f"{s['ours'] / cap:.0%} of that reached, {s['ours compiled'] / cap:.0%} compiled; "
+                f"hf {s['hf'] / cap:.0%}, {s['hf compiled'] / cap:.0%} compiled")
+
     print(f"floors on this CPU ({args.dtype}):")
     print(f"  training: the LM's matmuls alone {t_train:.3f} s per step -> at most {args.batch * T / t_train:.0f} "
           f"tokens/s ({train['ours'] * t_train / (args.batch * T):.0%} of that reached; hf {train['hf'] * t_train / (args.batch * T):.0%}); "
           f"{peak / 1e9:.0f} GFLOP/s in them")
     print(f"  decoding: matmuls alone {t_dec * 1e3:.2f} ms per image token of {args.batch} images -> at most "
-          f"{args.batch / t_dec:.0f} image tokens/s ({sampling['ours'] * t_dec / args.batch:.0%} of that reached, "
-          f"{sampling['ours compiled'] * t_dec / args.batch:.0%} compiled; hf {sampling['hf'] * t_dec / args.batch:.0%}, "
-          f"{sampling['hf compiled'] * t_dec / args.batch:.0%} compiled)")
+          f"{args.batch / t_dec:.0f} image tokens/s ({reached(args.batch / t_dec)})")
     # the compiled step runs other GEMM kernels (inductor's C++ template where autotuning timed it
     # faster), so ATen's matmuls timed alone are no strict floor for it; this line counts FLOPs
     # instead, at the best matmul rate measured here (training's), not the machine's nominal peak
     print(f"  decoding: {dflops / 1e6:.1f} MFLOP per image token at {peak / 1e9:.0f} GFLOP/s (the training matmuls' rate) -> "
-          f"at most {peak / dflops:.0f} image tokens/s ({sampling['ours'] * dflops / peak:.0%} of that reached, "
-          f"{sampling['ours compiled'] * dflops / peak:.0%} compiled; hf {sampling['hf'] * dflops / peak:.0%}, "
-          f"{sampling['hf compiled'] * dflops / peak:.0%} compiled)")
+          f"at most {peak / dflops:.0f} image tokens/s ({reached(peak / dflops)})")
     print(f"  decoding: {wbytes / 1e6:.1f} MB of weights per token at {bw / 1e9:.1f} GB/s (a large copy) -> "
           f"at most {args.batch * bw / wbytes:.0f} image tokens/s")
 
