@@ -17,7 +17,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import best_seconds, bf16_pays
+from common import Parser, best_seconds, bf16_pays, nonneg_int, pos_int
 from model import PRESETS, Janus, JanusConfig, to_official
 
 # -----------------------------------------------------------------------------
@@ -285,12 +285,12 @@ def train_step(model, loss_fn, batch, amp):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to measure
     p.add_argument("--config", default="toy", choices=[k for k in PRESETS if not k.startswith("janus")],
                    help="model preset (the full-size ones do not fit a CPU bench)")
-    p.add_argument("--batch", type=int, default=8, help="rows per training step; images per decode run")
-    p.add_argument("--seq", type=int, default=0, help="training sequence length (0: 2 images + 64 text)")
+    p.add_argument("--batch", type=pos_int, default=8, help="rows per training step; images per decode run")
+    p.add_argument("--seq", type=nonneg_int, default=0, help="training sequence length (0: 2 images + 64 text)")
     p.add_argument("--dtype", default="auto", choices=["auto", "fp32", "bf16"],
                    help="auto (default): bf16 where it measures faster than fp32 on this CPU, else fp32; bf16: training under bf16 autocast (fp32 weights, optimizer state "
                    "and losses; bf16 matmuls), decoding on bf16 weights and KV cache")
@@ -298,12 +298,12 @@ def main():
                    help="also time training with both models' ViT and LLM under torch.compile "
                    "(the image splice and the heads stay eager)")
     # how long
-    p.add_argument("--steps", type=int, default=10, help="timed training steps per model (after --warmup)")
-    p.add_argument("--warmup", type=int, default=3, help="untimed training steps per model first")
-    p.add_argument("--decode-runs", type=int, default=5,
+    p.add_argument("--steps", type=pos_int, default=10, help="timed training steps per model (after --warmup)")
+    p.add_argument("--warmup", type=nonneg_int, default=3, help="untimed training steps per model first")
+    p.add_argument("--decode-runs", type=pos_int, default=5,
                    help="timed CFG decode runs of one image per row (after one warm-up run)")
-    p.add_argument("--prompt", type=int, default=32, help="prompt length before the image when decoding")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default, one per core)")
+    p.add_argument("--prompt", type=pos_int, default=32, help="prompt length before the image when decoding")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch threads (0: torch's default, one per core)")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the random batch")
     args = p.parse_args()
     if args.dtype == "auto":

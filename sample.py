@@ -11,10 +11,8 @@ disagree on where a token goes, which positions are padded for CFG, or where the
     python sample.py --ckpt out/toy/sft.pt --edit src.png --instruction "make the red circle blue" --out out/edit
 """
 
-import argparse
 import json
 import os
-import shutil
 import sys
 import weakref
 from dataclasses import dataclass, field
@@ -198,6 +196,24 @@ class Options:
     max_reason: int = 24       # tokens after Yes/No, EOS included
     rounds: int = 3            # most images per chain
     compile: bool = False      # image tokens by the compiled static step (faster per token, compiles first)
+
+    def __post_init__(self):
+        # NaN or inf guidance/temperature would turn every draw into the last id, silently: refuse
+        ok = {"cfg": self.cfg >= 0, "temperature": self.temperature >= 0, "text_temperature": self.text_temperature >= 0,
+              "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1, "max_reason": self.max_reason >= 0,
+              "rounds": self.rounds >= 1}
+        for name, good in ok.items():
+            v = getattr(self, name)
+            if not (np.isfinite(v) and good):
+                raise ValueError(f"sampling option {name} = {v} is out of range (cfg, temperatures >= 0; top_k >= 0; "
+                                 "0 < top_p <= 1; rounds >= 1)")
+
+
+def chain_length(tok, prompt_len, image_tokens, opt):
+    """Positions a chain of opt.rounds images can take: prompt + rounds x (image + cue + reason +
+    EOS + bridge). The ONE rule for the KV cache of introspect() (RoPE sets no limit of its own)."""
+    per_round = image_tokens + len(tok.encode(CUE)) + opt.max_reason + 2 + len(tok.encode(NEXT))
+    return prompt_len + opt.rounds * per_round
 
 
 # -----------------------------------------------------------------------------
@@ -415,9 +431,7 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
     chains = [Chain(p, s) for p, s in zip(prompts, seeds)]
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     seqs = [prompt_seq(tok, c.prompt) for c in chains]
-    # room for every round: prompt + rounds x (image + cue + reason + bridge)
-    per_round = N + len(tok.encode(CUE)) + opt.max_reason + 2 + len(tok.encode(NEXT))
-    longest = max(map(len, seqs)) + opt.rounds * per_round
+    longest = chain_length(tok, max(map(len, seqs)), N, opt)  # room for every round
     cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok, longest, dev)
     live = list(range(len(chains)))
     bar = tqdm(total=opt.rounds, desc="rounds", disable=not progress)
@@ -505,84 +519,95 @@ def _write_png(image, path):
     Image.fromarray(image).save(path)
 
 
+CHUNK = 64  # chains sampled together: the KV cache of --n 100000 is never allocated at once
+
+
+def _write_chains(model, vq, tok, prompt, seeds, opt, tmp):
+    with open(os.path.join(tmp, "chains.jsonl"), "w") as f:
+        for start in tqdm(range(0, len(seeds), CHUNK), desc="chains", unit="chunk", disable=len(seeds) <= CHUNK):
+            chunk = seeds[start:start + CHUNK]
+            for i, c in zip(range(start, start + len(chunk)), introspect(model, vq, tok, [prompt] * len(chunk), chunk, opt,
+                                                                          progress=len(seeds) <= CHUNK)):
+                files = []
+                for r, im in enumerate(c.images):
+                    files.append(f"chain{i}_round{r + 1}.png")
+                    _write_png(im, os.path.join(tmp, files[-1]))
+                f.write(json.dumps({"prompt": c.prompt, "seed": c.seed, "verdicts": c.verdicts,
+                                    "p_yes": [round(p, 4) for p in c.p_yes], "reasons": c.reasons,
+                                    "files": files}, allow_nan=False) + "\n")
+
+
+def _write_edits(model, vq, tok, src, instruction, seeds, opt, tmp):
+    _write_png(src, os.path.join(tmp, "source.png"))
+    with open(os.path.join(tmp, "edits.jsonl"), "w") as f:
+        for start in tqdm(range(0, len(seeds), CHUNK), desc="edits", unit="chunk"):
+            chunk = seeds[start:start + CHUNK]
+            for i, im in zip(range(start, start + len(chunk)), edit(model, vq, tok, [src] * len(chunk),
+                                                                    [instruction] * len(chunk), chunk, opt)):
+                _write_png(im, os.path.join(tmp, f"edit{i}.png"))
+                f.write(json.dumps({"instruction": instruction, "seed": chunk[i - start], "file": f"edit{i}.png"}) + "\n")
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Sample images with the introspective loop (or edit an image) "
-                                             "from a trained checkpoint; writes PNGs and chains.jsonl.")
+    from common import Parser, discard_dir, fraction, new_output_dir, nonneg_float, nonneg_int, pos_int, publish_dir
+    ap = Parser(description="Sample images with the introspective loop (or edit an image) from a trained "
+                            "checkpoint; writes PNGs and chains.jsonl (or edits.jsonl) into a new folder.")
     # what to sample
-    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py / rl.py")
+    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py (OUT/base.pt or OUT/sft.pt)")
     ap.add_argument("--prompt", help="the text prompt (ShapeWorld grammar, e.g. 'a red circle above a square')")
-    ap.add_argument("--edit", metavar="SRC_PNG", help="edit this image instead (needs --instruction)")
+    ap.add_argument("--edit", metavar="SRC_PNG", help="edit this image instead (needs --instruction; "
+                    "python shapes.py --scene PROMPT --png SRC_PNG draws one)")
     ap.add_argument("--instruction", help="edit instruction, e.g. 'make the red circle blue'")
-    ap.add_argument("--out", required=True, help="output folder (written whole at the end, never half)")
+    ap.add_argument("--out", required=True, help="output folder: new or empty, or an earlier output of this command "
+                    "(replaced); a folder holding other files is refused, never deleted")
     # how
-    ap.add_argument("--n", type=int, default=4, help="chains (images) per prompt")
-    ap.add_argument("--rounds", type=int, default=3, help="most images per chain; 1 = no introspection")
-    ap.add_argument("--cfg", type=float, default=None, help="guidance weight (default 5, editing 4)")
-    ap.add_argument("--temperature", type=float, default=1.0, help="image token temperature")
-    ap.add_argument("--top-k", type=int, default=0, help="keep the k most likely image tokens (0 = all)")
-    ap.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass for image tokens")
+    ap.add_argument("--n", type=pos_int, default=4, help="chains (images) per prompt, sampled %d at a time" % CHUNK)
+    ap.add_argument("--rounds", type=pos_int, default=3, help="most images per chain; 1 = no introspection")
+    ap.add_argument("--cfg", type=nonneg_float, default=None, help="guidance weight w >= 0 (default 5, editing 4; 1 = no guidance)")
+    ap.add_argument("--temperature", type=nonneg_float, default=1.0, help="image token temperature (0 = greedy)")
+    ap.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely image tokens (0 = all)")
+    ap.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass for image tokens, in (0, 1]")
     ap.add_argument("--seed", type=int, default=0, help="chain i uses seed + i: any image can be redrawn alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     ap.add_argument("--compile", action="store_true",
-                    help="draw image tokens with a torch.compile'd static decoding step, on a CPU with the "
-                         "weights frozen in and autotuned GEMMs: 2.5-2.8x transformers' generate per token "
-                         "(bench.py, batch 8), but it compiles first: once for the first batch, once more for any "
-                         "other batch size or cache length (toy, 2-core CPU: 25-100 s each), which costs more "
-                         "than it saves in this CLI there (README, Speed)")
+                    help="draw image tokens with a torch.compile'd static decoding step (faster per token, but it "
+                         "compiles first, once per batch size and cache length: see README, Speed)")
     args = ap.parse_args(argv)
 
     import shapes
     from common import load_janus, pick_device
+    tmp = None
     try:
         if (args.prompt is None) == (args.edit is None):
             raise ValueError("give either --prompt or --edit SRC_PNG --instruction TEXT")
-        if args.n < 1 or args.rounds < 1:
-            raise ValueError("--n and --rounds must be at least 1")
-        model, vq, tok, _ = load_janus(args.ckpt, pick_device(args.device))
-        seeds = [args.seed + i for i in range(args.n)]
+        if args.edit and not args.instruction:
+            raise ValueError("--edit needs --instruction")
+        # every input is read and checked before any work, the output folder too
+        text = shapes.parse_edit(args.instruction).text if args.edit else shapes.parse_prompt(args.prompt).text
+        src = shapes.load_image(args.edit) if args.edit else None
+        dev = pick_device(args.device)
+        model, vq, tok, _ = load_janus(args.ckpt, dev)
         opt = Options(cfg=args.cfg if args.cfg is not None else (4.0 if args.edit else 5.0),
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
                       compile=args.compile)
-        tmp = args.out.rstrip("/") + ".partial"
-        shutil.rmtree(tmp, ignore_errors=True)
+        tmp = new_output_dir(args.out)
+        seeds = [args.seed + i for i in range(args.n)]
         if args.edit:
-            if not args.instruction:
-                raise ValueError("--edit needs --instruction")
-            instruction = shapes.parse_edit(args.instruction).text  # canonical form; errors name the word
-            src = shapes.load_image(args.edit)
             size = model.cfg.image_size
             if src.shape[0] != size:  # any square size is converted to the model's
                 src = np.asarray(Image.fromarray(src).resize((size, size), Image.BICUBIC))
-            images = edit(model, vq, tok, [src] * args.n, [instruction] * args.n, seeds, opt)
-            os.makedirs(tmp)
-            _write_png(src, os.path.join(tmp, "source.png"))
-            with open(os.path.join(tmp, "edits.jsonl"), "w") as f:
-                for i, im in enumerate(images):
-                    _write_png(im, os.path.join(tmp, f"edit{i}.png"))
-                    f.write(json.dumps({"instruction": instruction, "seed": seeds[i], "file": f"edit{i}.png"}) + "\n")
+            _write_edits(model, vq, tok, src, text, seeds, opt, tmp)
         else:
-            prompt = shapes.parse_prompt(args.prompt).text  # canonical spacing; errors name the word
-            per_round = model.cfg.image_tokens + 2 * len(tok.encode(CUE + NEXT)) + opt.max_reason
-            need = len(prompt_seq(tok, prompt)) + args.rounds * per_round
-            if need > model.cfg.max_seq_len:
-                raise ValueError(f"prompt + {args.rounds} rounds need {need} positions, the model has "
-                                 f"{model.cfg.max_seq_len}: use a shorter prompt or fewer --rounds")
-            chains = introspect(model, vq, tok, [prompt] * args.n, seeds, opt, progress=True)
-            os.makedirs(tmp)
-            with open(os.path.join(tmp, "chains.jsonl"), "w") as f:
-                for i, c in enumerate(chains):
-                    files = []
-                    for r, im in enumerate(c.images):
-                        files.append(f"chain{i}_round{r + 1}.png")
-                        _write_png(im, os.path.join(tmp, files[-1]))
-                    f.write(json.dumps({"prompt": c.prompt, "seed": c.seed, "verdicts": c.verdicts,
-                                        "p_yes": [round(p, 4) for p in c.p_yes], "reasons": c.reasons,
-                                        "files": files}) + "\n")
-        shutil.rmtree(args.out, ignore_errors=True)
-        os.replace(tmp, args.out)
+            _write_chains(model, vq, tok, text, seeds, opt, tmp)
+        publish_dir(tmp, args.out)
         print(f"wrote {args.out}")
     except ValueError as e:
+        if tmp is not None and "results are in" not in str(e):
+            discard_dir(tmp)
         sys.exit(f"error: {e}")
+    except BaseException:  # Ctrl-C or a crash: no half-written folder is left behind
+        discard_dir(tmp)
+        raise
 
 
 if __name__ == "__main__":

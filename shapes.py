@@ -23,7 +23,6 @@ Run `python shapes.py --out out/shapes` to see the world: example grids per cate
 verdicts on deliberately wrong images, and edits.
 """
 
-import argparse
 import json
 import os
 import random
@@ -109,10 +108,11 @@ class Prompt:
     text: str
 
 
-def _np(colour, shape, n=1):
-    # noun phrase: "a red circle", "an orange square", "three squares", "a triangle"
+def _np(colour, shape, n=1, counted=False):
+    # noun phrase: "a red circle", "an orange square", "three squares", "a triangle"; counted: "one
+    # circle" (exactly one), which "a circle" (at least one) is not
     words = ([colour] if colour else []) + [plural(shape, n)]
-    det = article(words[0]) if n == 1 else NUMBERS[n]
+    det = article(words[0]) if n == 1 and not counted else NUMBERS[n]
     return " ".join([det] + words)
 
 
@@ -120,7 +120,7 @@ def fact_text(f):
     if f.kind == "exists":
         return _np(f.colour, f.shape)
     if f.kind == "count":
-        return _np(f.colour, f.shape, f.n)
+        return _np(f.colour, f.shape, f.n, counted=True)
     return f"{_np(f.colour, f.shape)} {REL_TEXT[f.rel]} {_np(f.colour2, f.shape2)}"
 
 
@@ -168,6 +168,10 @@ def parse_prompt(text):
             raise ValueError(f"prompt outside the grammar: {text!r} (write relations as "
                              "'a circle to the left of a square')")
         facts.append(Fact("rel", shape, colour, 1, rel, shape2, colour2))
+    # the objects the facts name, as the scene sampler places them: a scene holds at most 4
+    n_objects = sum(f.n if f.kind == "count" else 2 if f.kind == "rel" else 1 for f in facts)
+    if n_objects > MAX_OBJECTS:
+        raise ValueError(f"prompt asks for {n_objects} objects, a ShapeWorld scene holds at most {MAX_OBJECTS}: {text!r}")
     return make_prompt(facts)
 
 
@@ -1039,25 +1043,49 @@ def load_image(path):
         raise ValueError(f"cannot read image {path!r}: {e}") from None
 
 
-if __name__ == "__main__":
-    ap = argparse.ArgumentParser(description="ShapeWorld: look at the toy world, or check one image.")
+def main(argv=None):
+    from common import Parser, bounded, pos_int
+    ap = Parser(description="ShapeWorld: look at the toy world, draw one scene, or check one image.")
     ap.add_argument("--out", help="write example grids (examples.png, wrong.png, edits.png) to this folder")
-    ap.add_argument("--size", type=int, default=64, help="image side in pixels (toy 64, tiny 32)")
-    ap.add_argument("--seed", type=int, default=0, help="random seed for the examples")
-    ap.add_argument("--n", type=int, default=6, help="examples per row")
+    ap.add_argument("--size", type=bounded(int, 16, 1024), default=64, help="image side in pixels, 16-1024 (toy 64, tiny 32)")
+    ap.add_argument("--seed", type=int, default=0, help="random seed for the examples and --scene")
+    ap.add_argument("--n", type=bounded(int, 1, 100), default=6, help="examples per row, 1-100")
     ap.add_argument("--check", metavar="PNG", help="check this image against --prompt and print JSON")
     ap.add_argument("--prompt", help="the prompt for --check")
-    args = ap.parse_args()
+    ap.add_argument("--scene", metavar="PROMPT", help="draw one random scene that matches PROMPT into --png "
+                    "(e.g. a source image for sample.py --edit)")
+    ap.add_argument("--png", help="the PNG file --scene writes")
+    args = ap.parse_args(argv)
     try:
         if args.check:
             if not args.prompt:
                 raise ValueError("--check needs --prompt")
             c = check(load_image(args.check), args.prompt)
             print(json.dumps({"verdict": "yes" if c.verdict else "no", "score": c.score, "reason": c.reason}))
+        elif args.scene:
+            if not args.png:
+                raise ValueError("--scene needs --png FILE")
+            if os.path.isdir(args.png):
+                raise ValueError(f"--png {args.png} is a folder, not a file name")
+            prompt = parse_prompt(args.scene)
+            image = Image.fromarray(render(sample_scene(random.Random(args.seed), args.size, prompt)))
+            tmp = f"{args.png}.tmp{os.getpid()}.png"
+            try:
+                image.save(tmp)
+            except OSError as e:
+                raise ValueError(f"cannot write --png {args.png}: {e.strerror}") from None
+            os.replace(tmp, args.png)
+            print(f"wrote {args.png} ({prompt.text})")
         elif args.out:
+            if os.path.exists(args.out) and not os.path.isdir(args.out):
+                raise ValueError(f"--out {args.out} is a file, not a folder")
             for path in demo(args.out, args.size, args.seed, args.n):
                 print("wrote", path)
         else:
-            ap.error("give --out DIR (example grids) or --check PNG --prompt TEXT")
+            ap.error("give --out DIR (example grids), --scene PROMPT --png FILE, or --check PNG --prompt TEXT")
     except ValueError as e:
         sys.exit(f"error: {e}")
+
+
+if __name__ == "__main__":
+    main()

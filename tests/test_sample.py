@@ -232,7 +232,7 @@ def test_cli_writes_chains(ckpt, tmp_path):
     for l in lines:
         assert l["prompt"] == "a red circle" and len(l["files"]) == len(l["verdicts"]) in (1, 2)
         assert all(os.path.isfile(os.path.join(out, f)) for f in l["files"])
-    assert not os.path.exists(out + ".partial")
+    assert os.listdir(tmp_path) == ["samples"]  # no temporary folder left beside it
 
 
 def test_cli_edit(ckpt, tmp_path):
@@ -241,13 +241,13 @@ def test_cli_edit(ckpt, tmp_path):
     Image.fromarray(shapes.render(shapes.Scene(32, [shapes.Obj("circle", "red", 4, 4, 9)]))).save(src)
     out = str(tmp_path / "edit")
     S.main(["--ckpt", ckpt, "--edit", str(src), "--instruction", "make the red circle blue", "--n", "2", "--out", out])
-    assert sorted(os.listdir(out)) == ["edit0.png", "edit1.png", "edits.jsonl", "source.png"]
+    assert sorted(os.listdir(out)) == [".janus-output", "edit0.png", "edit1.png", "edits.jsonl", "source.png"]
 
 
 @pytest.mark.parametrize("args,msg", [
     (["--prompt", "a red giraffe"], "unknown word 'giraffe'"),
     (["--prompt", ""], "empty prompt"),
-    (["--prompt", "a circle", "--rounds", "40"], "positions"),
+    (["--prompt", "two circles and three squares"], "asks for 5 objects"),
     (["--edit", "missing.png", "--instruction", "remove the red circle"], "cannot read image"),
     (["--edit", "x.png"], "--instruction"),
 ])
@@ -261,7 +261,7 @@ def test_cli_bad_input(ckpt, tmp_path, capsys, args, msg):
 def test_cli_bad_checkpoint(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"garbage")
-    for path, msg in ((str(tmp_path / "none.pt"), "checkpoint not found"), (str(bad), "cannot read checkpoint")):
+    for path, msg in ((str(tmp_path / "none.pt"), "checkpoint not found"), (str(bad), "is not a checkpoint file")):
         with pytest.raises(SystemExit) as e:
             S.main(["--ckpt", path, "--prompt", "a circle", "--out", str(tmp_path / "o")])
         assert msg in str(e.value)
@@ -280,3 +280,13 @@ def test_pick_inverse_cdf_hand_computed():
     assert S.pick(logits, u, temperature=0).eq(1).all()  # greedy
     hot = torch.bincount(S.pick(logits, u, temperature=0.5), minlength=4) / 1000  # p^2 renormalised
     assert hot.tolist() == pytest.approx((probs ** 2 / (probs ** 2).sum()).tolist(), abs=2e-3)
+
+
+@pytest.mark.parametrize("field,value", [("cfg", float("nan")), ("cfg", float("inf")), ("cfg", -1.0),
+                                         ("temperature", float("nan")), ("temperature", -1.0), ("top_p", 0.0),
+                                         ("top_p", 1.5), ("top_k", -5), ("rounds", 0)])
+def test_options_out_of_range_are_refused(field, value):
+    # NaN guidance made every token the last code id with exit 0; a negative temperature inverted p
+    with pytest.raises(ValueError, match=field):
+        S.Options(**{field: value})
+    S.Options(cfg=0.0, temperature=0.0, top_p=1.0, top_k=0)  # the edges that mean something stay allowed

@@ -286,3 +286,15 @@ def test_checker_speed():
     for im, p in cases:
         S.check(im, p)
     assert len(cases) / (time.perf_counter() - t) > 200
+
+
+def test_prompts_a_scene_cannot_hold_and_exactly_one():
+    with pytest.raises(ValueError, match="asks for 5 objects"):
+        S.parse_prompt("two circles and three squares")
+    with pytest.raises(ValueError, match="asks for 6 objects"):
+        S.parse_prompt("a circle to the left of a square and four triangles")
+    # "one circle" means exactly one: its text keeps the word, and two circles do not satisfy it
+    p = S.parse_prompt("one circle")
+    assert p.text == "one circle" and S.parse_prompt(p.text) == p
+    two = S.Scene(64, [S.Obj("circle", "red", 4, 4, 16), S.Obj("circle", "blue", 40, 40, 16)])
+    assert S.check(S.render(two), p).verdict is False and S.check(S.render(two), "a circle").verdict is True
