@@ -11,8 +11,6 @@ Writes OUT/report.json and OUT/report.md (tables and image chains: image 1, the 
 and reason, image 2 ...). Every number in them comes from this run's evaluations.
 """
 
-import argparse
-import json
 import os
 import sys
 import time
@@ -21,45 +19,72 @@ import numpy as np
 from PIL import Image
 
 import shapes
+from common import Parser, check_run_dir, digest, pos_int, read_json, write_json, write_text
 
 STAGES = ("base", "sft")
 
 
-def stage_done(out, stage):
-    names = [f"{stage}.pt", f"{stage}_eval.json"]
-    return all(os.path.isfile(os.path.join(out, n)) for n in names)
+def tokenizer_config(config):
+    # `small` is a bigger transformer over the same toy world: it shares toy's tokenizer
+    return "toy" if config == "small" else config
+
+
+def stage_done(out, stage, config):
+    """True when OUT holds the stage's finished output, made by `config` from the checkpoints now
+    beside it; False when it is missing or unfinished (run it: it resumes); a ValueError when the
+    output belongs to another run (another config, or built from a checkpoint rebuilt since)."""
+    pt, ev = (os.path.join(out, f"{stage}{ext}") for ext in (".pt", "_eval.json"))
+    if not (os.path.isfile(pt) and os.path.isfile(ev)):
+        return False
+    receipt = read_json(ev)
+    made = receipt.get("made")
+    if made is None:
+        raise ValueError(f"{ev} was written by an older version of this code: use another --out")
+    want = tokenizer_config(config) if stage == "vq" else config
+    if made["config"] != want:
+        raise ValueError(f"{out} holds a run of config {made['config']!r} ({stage}.pt), not {want!r}: use another --out")
+    for name, d in made["inputs"].items():
+        if not os.path.isfile(os.path.join(out, name)) or digest(os.path.join(out, name)) != d:
+            raise ValueError(f"{pt} was built from another {name} than the one now in {out} (rebuilt since?): "
+                             f"delete {stage}.pt, {stage}_eval.json and {stage}_state.pt (and the stages after it) "
+                             "to rebuild it, or use another --out")
+    return receipt.get("ckpt") == digest(pt)
 
 
 def run_stage(stage, args, seconds):
-    """Run one stage's own command line in this process, timing it; skip it when it is done."""
+    """Run one stage's own command line in this process, timing it; skip it when it is done. The
+    time of an attempt that fails or is interrupted (Ctrl-C) is counted too."""
     import sft
     import tokenizer
     import vit
-    if stage_done(args.out, stage):
+    if stage_done(args.out, stage, args.config):
         print(f"[{stage}] done earlier, reusing {args.out}")
         return
     print(f"[{stage}] running")
     t = time.time()
-    if stage == "vq":
-        # `small` is a bigger transformer over the same toy world: it shares toy's tokenizer
-        tokenizer.main(["--config", "toy" if args.config == "small" else args.config, "--out", args.out])
-    elif stage == "vit":
-        vit.main(["--config", args.config, "--out", args.out])
-    else:
-        sft.main(["--stage", stage, "--config", args.config, "--out", args.out])
-    seconds[stage] = round(time.time() - t + seconds.get(stage, 0.0), 1)
-    _write_json(seconds, os.path.join(args.out, "seconds.json"))
+    try:
+        if stage == "vq":
+            tokenizer.main(["--config", tokenizer_config(args.config), "--out", args.out])
+        elif stage == "vit":
+            vit.main(["--config", args.config, "--out", args.out])
+        else:
+            sft.main(["--stage", stage, "--config", args.config, "--out", args.out])
+    finally:
+        seconds[stage] = round(time.time() - t + seconds.get(stage, 0.0), 1)
+        write_json(seconds, os.path.join(args.out, "seconds.json"))
 
 
-def _write_json(obj, path):
-    with open(path + ".tmp", "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(path + ".tmp", path)
-
-
-def _read(out, name):
-    with open(os.path.join(out, name)) as f:
-        return json.load(f)
+def cached(args, name, key, compute):
+    """OUT/name's result if it was computed for `key` (the digests and settings it depends on),
+    else compute() now and store it with its key."""
+    path = os.path.join(args.out, name)
+    if os.path.isfile(path):
+        got = read_json(path)
+        if got.get("key") == key:
+            return got["result"]
+    result = compute()
+    write_json({"key": key, "result": result}, path)
+    return result
 
 
 def ood_prompts(args, splits):
@@ -69,12 +94,15 @@ def ood_prompts(args, splits):
 
 def extra_evals(args, stage):
     """What the stage scripts don't measure themselves: the ood split, editing, example chains."""
+    pt = os.path.join(args.out, f"{stage}.pt")
+    key = {"ckpt": digest(pt), "ood_prompts": args.ood_prompts, "edit_prompts": args.edit_prompts}
+    return cached(args, f"{stage}_extra.json", key, lambda: _extra_evals(args, stage))
+
+
+def _extra_evals(args, stage):
     import sample
     import sft
     from common import load_janus
-    path = os.path.join(args.out, f"{stage}_extra.json")
-    if os.path.isfile(path):
-        return _read(args.out, f"{stage}_extra.json")
     model, vq, tok, _ = load_janus(os.path.join(args.out, f"{stage}.pt"))
     splits = shapes.make_splits(seed=0)
     rounds = 1 if stage == "base" else 3
@@ -101,24 +129,24 @@ def extra_evals(args, stage):
             files.append(f)
         shown.append({"prompt": p.text, "files": files, "verdicts": c.verdicts, "reasons": c.reasons,
                       "checker": [shapes.check(im, p).reason for im in c.images]})
-    res = {"ood_first": ood["first"]["overall"], "ood_final": ood["final"]["overall"],
-           "edit": {"follow": float(np.mean([f for f, _ in scores])), "preserve": float(np.mean([p for _, p in scores])),
-                    "n": len(scores)}, "chains": shown}
-    _write_json(res, path)
-    return res
+    return {"ood_first": ood["first"]["overall"], "ood_final": ood["final"]["overall"],
+            "edit": {"follow": float(np.mean([f for f, _ in scores])), "preserve": float(np.mean([p for _, p in scores])),
+                     "n": len(scores)}, "chains": shown}
 
 
 def untrained_eval(args):
     """The checker's chance level: first images of the same model with random weights (seed 0)
     and the run's VQ tokenizer, on the test and ood prompts the stages are scored on. A stage is
     only as good as its margin over this row."""
+    key = {"config": args.config, "vq": digest(os.path.join(args.out, "vq.pt")), "ood_prompts": args.ood_prompts}
+    return cached(args, "untrained_eval.json", key, lambda: _untrained_eval(args))
+
+
+def _untrained_eval(args):
     import torch
     import sft
     from model import PRESETS, Janus, JanusConfig
     from tokenizer import TextTokenizer, load_vq
-    path = os.path.join(args.out, "untrained_eval.json")
-    if os.path.isfile(path):
-        return _read(args.out, "untrained_eval.json")
     torch.manual_seed(0)
     model = Janus(JanusConfig(**PRESETS[args.config])).eval()
     vq, tok = load_vq(os.path.join(args.out, "vq.pt")), TextTokenizer(shapes.WORDS)
@@ -126,7 +154,6 @@ def untrained_eval(args):
     first = sft.evaluate(model, vq, tok, splits["test"], rounds=1, progress=True)["first"]
     ood = ood_prompts(args, splits)
     first["ood"] = sft.evaluate(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
-    _write_json(first, path)
     return first
 
 
@@ -143,14 +170,14 @@ def report(args, seconds):
     cats = list(shapes.CATEGORIES) + ["overall"]
     rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {},
            "seconds": seconds, "examples": {}}
-    vq = _read(args.out, "vq_eval.json")
+    vq = read_json(os.path.join(args.out, "vq_eval.json"))
     rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
                                                "code_entropy", "background_codes", "train_seconds")}
-    rep["vit"] = _read(args.out, "vit_eval.json")
+    rep["vit"] = {k: v for k, v in read_json(os.path.join(args.out, "vit_eval.json")).items() if k not in ("made", "ckpt")}
     for stage in STAGES:
-        if not stage_done(args.out, stage):
+        if not stage_done(args.out, stage, args.config):
             continue
-        ev = _read(args.out, f"{stage}_eval.json")
+        ev = read_json(os.path.join(args.out, f"{stage}_eval.json"))
         extra = extra_evals(args, stage)
         if stage == "base":
             first = ev["first"]
@@ -165,7 +192,7 @@ def report(args, seconds):
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
-    _write_json(rep, os.path.join(args.out, "report.json"))
+    write_json(rep, os.path.join(args.out, "report.json"))
     lines = [f"# Report: config `{args.config}`", "",
              "Every number below was produced by `python run.py --config " + args.config + "`.", "",
              "## GenEval-style accuracy on the test split (checker verdicts)", "",
@@ -228,24 +255,22 @@ def report(args, seconds):
             for f, v, r, ck in zip(c["files"], c["verdicts"], c["reasons"], c["checker"]):
                 lines.append(f"![]({f}) model: {r} / checker: {ck}  ")
             lines.append("")
-    with open(os.path.join(args.out, "report.md.tmp"), "w") as f:
-        f.write("\n".join(lines) + "\n")
-    os.replace(os.path.join(args.out, "report.md.tmp"), os.path.join(args.out, "report.md"))
+    write_text("\n".join(lines) + "\n", os.path.join(args.out, "report.md"))
     print("\n".join(lines[:40]))
     print(f"wrote {args.out}/report.json and {args.out}/report.md")
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Run every stage (vq -> vit -> base -> sft), then evaluate and report.")
+    ap = Parser(description="Run every stage (vq -> vit -> base -> sft), then evaluate and report.")
     ap.add_argument("--config", default="toy", choices=["tiny", "toy", "small"], help="which rung of the config ladder")
     ap.add_argument("--out", help="run folder (default out/CONFIG)")
-    ap.add_argument("--ood-prompts", type=int, default=300, help="prompts of the ood split to evaluate")
-    ap.add_argument("--edit-prompts", type=int, default=100, help="edits to evaluate per stage")
+    ap.add_argument("--ood-prompts", type=pos_int, default=300, help="prompts of the ood split to evaluate")
+    ap.add_argument("--edit-prompts", type=pos_int, default=100, help="edits to evaluate per stage")
     args = ap.parse_args(argv)
     args.out = args.out or os.path.join("out", args.config)
-    os.makedirs(args.out, exist_ok=True)
+    check_run_dir(args.out)
     sp = os.path.join(args.out, "seconds.json")
-    seconds = _read(args.out, "seconds.json") if os.path.isfile(sp) else {}
+    seconds = read_json(sp) if os.path.isfile(sp) else {}
     for stage in ("vq", "vit") + STAGES:
         run_stage(stage, args, seconds)
     report(args, seconds)

@@ -23,7 +23,6 @@ held-out evaluation, atomic checkpoints, resume after interruption, DDP through 
     torchrun --nproc_per_node 2 sft.py --stage base --config tiny --out out/tiny   # DDP (gloo on CPU)
 """
 
-import argparse
 import json
 import os
 import random
@@ -36,8 +35,9 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, janus_checkpoint, load_checkpoint, load_janus, load_state, lr_at, pick_device, run_cli,
-                    save_checkpoint, use_bf16)
+from common import (DTYPE_HELP, Parser, check_run_dir, digest, janus_checkpoint, load_checkpoint, load_janus, load_state,
+                    lr_at, nonneg_int, pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16,
+                    write_json)
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
@@ -498,29 +498,29 @@ def train_step(model, batch, world, bf16):
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Train the base model (stage base) or the three-task SFT (stage sft).")
+    ap = Parser(description="Train the base model (stage base) or the three-task SFT (stage sft).")
     # what and where
     ap.add_argument("--stage", choices=["base", "sft"], required=True, help="base: the Janus-Pro stand-in; sft: the three sub-tasks")
     ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset and run settings")
     ap.add_argument("--out", required=True, help="run folder: reads vq.pt (and base.pt for sft), writes {stage}.pt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the init and of every batch")
     # optimisation (defaults from TRAIN[config])
-    ap.add_argument("--steps", type=int, help="optimizer steps; rerun with more to continue")
-    ap.add_argument("--batch-size", type=int, help="sequences per step, over all processes")
-    ap.add_argument("--lr", type=float, help="peak AdamW learning rate")
+    ap.add_argument("--steps", type=pos_int, help="optimizer steps; rerun with more to continue")
+    ap.add_argument("--batch-size", type=pos_int, help="sequences per step, over all processes")
+    ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     ap.add_argument("--vit", choices=["fixed", "train"], help="the pretrained ViT (vit.py): kept fixed or trained "
                     "(default: fixed in base, trained in sft, where Task II alone trains it to read the model's own images)")
     # sft data
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
-    ap.add_argument("--depth", type=int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
-    ap.add_argument("--sft-prompts", type=int, help="training prompts sampled from the base model to build SFT data")
-    ap.add_argument("--samples-per-prompt", type=int, help="base-model images per SFT prompt")
+    ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
+    ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
+    ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
     # monitoring
-    ap.add_argument("--eval-every", type=int, help="held-out evaluation every N steps (0 = only at the end)")
-    ap.add_argument("--eval-prompts", type=int, help="held-out prompts per category for the evaluations")
-    ap.add_argument("--ckpt-every", type=int, default=100, help="save the resumable state every N steps")
+    ap.add_argument("--eval-every", type=nonneg_int, help="held-out evaluation every N steps (0 = only at the end)")
+    ap.add_argument("--eval-prompts", type=pos_int, help="held-out prompts per category for the evaluations")
+    ap.add_argument("--ckpt-every", type=pos_int, default=100, help="save the resumable state every N steps")
     ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     run_cli(ap, argv, run)
@@ -531,13 +531,17 @@ def run(args):
     steps = args.steps if args.steps is not None else preset[f"{args.stage}_steps"]
     mix = dict(BASE_MIX if args.stage == "base" else SFT_MIX)
     if args.mix:
-        vals = [float(v) for v in args.mix.split(",")]
-        if len(vals) != 3 or min(vals) < 0 or sum(vals) <= 0:
+        try:
+            vals = [float(v) for v in args.mix.split(",")]
+        except ValueError:
+            vals = []
+        if len(vals) != 3 or not all(np.isfinite(vals)) or min(vals) < 0 or sum(vals) <= 0:
             raise ValueError(f"--mix needs three non-negative numbers, got {args.mix!r}")
         mix = dict(zip(mix, vals))
     # everything that shapes the training path: a saved state made with other values can't resume
-    settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=args.lr or preset[f"{args.stage}_lr"],
-                    batch_size=args.batch_size or preset["batch_size"], warmup=preset["warmup"], steps=steps,
+    lr = args.lr if args.lr is not None else preset[f"{args.stage}_lr"]
+    settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=lr,
+                    batch_size=args.batch_size if args.batch_size is not None else preset["batch_size"], warmup=preset["warmup"], steps=steps,
                     bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
                     easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
     ddp = "RANK" in os.environ
@@ -563,6 +567,17 @@ def run(args):
     vq_path = os.path.join(args.out, "vq.pt")
     if not os.path.isfile(vq_path):
         raise ValueError(f"{vq_path} not found: train the tokenizer first (python tokenizer.py --config {args.config} --out {args.out})")
+    # the checkpoints this stage starts from: a saved state or pool built from other ones is not reused
+    inputs = ("vq.pt", "vit.pt") if args.stage == "base" else ("vq.pt", "base.pt")
+    missing = [n for n in inputs if not os.path.isfile(os.path.join(args.out, n))]
+    if missing:
+        raise ValueError(f"{os.path.join(args.out, missing[0])} not found: run the earlier stages first "
+                         f"(python run.py --config {args.config} --out {args.out} runs them all)")
+    settings["inputs"] = {n: digest(os.path.join(args.out, n)) for n in inputs}
+    check_run_dir(args.out)
+    # a saved state of another run is refused here, before any work (more --steps continue a run)
+    state_path = os.path.join(args.out, f"{args.stage}_state.pt")
+    st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps", "bf16"))
     vq = load_vq(vq_path, dev)
     for p in vq.parameters():
         p.requires_grad_(False)
@@ -597,17 +612,17 @@ def run(args):
         rng = random.Random(f"sft-prompts-{args.seed}")
         n = args.sft_prompts or preset["sft_prompts"]
         chosen = [train_prompt(rng, by_cat) for _ in range(n)]
-        pool = load_pool(pool_path, chosen) if os.path.isfile(pool_path) else None
+        pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
         if pool is None:
             if master:
                 model.eval()
                 pool = build_sft_pool(model, vq, tok, chosen, args.samples_per_prompt or preset["samples_per_prompt"],
                                       size, args.seed)
-                save_pool(pool, chosen, pool_path)
+                save_pool(pool, settings["inputs"]["base.pt"], pool_path)
                 model.train()
             if ddp:
                 dist.barrier()
-            pool = load_pool(pool_path, chosen)
+            pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
         n_img = sum(len(v) for v in pool.values())
         n_pos = sum(s[2] for v in pool.values() for s in v)
         say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
@@ -616,9 +631,7 @@ def run(args):
     if settings["freeze_vit"]:
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient
     optimizer = make_optimizer(model, settings["lr"])
-    state_path = os.path.join(args.out, f"{args.stage}_state.pt")
     step, log = 0, []
-    st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps", "bf16"))  # more steps continue a run
     if st is not None:
         model.load_state_dict(st["model"])
         optimizer.load_state_dict(st["optimizer"])
@@ -653,7 +666,7 @@ def run(args):
             g["lr"] = lr_at(step, steps, settings["lr"], settings["warmup"])
         loss = train_step(model, batch, world, settings["bf16"])
         if not torch.isfinite(loss):
-            raise ValueError(f"loss is {loss.item()} at step {step} ({task}): lower --lr or use --fp32")
+            raise ValueError(f"loss is {loss.item()} at step {step} ({task}): lower --lr or use --dtype fp32")
         if ddp:
             all_reduce_grads(model, world)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -679,17 +692,16 @@ def run(args):
         return
     seconds = time.time() - t0
     model.eval()
-    save_checkpoint(janus_checkpoint(model, vq, tok, stage=args.stage, settings=settings, step=step),
-                    os.path.join(args.out, f"{args.stage}.pt"))
+    ckpt_path = os.path.join(args.out, f"{args.stage}.pt")
+    save_checkpoint(janus_checkpoint(model, vq, tok, stage=args.stage, settings=settings, step=step), ckpt_path)
     print(f"wrote {os.path.join(args.out, args.stage + '.pt')} ({seconds:.0f} s of training this run)")
     if not args.no_final_eval:
         test = splits["test"]
         result = final_eval(model, vq, tok, test, args.stage, size)
-        result.update(stage=args.stage, config=args.config, steps=step, train_seconds=round(seconds, 1))
-        path = os.path.join(args.out, f"{args.stage}_eval.json")
-        with open(path + ".tmp", "w") as f:
-            json.dump(result, f, indent=1)
-        os.replace(path + ".tmp", path)
+        # the receipt run.py checks before reusing this stage: config, settings, what it was built from
+        result.update(stage=args.stage, config=args.config, steps=step, train_seconds=round(seconds, 1),
+                      made=stage_receipt(args.out, args.config, settings, inputs), ckpt=digest(ckpt_path))
+        write_json(result, os.path.join(args.out, f"{args.stage}_eval.json"))
         print(json.dumps(result))
     if ddp:
         dist.destroy_process_group()
@@ -723,10 +735,10 @@ def final_eval(model, vq, tok, prompts, stage, size):
     return r
 
 
-def save_pool(pool, prompts, path):
+def save_pool(pool, base_digest, path):
     texts = list(pool)
     flat = [(i, s) for i, t in enumerate(texts) for s in pool[t]]
-    save_checkpoint({"kind": "sft_pool", "texts": texts,
+    save_checkpoint({"kind": "sft_pool", "texts": texts, "base": base_digest,
                      "prompt": torch.tensor([i for i, _ in flat]),
                      "codes": torch.tensor([s[0] for _, s in flat]),
                      "images": torch.from_numpy(np.stack([s[1] for _, s in flat])),
@@ -734,10 +746,15 @@ def save_pool(pool, prompts, path):
                      "reasons": [s[3] for _, s in flat]}, path)
 
 
-def load_pool(path, prompts):
+def load_pool(path, prompts, base_digest):
+    """The SFT data built earlier, or None (to rebuild it) when there is none or it was built from
+    another base.pt or for other prompts: it is a cache of this stage's own."""
+    if not os.path.isfile(path):
+        return None
     d = load_checkpoint(path, {"kind": "sft_pool"})
-    if set(d["texts"]) != {p.text for p in prompts}:
-        raise ValueError(f"{path} was built for other prompts: delete it to rebuild")
+    if d.get("base") != base_digest or set(d["texts"]) != {p.text for p in prompts}:
+        print(f"{path} was built from another base.pt or for other prompts: rebuilding it")
+        return None
     pool = {t: [] for t in d["texts"]}
     for i, c, im, v, r in zip(d["prompt"].tolist(), d["codes"].tolist(), d["images"].numpy(), d["verdict"].tolist(), d["reasons"]):
         pool[d["texts"][i]].append((c, im, v, r))

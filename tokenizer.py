@@ -38,7 +38,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import shapes
-from common import DTYPE_HELP, load_checkpoint, save_checkpoint, use_bf16
+from common import (DTYPE_HELP, Parser, build, check_run_dir, load_checkpoint, load_state, load_weights, pick_device,
+                    pos_float, pos_int, save_checkpoint, digest, stage_receipt, use_bf16, write_json)
 
 # -----------------------------------------------------------------------------
 # Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
@@ -353,11 +354,14 @@ class VQModel(nn.Module):
         return self.decoder(self.post_quant_conv(z_q))
 
 
+VQ_MAKE = "python tokenizer.py --config CONFIG --out DIR"
+
+
 def load_vq(path, device="cpu"):
-    """A trained tokenizer from `OUT/vq.pt` (or a training checkpoint `OUT/ckpt.pt`), in eval mode."""
-    ckpt = load_checkpoint(path)  # torch.load(weights_only=True): a checkpoint cannot run code
-    model = VQModel(VQConfig(**ckpt["config"]))
-    model.load_state_dict(ckpt["model"])
+    """A trained tokenizer from `OUT/vq.pt`, in eval mode; one-line errors for a bad file."""
+    ckpt = load_checkpoint(path, keys=("config", "model"), make=VQ_MAKE, finite=True)  # weights only: runs no code
+    model = VQModel(build(VQConfig, ckpt["config"], path, VQ_MAKE))
+    load_weights(model, ckpt["model"], path, VQ_MAKE)
     return model.to(device).eval()
 
 
@@ -384,8 +388,8 @@ def restart_dead_codes(quantizer, hits, latents, generator):
         return 0
     e = quantizer.codebook()
     dist = (2 - 2 * (latents @ e.t()).max(dim=1).values).clamp(min=0) + 1e-12  # (N,) |z - nearest code|^2
-    pick = torch.multinomial(dist, len(dead), replacement=True, generator=generator)
-    quantizer.embedding.weight[dead] = latents[pick]
+    pick = torch.multinomial(dist.cpu(), len(dead), replacement=True, generator=generator)  # a CPU generator
+    quantizer.embedding.weight[dead] = latents[pick.to(latents.device)]
     return len(dead)
 
 
@@ -538,34 +542,43 @@ def save_side_by_side(images, recon, path, scale=3):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description="Train the VQ image tokenizer on ShapeWorld scenes.")
+    parser = Parser(description="Train the VQ image tokenizer on ShapeWorld scenes.")
     # what to train and where
     parser.add_argument("--config", choices=list(TRAIN_PRESETS), default="toy", help="tokenizer preset (VQ_PRESETS)")
-    parser.add_argument("--out", required=True, help="output dir: ckpt.pt (resumable), vq.pt, vq_eval.json, vq_recon.png")
+    parser.add_argument("--out", required=True, help="run folder: writes vq.pt, vq_eval.json, vq_recon.png "
+                        "(vq_state.pt while training: rerun the same command to resume)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the init and of every training batch")
     # optimisation (defaults come from TRAIN_PRESETS[config])
-    parser.add_argument("--steps", type=int, help="total optimizer steps (the lr schedule spans them)")
-    parser.add_argument("--batch-size", type=int, help="images per step")
-    parser.add_argument("--lr", type=float, help="peak Adam learning rate (linear warm-up, then cosine to lr/10)")
+    parser.add_argument("--steps", type=pos_int, help="total optimizer steps (the lr schedule spans them)")
+    parser.add_argument("--batch-size", type=pos_int, help="images per step")
+    parser.add_argument("--lr", type=pos_float, help="peak Adam learning rate (linear warm-up, then cosine to lr/10)")
     parser.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     # monitoring and evaluation
-    parser.add_argument("--ckpt-every", type=int, default=100, help="save the resumable checkpoint every N steps")
-    parser.add_argument("--eval-prompts", type=int, help="held-out prompts (each gives a matching and a mismatching scene)")
+    parser.add_argument("--ckpt-every", type=pos_int, default=100, help="save the resumable state every N steps")
+    parser.add_argument("--eval-prompts", type=pos_int, help="held-out prompts (each gives a matching and a mismatching scene)")
     args = parser.parse_args(argv)
+    try:
+        train(args)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
 
+
+def train(args):
     cfg = VQ_PRESETS[args.config]
     preset = TRAIN_PRESETS[args.config]
-    steps = args.steps or preset["steps"]
-    # everything that shapes the training path; a checkpoint made with other values cannot be resumed
-    run = dict(seed=args.seed, steps=steps, batch_size=args.batch_size or preset["batch_size"],
-               lr=args.lr or preset["lr"], warmup=preset["warmup"], window=preset["window"],
-               bf16=use_bf16(args.dtype, "cpu"))
-    os.makedirs(args.out, exist_ok=True)
-    ckpt_path = os.path.join(args.out, "ckpt.pt")
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
+    steps = pick("steps")
+    dev = pick_device(args.device)
+    check_run_dir(args.out)
+    # everything that shapes the training path; a state made with other values cannot be resumed
+    run = dict(**asdict(cfg), seed=args.seed, steps=steps, batch_size=pick("batch_size"), lr=pick("lr"),
+               warmup=preset["warmup"], window=preset["window"], bf16=use_bf16(args.dtype, dev))
+    state_path = os.path.join(args.out, "vq_state.pt")
 
     torch.manual_seed(args.seed)  # the only use of the global RNG: the init
     # channels-last: CPU convolutions run faster on NHWC (measured ~1.3x per step on the toy)
-    model = VQModel(cfg).to(memory_format=torch.channels_last)
+    model = VQModel(cfg).to(dev, memory_format=torch.channels_last)
     opt = torch.optim.Adam(model.parameters(), lr=run["lr"], betas=(0.9, 0.95))  # LlamaGen's betas, no decay
 
     def lr_factor(s):  # multiplies lr at step s: linear warm-up, then cosine from 1 to 0.1
@@ -574,41 +587,34 @@ def main(argv=None):
         return 0.55 + 0.45 * math.cos(math.pi * (s - run["warmup"]) / max(1, steps - run["warmup"]))
 
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    hits = torch.zeros(cfg.codebook_size, dtype=torch.long)  # code hits in the current window
+    hits = torch.zeros(cfg.codebook_size, dtype=torch.long, device=dev)  # code hits in the current window
     step, usage, seconds = 0, float("nan"), 0.0  # seconds: training time, summed over resumed runs
-    if os.path.exists(ckpt_path):
-        try:
-            ckpt = load_checkpoint(ckpt_path)
-        except ValueError as e:  # unreadable or not ours: say so in one line
-            sys.exit(f"error: {e}")
-        for key, want in (("config", asdict(cfg)), ("run", run)):
-            # the dtype may differ (a resume on another machine): the run's path is the same
-            diff = [f"{k}={ckpt[key].get(k)!r} (now {v!r})" for k, v in want.items() if k != "bf16" and ckpt[key].get(k) != v]
-            if diff:
-                sys.exit(f"error: {ckpt_path} is a run with other settings: {', '.join(diff)}; use another --out")
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        hits, step, usage, seconds = ckpt["hits"], ckpt["step"], ckpt["usage"], ckpt["seconds"]
-        print(f"resuming {ckpt_path} at step {step}")
+    # the dtype may differ (a resume on another machine): the run's path is the same
+    st = load_state(state_path, "vq_state", run, ignore=("bf16",))
+    if st is not None:
+        model.load_state_dict(st["model"])
+        opt.load_state_dict(st["optimizer"])
+        sched.load_state_dict(st["scheduler"])
+        hits, step, usage, seconds = st["hits"].to(dev), st["step"], st["usage"], st["seconds"]
+        print(f"resuming {state_path} at step {step}")
 
     def save():
-        save_checkpoint(dict(model=model.state_dict(), optimizer=opt.state_dict(), scheduler=sched.state_dict(),
-                         config=asdict(cfg), run=run, step=step, hits=hits, usage=usage,
-                         seconds=seconds + time.time() - t0), ckpt_path)
+        save_checkpoint(dict(kind="vq_state", settings=run, model=model.state_dict(), optimizer=opt.state_dict(),
+                             scheduler=sched.state_dict(), step=step, hits=hits.cpu(), usage=usage,
+                             seconds=seconds + time.time() - t0), state_path)
 
     model.train()
     pbar = tqdm(total=steps, initial=step, desc=f"vq {args.config} {'bf16' if run['bf16'] else 'fp32'}", dynamic_ncols=True)
     t0 = time.time()
     while step < steps:
-        x = train_batch(args.seed, step, run["batch_size"], cfg.image_size)  # (B, 3, H, W)
+        x = train_batch(args.seed, step, run["batch_size"], cfg.image_size).to(dev)  # (B, 3, H, W)
         x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=run["bf16"]):
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run["bf16"]):
             recon, vq_loss, codes, latents = model(x)
         rec_loss = F.mse_loss(recon.float(), x)
         loss = rec_loss + vq_loss
         if not torch.isfinite(loss):
-            sys.exit(f"error: loss is {loss.item()} at step {step}")
+            raise ValueError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype fp32")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -629,14 +635,15 @@ def main(argv=None):
     seconds += time.time() - t0
 
     # the artefact the other stages load: weights and config only
-    save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), step=step), os.path.join(args.out, "vq.pt"))
-    result, images, recon = evaluate(model, args.eval_prompts or preset["eval_prompts"], cfg.image_size)
-    result.update(config=args.config, step=step, train_seconds=round(seconds, 1))
-    tmp = os.path.join(args.out, "vq_eval.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, os.path.join(args.out, "vq_eval.json"))
+    model.cpu()
+    vq_path = os.path.join(args.out, "vq.pt")
+    save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), step=step), vq_path)
+    result, images, recon = evaluate(model, pick("eval_prompts"), cfg.image_size)
+    # the receipt run.py checks before reusing this stage: which config made which vq.pt
+    result.update(config=args.config, step=step, train_seconds=round(seconds, 1),
+                  made=stage_receipt(args.out, args.config, run), ckpt=digest(vq_path))
     save_side_by_side(images[:16], recon[:16], os.path.join(args.out, "vq_recon.png"))
+    write_json(result, os.path.join(args.out, "vq_eval.json"), indent=2)
     print(json.dumps(result))
 
 

@@ -20,7 +20,6 @@ The head is thrown away; `vit.pt` holds the ViT's weights, which the base stage 
     python vit.py --config toy --out out/toy      # -> vit.pt, vit_eval.json
 """
 
-import argparse
 import json
 import os
 import random
@@ -33,7 +32,8 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 import shapes
-from common import DTYPE_HELP, load_checkpoint, load_state, lr_at, pick_device, run_cli, save_checkpoint, use_bf16
+from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, load_weights, lr_at,
+                    pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16, write_json)
 from model import PRESETS, JanusConfig, VisionTransformer
 from tokenizer import to_tensor
 
@@ -111,22 +111,23 @@ def vit_config(cfg):
 
 def load_vit(path, model):
     """Copy a pretrained vit.pt into model.vision_model; a clear error if it is another shape."""
-    ckpt = load_checkpoint(path, {"kind": "vit"})
+    make = "python vit.py --config CONFIG --out DIR"
+    ckpt = load_checkpoint(path, {"kind": "vit"}, keys=("config", "model"), make=make, finite=True)
     if ckpt["config"] != vit_config(model.cfg):
         raise ValueError(f"{path} is a ViT of another shape ({ckpt['config']}) than this config's ({vit_config(model.cfg)})")
-    model.vision_model.load_state_dict(ckpt["model"])
+    load_weights(model.vision_model, ckpt["model"], path, make)
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(description="Pretrain the understanding ViT (our SigLIP stand-in) on dense ShapeWorld labels.")
+    ap = Parser(description="Pretrain the understanding ViT (our SigLIP stand-in) on dense ShapeWorld labels.")
     ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset whose ViT to pretrain")
     ap.add_argument("--out", required=True, help="run folder: writes vit.pt, vit_eval.json (vit_state.pt while training)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the init and of every batch")
-    ap.add_argument("--steps", type=int, help="optimizer steps (the lr schedule spans them)")
-    ap.add_argument("--batch-size", type=int, help="images per step")
-    ap.add_argument("--lr", type=float, help="peak AdamW learning rate (warm-up, then cosine to lr/10)")
+    ap.add_argument("--steps", type=pos_int, help="optimizer steps (the lr schedule spans them)")
+    ap.add_argument("--batch-size", type=pos_int, help="images per step")
+    ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate (warm-up, then cosine to lr/10)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
-    ap.add_argument("--ckpt-every", type=int, default=200, help="save the resumable state every N steps")
+    ap.add_argument("--ckpt-every", type=pos_int, default=200, help="save the resumable state every N steps")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     run_cli(ap, argv, run)
 
@@ -135,11 +136,11 @@ def run(args):
     preset = TRAIN[args.config]
     cfg = JanusConfig(**PRESETS[args.config])
     dev = pick_device(args.device)
-    steps = args.steps if args.steps is not None else preset["steps"]
-    if steps < 1:
-        raise ValueError(f"--steps must be at least 1, got {steps}")
-    settings = dict(config=vit_config(cfg), seed=args.seed, steps=steps, batch_size=args.batch_size or preset["batch_size"],
-                    lr=args.lr or preset["lr"], warmup=preset["warmup"], bf16=use_bf16(args.dtype, dev), cover=COVER)
+    pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
+    check_run_dir(args.out)
+    settings = dict(config=vit_config(cfg), seed=args.seed, steps=pick("steps"), batch_size=pick("batch_size"),
+                    lr=pick("lr"), warmup=preset["warmup"], bf16=use_bf16(args.dtype, dev), cover=COVER)
+    steps = settings["steps"]
     torch.manual_seed(args.seed)
     vit, head = VisionTransformer(cfg).to(dev), PatchHead(cfg.vit_width).to(dev)
     params = list(vit.parameters()) + list(head.parameters())
@@ -170,7 +171,7 @@ def run(args):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
             loss = losses(head(vit(pixels)), shape, colour, centre)
         if not torch.isfinite(loss):
-            raise ValueError(f"loss is {loss.item()} at step {step}: lower --lr or use --fp32")
+            raise ValueError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype fp32")
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -182,14 +183,13 @@ def run(args):
             save_state()
     bar.close()
     seconds += time.time() - t0
-    save_checkpoint({"kind": "vit", "config": settings["config"], "model": vit.state_dict(), "step": step},
-                    os.path.join(args.out, "vit.pt"))
+    vit_path = os.path.join(args.out, "vit.pt")
+    save_checkpoint({"kind": "vit", "config": settings["config"], "model": vit.state_dict(), "step": step}, vit_path)
     result = evaluate(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)
-    result.update(config=args.config, steps=step, train_seconds=round(seconds, 1))
-    path = os.path.join(args.out, "vit_eval.json")
-    with open(path + ".tmp", "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(path + ".tmp", path)
+    # the receipt run.py checks before reusing this stage
+    result.update(config=args.config, steps=step, train_seconds=round(seconds, 1),
+                  made=stage_receipt(args.out, args.config, settings), ckpt=digest(vit_path))
+    write_json(result, os.path.join(args.out, "vit_eval.json"))
     print(json.dumps(result))
 
 

@@ -1,10 +1,13 @@
 """The main job end to end on the tiny config: every stage, the report, and the rerun that reuses
 them. Run: python -m pytest -q tests/test_run.py   (CPU, about half a minute)"""
 
+import argparse
 import json
 import os
+import time
 
 import numpy as np
+import pytest
 
 import run
 import shapes
@@ -63,3 +66,59 @@ def test_always_no_is_the_checkers_no_rate():
     j = {"by_ink": [{"match_rate": 0.5, "n": 2}, {"match_rate": 0.25, "n": 4}, {"match_rate": 1.0, "n": 2}]}
     assert np.isclose(run.always_no(j), 1 - (1 + 1 + 2) / 8)
     assert run.always_no({"agreement": 0.5}) is None
+
+
+def _receipt(out, name, config, inputs=()):
+    # a stage's output as the stage scripts leave it: NAME.pt and NAME_eval.json with its receipt
+    from common import digest, write_json
+    (out / f"{name}.pt").write_bytes(os.urandom(64))
+    made = {"config": config, "settings": {}, "inputs": {n: digest(str(out / n)) for n in inputs}}
+    write_json({"made": made, "ckpt": digest(str(out / f"{name}.pt"))}, str(out / f"{name}_eval.json"))
+
+
+def test_stage_reuse_checks_config_and_inputs(tmp_path):
+    out = tmp_path
+    _receipt(out, "vq", "tiny")
+    _receipt(out, "base", "tiny", ["vq.pt"])
+    _receipt(out, "sft", "tiny", ["vq.pt", "base.pt"])
+    assert all(run.stage_done(str(out), s, "tiny") for s in ("vq", "base", "sft"))
+    with pytest.raises(ValueError, match="holds a run of config 'tiny'"):
+        run.stage_done(str(out), "vq", "toy")
+    # base rebuilt (e.g. more --steps) after sft was made from it: sft is not reused as if fresh
+    time.sleep(0.01)
+    _receipt(out, "base", "tiny", ["vq.pt"])
+    assert run.stage_done(str(out), "base", "tiny")
+    with pytest.raises(ValueError, match="built from another base.pt"):
+        run.stage_done(str(out), "sft", "tiny")
+    # an evaluation of an older sft.pt: the stage is not done (it resumes and evaluates again)
+    (out / "vq.pt").write_bytes(os.urandom(64))
+    with pytest.raises(ValueError, match="built from another vq.pt"):
+        run.stage_done(str(out), "base", "tiny")
+    _receipt(out, "vq", "tiny")
+    (out / "vq.pt").write_bytes(os.urandom(64))
+    assert not run.stage_done(str(out), "vq", "tiny")
+
+
+def test_cached_results_are_recomputed_for_another_key(tmp_path):
+    args = argparse.Namespace(out=str(tmp_path))
+    calls = []
+    f = lambda: calls.append(1) or len(calls)
+    assert run.cached(args, "x.json", {"ood_prompts": 14}, f) == 1
+    assert run.cached(args, "x.json", {"ood_prompts": 14}, f) == 1  # reused
+    assert run.cached(args, "x.json", {"ood_prompts": 300}, f) == 2  # another setting: computed again
+
+
+def test_an_interrupted_stage_attempt_keeps_its_time(tmp_path, monkeypatch):
+    import vit
+    seconds = {"vit": 1.0}
+
+    def interrupted(argv):
+        time.sleep(0.2)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(vit, "main", interrupted)
+    args = argparse.Namespace(out=str(tmp_path), config="tiny")
+    with pytest.raises(KeyboardInterrupt):
+        run.run_stage("vit", args, seconds)
+    saved = json.load(open(tmp_path / "seconds.json"))
+    assert saved["vit"] >= 1.2 and saved == seconds

@@ -218,7 +218,7 @@ def test_resumed_training_ends_identical_to_an_uninterrupted_run(tmp_path, monke
     with pytest.raises(KeyboardInterrupt):
         train_tiny(tmp_path / "b", 30, "--ckpt-every", "10")
     monkeypatch.undo()
-    assert torch.load(tmp_path / "b" / "ckpt.pt", weights_only=True)["step"] == 20
+    assert torch.load(tmp_path / "b" / "vq_state.pt", weights_only=True)["step"] == 20
     assert not (tmp_path / "b" / "vq.pt").exists()
     # rerunning the same command resumes at step 20, crosses a dead-code restart (window 25), ends at 30
     train_tiny(tmp_path / "b", 30, "--ckpt-every", "10")
