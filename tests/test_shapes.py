@@ -1,11 +1,12 @@
 """ShapeWorld: the checker must equal the scene graph's truth. Run: python -m pytest tests/test_shapes.py"""
 import io
+import math
 import random
 import time
 
 import numpy as np
 import pytest
-from PIL import Image, ImageFilter
+from PIL import Image, ImageDraw, ImageFilter
 
 import shapes as S
 
@@ -52,6 +53,76 @@ def test_checker_robust_to_degradation(corrupt):
     cases = _cases(700, seed=3)
     agree = np.mean([S.check(corrupt(S.render(sc)), p).verdict == S.truth(sc, p).verdict for p, sc in cases])
     assert agree >= 0.99, agree
+
+
+def _drawn_another_way(scene, rng, up=4):
+    """The scene graph drawn independently of S.render, the way a generator's images are messier:
+    each object drawn at `up`x resolution, squares and triangles tilted by a random angle in
+    [-10, 10] degrees about their box centre, each colour jittered by +-20 per channel (inside its
+    name, see test below), a grey background in 230-255, then a box downsample (anti-aliasing) and
+    a slight Gaussian blur."""
+    grey = rng.randint(230, 255)
+    img = Image.new("RGB", (scene.size * up,) * 2, (grey,) * 3)
+    d = ImageDraw.Draw(img)
+    for o in scene.objects:
+        fill = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in S.COLOURS[o.colour])
+        # the box covers pixels x..x+s-1, i.e. [x, x+s) in continuous units; PIL's pixel centres
+        # sit on integers, hence the -0.5 (sub-pixel at `up`x, kept for honesty)
+        cx, cy, h = (o.x + o.s / 2) * up - 0.5, (o.y + o.s / 2) * up - 0.5, o.s * up / 2
+        if o.shape == "circle":
+            d.ellipse([cx - h, cy - h, cx + h, cy + h], fill=fill)
+            continue
+        corners = [(-h, -h), (h, -h), (h, h), (-h, h)] if o.shape == "square" else [(-h, h), (h, h), (0, -h)]
+        t = math.radians(rng.uniform(-10, 10))
+        c, s = math.cos(t), math.sin(t)
+        d.polygon([(cx + x * c - y * s, cy + x * s + y * c) for x, y in corners], fill=fill)
+    img = img.resize((scene.size,) * 2, Image.BOX).filter(ImageFilter.GaussianBlur(0.5))
+    return np.asarray(img)
+
+
+def _accuracy_drawn_another_way(size, n, seed):
+    # verdict accuracy against the scene graph's truth, on true and on false prompts separately
+    rng = random.Random(seed)
+    right = {True: [], False: []}
+    for i in range(n):
+        match = i % 2 == 0
+        p = S.sample_prompt(rng, S.CATEGORIES[(i // 2) % len(S.CATEGORIES)])
+        sc = S.sample_scene(rng, size, p, match=match)
+        right[match].append(S.check(_drawn_another_way(sc, rng), p).verdict == S.truth(sc, p).verdict)
+    return {m: float(np.mean(r)) for m, r in right.items()}
+
+
+def test_colour_jitter_stays_inside_names():
+    # the corners of every colour's +-20 jitter cube still read as that colour, on a grey background
+    for name, rgb in S.COLOURS.items():
+        for corner in np.ndindex(2, 2, 2):
+            col = np.clip(np.array(rgb) + 40 * np.array(corner) - 20, 0, 255)
+            im = np.full((32, 32, 3), 230, np.uint8)
+            im[8:24, 8:24] = col
+            assert [o.colour for o in S.detect(im)] == [name], (name, col)
+
+
+def test_squares_read_at_any_tilt_and_ovals_as_circles():
+    # hand-made: the moment feature is affine invariant, so neither a tilt nor a stretch moves it
+    def draw(shape, pts):
+        img = Image.new("RGB", (64, 64), S.BACKGROUND)
+        getattr(ImageDraw.Draw(img), shape)(pts, fill=S.COLOURS["blue"])
+        return [o.shape for o in S.detect(np.asarray(img))]
+    for deg in (0, 5, 10, 20, 30, 45):
+        c, s = math.cos(math.radians(deg)), math.sin(math.radians(deg))
+        corners = [(-9, -9), (9, -9), (9, 9), (-9, 9)]
+        assert draw("polygon", [(32 + x * c - y * s, 32 + x * s + y * c) for x, y in corners]) == ["square"], deg
+    for w, h in ((18, 18), (22, 16), (15, 21)):  # aspect up to 1.4
+        assert draw("ellipse", [10, 10, 10 + w, 10 + h]) == ["circle"], (w, h)
+
+
+@pytest.mark.parametrize("size", [64, 32])
+def test_checker_robust_to_scenes_drawn_another_way(size):
+    # DESIGN.md: >= 99% right on true and on false prompts for tilted, anti-aliased, jittered scenes.
+    # Measured: 100% / 100% at 64 px; 99.3% / 100% at 32 px, where every miss is two tilted objects
+    # blurred into one blob (GAP is 1.9 px there, a 10 px square tilted 10 degrees grows 0.8 px a side)
+    acc = _accuracy_drawn_another_way(size, 1400, seed=8)
+    assert acc[True] >= 0.99 and acc[False] >= 0.99, acc
 
 
 def test_hand_made_scene():
