@@ -10,7 +10,7 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
   paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
     Task I   prompt -> a positive image (rendered; own correct samples at rate OWN_POSITIVE, 0 on toy);
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
-             the Yes/No token weighted 0.8, the rest of the answer 0.2; even odds for every
+             loss 0.8 CE(Yes/No) + 0.2 mean CE(rest of the answer) per example; even odds for every
              prompt, and own images as often behind Yes as behind No (OWN_SHARE); after 0 to
              `--depth` earlier failed rounds, as the loop judges its later images;
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
@@ -189,14 +189,16 @@ def build_seq(ex, tok, n_tokens):
         s = s.uncond(tok, True) if ex["drop"] else s  # prompt dropout = the first image's CFG twin
         return s.gen_image(tok, ex["codes"], w=1.0)
     if t == "describe":
-        return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0)
+        return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0, rest_mean=False)
     if t == "vqa":
+        # per-token weights, as the base stage was tuned with (its steps mix describe and vqa per example)
         (q, a), *more = ex["qa"]
-        s = add_answer(selfcheck_seq(tok, q, ex["image"], n_tokens), tok, a, 0.8, 0.2)
+        s = add_answer(selfcheck_seq(tok, q, ex["image"], n_tokens), tok, a, 0.8, 0.2, rest_mean=False)
         for q, a in more:
-            add_answer(next_turn(s, tok, question(q)), tok, a, 0.8, 0.2)
+            add_answer(next_turn(s, tok, question(q)), tok, a, 0.8, 0.2, rest_mean=False)
         return s
     if t == "task2":
+        # the weights sum to 1: 0.8 CE(Yes/No) + 0.2 mean CE(rest) per example (SPEC.md section 4)
         s = selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens, ex.get("history", ()))
         return add_answer(s, tok, ex["answer"], 0.8, 0.2)
     # task3: the earlier failed rounds go in through the VQ path, each with its reflection
@@ -484,7 +486,9 @@ def all_reduce_grads(model, world):
 
 
 def train_step(model, batch, world, bf16):
-    """Forward + backward of one batch; returns the weighted mean loss over the global batch."""
+    """Forward + backward of one batch; returns the weighted mean loss over the global batch.
+    An SFT step is one task, so this is a mean over examples: Task II's weights sum to 1 per example
+    (add_answer), and Tasks I and III weigh each of their N image tokens 1 (every example has N)."""
     dev = batch.idx.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         h = model(embed_batch(model, batch))

@@ -103,9 +103,44 @@ def test_task2_loss_on_the_answer_weighted():
     pos, w = _where(b)
     ans = TOK.encode(ex["answer"]) + [TOK.eos]
     assert pos == list(range(len(s) - len(ans), len(s)))
-    assert w == pytest.approx([0.8] + [0.2] * (len(ans) - 1))
+    assert w == pytest.approx([0.8] + [0.2 / (len(ans) - 1)] * (len(ans) - 1))
     assert b.text_targets[0, len(s) - len(ans) - 1:len(s) - 1].tolist() == ans and ans[0] == TOK.no
     assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+
+
+class _TableModel(torch.nn.Module):
+    """Stands in for the model in train_step: its per-token losses are a given (B, T) table."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.one = table, torch.nn.Parameter(torch.ones(()))
+
+    def embed(self, idx, **_):
+        return torch.zeros(idx.shape)
+
+    def forward(self, x):
+        return x
+
+    def token_losses(self, h, text_targets, image_targets):
+        return self.table * self.one
+
+
+def test_task2_loss_is_per_example_verdict_and_rest_means():
+    # SPEC.md section 4: per example 0.8 CE(Yes/No) + 0.2 mean CE(rest), then the mean over the
+    # batch, whatever the answers' lengths. Two answers of 3 and 11 tokens (EOS included); CE 1 on "Yes", 2 on
+    # each of its other tokens; 3 on "No", 0.5 on each of its others; 100 where there is no loss.
+    # By hand: (0.8 * 1 + 0.2 * 2 + 0.8 * 3 + 0.2 * 0.5) / 2 = (1.2 + 2.5) / 2 = 1.85. A weighted
+    # mean over the batch's tokens with weights 0.8 / 0.2 (the old loss) gives
+    # (0.8 * 1 + 0.2 * 2 * 2 + 0.8 * 3 + 0.2 * 0.5 * 10) / (0.8 + 0.2 * 2 + 0.8 + 0.2 * 10) = 5.0 / 4.0 = 1.25.
+    exs = [dict(task="task2", prompt="a red circle", image=_image(), answer=a)
+           for a in ("Yes.", "No, the circle is green, not red.")]
+    b = S.collate([sft.build_seq(ex, TOK, N) for ex in exs], TOK)
+    table = torch.full(b.weights.shape, 100.0)
+    for row, (first, rest) in enumerate(((1.0, 2.0), (3.0, 0.5))):
+        at = torch.nonzero(b.weights[row]).flatten()  # the answer's targets, Yes/No first
+        assert b.text_targets[row, at[0]] in (TOK.yes, TOK.no) and len(at) == (3, 11)[row]
+        table[row, at[0]], table[row, at[1:]] = first, rest
+    assert sft.train_step(_TableModel(table), b, 1, False).item() == pytest.approx(1.85)
 
 
 def test_vqa_conversation_loss_on_every_answer():
