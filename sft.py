@@ -138,6 +138,14 @@ def train_prompt(rng, by_cat):
     return rng.choice(by_cat[rng.choice(list(by_cat))])
 
 
+def group(prompts):
+    """Prompts -> {category: [prompts, one per text]}, categories and texts in first-seen order."""
+    by_cat = {}
+    for p in {p.text: p for p in prompts}.values():
+        by_cat.setdefault(p.category, []).append(p)
+    return by_cat
+
+
 # -----------------------------------------------------------------------------
 # Examples: every example of step s is a pure function of (seed, s), so a resumed run, or one
 # split over several processes, sees exactly the data of an uninterrupted single-process run.
@@ -246,11 +254,13 @@ OWN_SHARE = 1.0
 OWN_POSITIVE = 0.0
 
 
-def sft_example(task, rng, prompts, pool, size, depth=1):
+def sft_example(task, rng, by_cat, pool, size, depth=1):
     """One SFT example. Positives: rendered matching scenes (the strong external generator), or at
     rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
-    or, when a prompt has none, a rendered near-miss (a deliberately broken scene)."""
-    p = rng.choice(prompts)
+    or, when a prompt has none, a rendered near-miss (a deliberately broken scene).
+    by_cat: the SFT prompts by category (group); a category uniformly, then a prompt, as the base
+    stage draws (uniform over texts gave toy SFT 38% compositional prompts and 2% single ones)."""
+    p = train_prompt(rng, by_cat)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
     neg = [s for s in samples if not s[2]]
@@ -577,9 +587,7 @@ def run(args):
     size = cfg.image_size
 
     splits = shapes.make_splits(seed=0)
-    by_cat = {}
-    for p in splits["train"]:
-        by_cat.setdefault(p.category, []).append(p)
+    by_cat = group(splits["train"])
 
     torch.manual_seed(args.seed)
     if args.stage == "base":
@@ -615,7 +623,7 @@ def run(args):
         n_img = sum(len(v) for v in pool.values())
         n_pos = sum(s[2] for v in pool.values() for s in v)
         say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
-        chosen = [p for p in {p.text: p for p in chosen}.values()]
+        chosen = group(chosen)  # each text once, drawn category first (sft_example)
 
     if settings["freeze_vit"]:
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient

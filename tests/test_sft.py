@@ -84,7 +84,7 @@ def test_task2_answers_are_balanced_per_prompt_and_per_look():
             mixed.text: [sample(True), sample(True), sample(False), sample(False)]}
     seen = {}
     for _ in range(3000):
-        ex = sft.sft_example("task2", rng, [always, never, mixed], pool, 32)
+        ex = sft.sft_example("task2", rng, sft.group([always, never, mixed]), pool, 32)
         key = (ex["prompt"], ex["answer"].startswith("Yes"), ex["image"] is own_im)
         seen[key] = seen.get(key, 0) + 1
     for p in (always, never, mixed):
@@ -223,6 +223,22 @@ def test_task2_history_is_the_loops_second_judgement():
         assert _where(b)[0] == list(range(len(s) - len(ans), len(s))) and (b.image_targets == -1).all()
 
 
+def test_sft_prompts_are_drawn_category_first():
+    # as sft.run picks them: toy's 400 training prompts drawn category first, then each text once.
+    # The few single/two texts repeat, compositional ones don't: drawn uniformly over the texts,
+    # SFT saw ~38% compositional and ~2% single prompts; category first, each category ~1/7
+    by_cat = sft.group(shapes.make_splits(seed=0)["train"])
+    rng = random.Random("sft-prompts-0")
+    chosen = sft.group([sft.train_prompt(rng, by_cat) for _ in range(400)])
+    assert set(chosen) == set(shapes.CATEGORIES) and len(chosen["single"]) < len(chosen["compositional"]) / 5
+    cat = {p.text: c for c, ps in chosen.items() for p in ps}
+    pool = {t: [] for t in cat}
+    rng, n = random.Random(0), 2800
+    seen = [cat[sft.sft_example("task1", rng, chosen, pool, 32)["prompt"]] for _ in range(n)]
+    shares = {c: seen.count(c) / n for c in shapes.CATEGORIES}
+    assert all(abs(v - 1 / 7) < 0.03 for v in shares.values()), shares  # 1/7 = 0.143, sd 0.007
+
+
 def test_task2_history_has_zero_to_depth_failed_rounds():
     rng = random.Random(0)
     p = shapes.sample_prompt(rng, "single")
@@ -230,7 +246,7 @@ def test_task2_history_has_zero_to_depth_failed_rounds():
     seen = {d: set() for d in (1, 2)}
     for d in (1, 2):
         for _ in range(200):
-            ex = sft.sft_example("task2", rng, [p], pool, 32, depth=d)
+            ex = sft.sft_example("task2", rng, sft.group([p]), pool, 32, depth=d)
             assert all(reason.startswith("No") for _, reason, _ in ex["history"])
             seen[d].add(len(ex["history"]))
     assert seen == {1: {0, 1}, 2: {0, 1, 2}}
