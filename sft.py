@@ -41,7 +41,7 @@ from common import (DTYPE_HELP, janus_checkpoint, load_checkpoint, load_janus, l
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
-from tokenizer import TextTokenizer, load_vq, to_tensor
+from tokenizer import TextTokenizer, load_vq, reconstruct, to_tensor
 from vit import load_vit
 
 # -----------------------------------------------------------------------------
@@ -294,8 +294,11 @@ def sft_example(task, rng, by_cat, pool, size, depth=1):
         if pos and neg and rng.random() < OWN_SHARE:
             _, im, _, reason = rng.choice(pos if yes else neg)
             return dict(task=task, prompt=p.text, image=im, answer=reason, history=history)
+        # a rendered scene is shown as the judge sees every image at inference: VQ-decoded
+        # (finish_examples replaces it by its VQ round trip and the answer by the checker's on that)
         im = shapes.render(shapes.sample_scene(rng, size, p, match=yes))
-        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history)
+        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history,
+                    roundtrip=True)
     history = [_hist(negative()) for _ in range(rng.randint(1, depth))]
     return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=history, **positive())
 
@@ -306,7 +309,13 @@ def _hist(neg):
 
 
 def finish_examples(exs, vq):
-    """VQ-encode every image that an example needs as codes and doesn't have yet (one batch)."""
+    """VQ-encode every image that an example needs as codes and doesn't have yet (one batch), and
+    replace Task II's rendered images by their VQ round trip (encode + decode), re-answered by the checker."""
+    shown = [ex for ex in exs if ex.pop("roundtrip", False)]
+    if shown:
+        _, recon = reconstruct(vq, np.stack([ex["image"] for ex in shown]))
+        for ex, im in zip(shown, recon):
+            ex["image"], ex["answer"] = im, shapes.check(im, ex["prompt"]).reason
     need = []
     for ex in exs:
         if ex["task"] in ("t2i", "task1", "task3") and ex.get("codes") is None:

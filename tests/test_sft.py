@@ -239,6 +239,28 @@ def test_sft_prompts_are_drawn_category_first():
     assert all(abs(v - 1 / 7) < 0.03 for v in shares.values()), shares  # 1/7 = 0.143, sd 0.007
 
 
+def test_task2_shows_rendered_scenes_through_the_vq():
+    # the judge only ever reads VQ-decoded images at inference: a rendered scene in Task II is shown
+    # as its VQ round trip, answered by the checker on what is shown; own images stay as they are
+    torch.manual_seed(0)
+    vq = tokenizer.VQModel(tokenizer.VQ_PRESETS["tiny"]).eval()
+    rng = random.Random(0)
+    rendered, own = shapes.sample_prompt(rng, "colour"), shapes.sample_prompt(rng, "single")
+    own_im = np.zeros((32, 32, 3), np.uint8)
+    pool = {rendered.text: [], own.text: [(_codes(), own_im, True, "Yes."), (_codes(), own_im, False, "No, wrong.")]}
+    exs = [sft.sft_example("task2", rng, sft.group([rendered, own]), pool, 32, depth=0) for _ in range(12)]
+    before = [ex["image"].copy() for ex in exs]
+    sft.finish_examples(exs, vq)
+    for ex, im in zip(exs, before):
+        if ex["prompt"] == own.text:
+            assert ex["image"] is own_im
+            continue
+        want = tokenizer.reconstruct(vq, im[None])[1][0]
+        assert np.array_equal(ex["image"], want) and not np.array_equal(want, im)
+        assert ex["answer"] == shapes.check(want, rendered).reason
+    assert {ex["prompt"] for ex in exs} == {rendered.text, own.text}
+
+
 def test_task2_history_has_zero_to_depth_failed_rounds():
     rng = random.Random(0)
     p = shapes.sample_prompt(rng, "single")
