@@ -353,11 +353,32 @@ def auc(scores, labels):
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def balanced_accuracy(said, labels):
+    """The mean of the true-positive and true-negative rates of Yes/No answers against the checker:
+    a judge that always says No scores 0.5 however rare matches are (its agreement is the No rate).
+    None with one class only."""
+    said, labels = np.asarray(said, bool), np.asarray(labels, bool)
+    if labels.all() or not labels.any():
+        return None
+    return float((said[labels].mean() + (~said[~labels]).mean()) / 2)
+
+
+def auc_within_category(scores, labels, cats):
+    """AUC of P(yes) inside each prompt category, averaged over the categories where both classes
+    occur (None if none): across categories the prompt alone ranks images (hard ones fail more
+    often), inside one only what the judge reads from the image does."""
+    scores, labels, cats = np.asarray(scores), np.asarray(labels, bool), np.asarray(cats)
+    per = [auc(scores[cats == c], labels[cats == c]) for c in dict.fromkeys(cats.tolist())]
+    per = [a for a in per if a is not None]
+    return float(np.mean(per)) if per else None
+
+
 @torch.no_grad()
 def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False):
     """Sample every prompt once (seed + index) with the introspective loop and score with the
     checker. Returns per-category accuracy of the first and of the final image, and the judge's
-    agreement with the checker (and AUC of its P(yes)) over every image it judged."""
+    agreement with the checker, balanced accuracy, AUC of its P(yes) and AUC within category over
+    every image it judged."""
     opt = Options(rounds=rounds)
     first, final = {}, {}
     said, truth, p_yes, cats = [], [], [], []
@@ -377,7 +398,9 @@ def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False
     for name, d in (("first", first), ("final", final)):
         out[name] = {cat: float(np.mean(v)) for cat, v in d.items()}
         out[name]["overall"] = float(np.mean([np.mean(v) for v in d.values()]))  # mean over categories
-    out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))), "auc": auc(p_yes, truth),
+    out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))),
+                    "balanced_accuracy": balanced_accuracy(said, truth), "auc": auc(p_yes, truth),
+                    "auc_within_category": auc_within_category(p_yes, truth, cats),
                     "n": len(truth), "checker_yes_rate": float(np.mean(truth))}
     # per category: a judge can beat chance overall from the prompt alone (hard categories fail
     # more often); inside one category only what it reads from the image helps
@@ -411,11 +434,12 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="
     """The base model's VQA skill: rendered held-out scenes, half matching and half broken, asked
     "Does this image match the prompt {prompt}" after the image (layout "after"), before it in the
     user's turn ("before"), or as the self-check does ("selfcheck": prompt, image, cue) -> the
-    forced Yes/No at the first answer position. Returns the
-    agreement of its Yes/No with the checker, the AUC of its P(yes), and both per ink quartile (by_ink)."""
+    forced Yes/No at the first answer position. Returns the agreement of its Yes/No with the
+    checker, its balanced accuracy, the AUC of its P(yes) (overall and within category), and the
+    answers per ink quartile (by_ink)."""
     rng = random.Random(f"und-eval-{seed}")
     N = model.cfg.image_tokens
-    said, labels, p_yes, images = [], [], [], []
+    said, labels, p_yes, images, cats = [], [], [], [], []
     for i in range(0, len(prompts), batch):
         seqs = []
         for p in prompts[i:i + batch]:
@@ -425,12 +449,14 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="
                         else vqa_seq(tok, im, question(p.text), N, layout == "before"))
             labels.append(match)
             images.append(im)
+            cats.append(p.category)
         b = collate(seqs, tok, next(model.parameters()).device, left=True)
         h = model(embed_batch(model, b), key_mask=b.key_mask)[:, -1]
         two = model.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)
         said += (two[:, 0] > two[:, 1]).tolist()
         p_yes += two[:, 0].tolist()
-    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "auc": auc(p_yes, labels), "n": len(labels),
+    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "balanced_accuracy": balanced_accuracy(said, labels),
+            "auc": auc(p_yes, labels), "auc_within_category": auc_within_category(p_yes, labels, cats), "n": len(labels),
             "by_ink": by_ink(images, said, labels)}
 
 

@@ -366,6 +366,26 @@ def test_auc_hand_computed():
     assert sft.auc([0.5, 0.5], [1, 0]) == 0.5
 
 
+def test_balanced_accuracy_hand_computed():
+    # matches at 0 and 5: one said Yes (TPR 1/2); the rest: three of four said No (TNR 3/4)
+    said, labels = [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]
+    assert sft.balanced_accuracy(said, labels) == (0.5 + 0.75) / 2
+    # always No: agreement 4/6, the No rate, but balanced accuracy 0.5 (chance)
+    assert sft.balanced_accuracy([0] * 6, labels) == 0.5 and np.mean(np.array(labels) == 0) == 4 / 6
+    assert sft.balanced_accuracy([1, 0], [1, 1]) is None  # one class only
+
+
+def test_auc_within_category_hand_computed():
+    # A: the match ranks first, AUC 1; B: of 4 pos-neg pairs 0.3 > 0.1 and 0.5 > 0.1 win, AUC 0.5;
+    # C: matches only, skipped. Mean (1 + 0.5) / 2, while all the images pooled give another AUC
+    scores = [0.9, 0.2, 0.4, 0.3, 0.6, 0.5, 0.1, 0.99, 0.01]
+    labels = [1, 0, 0, 1, 0, 1, 0, 1, 1]
+    cats = ["A", "A", "A", "B", "B", "B", "B", "C", "C"]
+    assert sft.auc_within_category(scores, labels, cats) == 0.75
+    assert sft.auc(scores, labels) != 0.75
+    assert sft.auc_within_category([0.1, 0.9], [1, 0], ["A", "B"]) is None  # no category has both
+
+
 # -----------------------------------------------------------------------------
 # Training runs on the tiny config (a shared tiny VQ, trained once for this file)
 
