@@ -204,15 +204,17 @@ def report(args, seconds):
             lines.append(f"| {stage} | {mode} | " + " | ".join(f"{acc[c]:.2f}" for c in cats + ["ood"]) + " |")
     lines += ["", "untrained: the same model with random weights (seed 0) and this run's VQ, i.e. what the checker "
               "credits to chance."]
-    lines += ["", "## The model as a judge (agreement of its Yes/No with the checker)", "",
-              "| stage | layout | agreement | a judge that always says No | AUC of P(yes) |", "|---|---|---|---|---|"]
+    lines += ["", "## The model as a judge (its Yes/No and P(yes) against the checker)", "",
+              "| stage | layout | agreement | a judge that always says No | balanced accuracy | AUC of P(yes) | "
+              "AUC within category |", "|---|---|---|---|---|---|---|"]
+    f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # None: one class only (or not measured in an older run)
     for stage, j in rep["judge"].items():
-        auc = "n/a (one class only)" if j["auc"] is None else f"{j['auc']:.3f}"
-        no = always_no(j)
-        lines.append(f"| {j.get('stage', stage)} | {j['layout']} | {j['agreement']:.3f} | "
-                     f"{'n/a' if no is None else f'{no:.3f}'} | {auc} |")
+        lines.append(f"| {j.get('stage', stage)} | {j['layout']} | {j['agreement']:.3f} | {f3(always_no(j))} | "
+                     f"{f3(j.get('balanced_accuracy'))} | {f3(j['auc'])} | {f3(j.get('auc_within_category'))} |")
     lines += ["", "Agreement alone flatters a judge when most images are wrong: on the model's own images "
-              "a judge that always says No agrees as often as the checker says No. AUC (0.5 = chance) does not."]
+              "a judge that always says No agrees as often as the checker says No. Balanced accuracy (the mean of "
+              "the Yes rate on matches and the No rate on the rest) and AUC (0.5 = chance for both) do not. AUC within "
+              "category is averaged over the prompt categories: inside one, the prompt alone cannot rank the images."]
     if rep.get("describe_nats") is not None:
         lines += ["", f"base describing held-out scenes (teacher-forced canonical caption): "
                   f"{rep['describe_nats']:.3f} nats per token"]

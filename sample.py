@@ -93,10 +93,14 @@ def prompt_seq(tok, caption):
     return s.text(tok, "<begin_of_image>")
 
 
-def add_answer(seq, tok, answer, w_first=0.8, w_rest=0.2):
-    """The judge's answer "Yes, ..."/"No, ..." + EOS; its first token (Yes/No) weighs w_first."""
+def add_answer(seq, tok, answer, w_first=0.8, w_rest=0.2, rest_mean=True):
+    """The judge's answer "Yes, ..."/"No, ..." + EOS. rest_mean (SPEC.md section 4, the released
+    code): the answer's loss is w_first * CE(Yes/No) + w_rest * mean CE over the rest, so each
+    other token weighs w_rest / (len - 1) and the verdict's share does not shrink with the answer's
+    length. rest_mean=False: w_first on the first token, w_rest on every other one."""
     ids = tok.encode(answer) + [tok.eos]
-    return seq.add(ids, TEXT, [w_first] + [w_rest] * (len(ids) - 1))
+    rest = w_rest / (len(ids) - 1) if rest_mean else w_rest  # ids: at least Yes/No + EOS
+    return seq.add(ids, TEXT, [w_first] + [rest] * (len(ids) - 1))
 
 
 def add_reflection(seq, tok, reason):
@@ -120,7 +124,7 @@ def collate(seqs, tok, device="cpu", left=False):
     sampling, so every row's next token lands at the same position. Returns a namespace with
     idx, key_mask, und_mask, gen_mask (B, T); gen_ids (n_gen,); und_pixels (n_img, 3, H, W) in
     [-1, 1]; text_targets, image_targets (B, T) (-1 = none, position t predicts token t+1); weights
-    (B, T) (the loss weight of each target)."""
+    (B, T) (the loss weight of each target: the loss is sum(losses * weights) / sum(weights))."""
     B, T = len(seqs), max(len(s) for s in seqs)
     idx = torch.full((B, T), tok.pad, dtype=torch.long)
     kind = torch.full((B, T), -1, dtype=torch.long)

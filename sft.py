@@ -10,7 +10,7 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
   paper's strong external generator for positives) and trains the three sub-tasks, mixed 0.2/0.3/0.5:
     Task I   prompt -> a positive image (rendered; own correct samples at rate OWN_POSITIVE, 0 on toy);
     Task II  prompt + image (understanding path) + cue -> "Yes, ..."/"No, ..." + EOS, balanced,
-             the Yes/No token weighted 0.8, the rest of the answer 0.2; even odds for every
+             loss 0.8 CE(Yes/No) + 0.2 mean CE(rest of the answer) per example; even odds for every
              prompt, and own images as often behind Yes as behind No (OWN_SHARE); after 0 to
              `--depth` earlier failed rounds, as the loop judges its later images;
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
@@ -41,7 +41,7 @@ from common import (DTYPE_HELP, Parser, check_run_dir, digest, janus_checkpoint,
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
-from tokenizer import TextTokenizer, load_vq, to_tensor
+from tokenizer import TextTokenizer, load_vq, reconstruct, to_tensor
 from vit import load_vit
 
 # -----------------------------------------------------------------------------
@@ -138,6 +138,14 @@ def train_prompt(rng, by_cat):
     return rng.choice(by_cat[rng.choice(list(by_cat))])
 
 
+def group(prompts):
+    """Prompts -> {category: [prompts, one per text]}, categories and texts in first-seen order."""
+    by_cat = {}
+    for p in {p.text: p for p in prompts}.values():
+        by_cat.setdefault(p.category, []).append(p)
+    return by_cat
+
+
 # -----------------------------------------------------------------------------
 # Examples: every example of step s is a pure function of (seed, s), so a resumed run, or one
 # split over several processes, sees exactly the data of an uninterrupted single-process run.
@@ -189,14 +197,16 @@ def build_seq(ex, tok, n_tokens):
         s = s.uncond(tok, True) if ex["drop"] else s  # prompt dropout = the first image's CFG twin
         return s.gen_image(tok, ex["codes"], w=1.0)
     if t == "describe":
-        return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0)
+        return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0, rest_mean=False)
     if t == "vqa":
+        # per-token weights, as the base stage was tuned with (its steps mix describe and vqa per example)
         (q, a), *more = ex["qa"]
-        s = add_answer(selfcheck_seq(tok, q, ex["image"], n_tokens), tok, a, 0.8, 0.2)
+        s = add_answer(selfcheck_seq(tok, q, ex["image"], n_tokens), tok, a, 0.8, 0.2, rest_mean=False)
         for q, a in more:
-            add_answer(next_turn(s, tok, question(q)), tok, a, 0.8, 0.2)
+            add_answer(next_turn(s, tok, question(q)), tok, a, 0.8, 0.2, rest_mean=False)
         return s
     if t == "task2":
+        # the weights sum to 1: 0.8 CE(Yes/No) + 0.2 mean CE(rest) per example (SPEC.md section 4)
         s = selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens, ex.get("history", ()))
         return add_answer(s, tok, ex["answer"], 0.8, 0.2)
     # task3: the earlier failed rounds go in through the VQ path, each with its reflection
@@ -244,11 +254,13 @@ OWN_SHARE = 1.0
 OWN_POSITIVE = 0.0
 
 
-def sft_example(task, rng, prompts, pool, size, depth=1):
+def sft_example(task, rng, by_cat, pool, size, depth=1):
     """One SFT example. Positives: rendered matching scenes (the strong external generator), or at
     rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
-    or, when a prompt has none, a rendered near-miss (a deliberately broken scene)."""
-    p = rng.choice(prompts)
+    or, when a prompt has none, a rendered near-miss (a deliberately broken scene).
+    by_cat: the SFT prompts by category (group); a category uniformly, then a prompt, as the base
+    stage draws (uniform over texts gave toy SFT 38% compositional prompts and 2% single ones)."""
+    p = train_prompt(rng, by_cat)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
     neg = [s for s in samples if not s[2]]
@@ -282,8 +294,11 @@ def sft_example(task, rng, prompts, pool, size, depth=1):
         if pos and neg and rng.random() < OWN_SHARE:
             _, im, _, reason = rng.choice(pos if yes else neg)
             return dict(task=task, prompt=p.text, image=im, answer=reason, history=history)
+        # a rendered scene is shown as the judge sees every image at inference: VQ-decoded
+        # (finish_examples replaces it by its VQ round trip and the answer by the checker's on that)
         im = shapes.render(shapes.sample_scene(rng, size, p, match=yes))
-        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history)
+        return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history,
+                    roundtrip=True)
     history = [_hist(negative()) for _ in range(rng.randint(1, depth))]
     return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=history, **positive())
 
@@ -294,7 +309,13 @@ def _hist(neg):
 
 
 def finish_examples(exs, vq):
-    """VQ-encode every image that an example needs as codes and doesn't have yet (one batch)."""
+    """VQ-encode every image that an example needs as codes and doesn't have yet (one batch), and
+    replace Task II's rendered images by their VQ round trip (encode + decode), re-answered by the checker."""
+    shown = [ex for ex in exs if ex.pop("roundtrip", False)]
+    if shown:
+        _, recon = reconstruct(vq, np.stack([ex["image"] for ex in shown]))
+        for ex, im in zip(shown, recon):
+            ex["image"], ex["answer"] = im, shapes.check(im, ex["prompt"]).reason
     need = []
     for ex in exs:
         if ex["task"] in ("t2i", "task1", "task3") and ex.get("codes") is None:
@@ -332,11 +353,32 @@ def auc(scores, labels):
     return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
 
 
+def balanced_accuracy(said, labels):
+    """The mean of the true-positive and true-negative rates of Yes/No answers against the checker:
+    a judge that always says No scores 0.5 however rare matches are (its agreement is the No rate).
+    None with one class only."""
+    said, labels = np.asarray(said, bool), np.asarray(labels, bool)
+    if labels.all() or not labels.any():
+        return None
+    return float((said[labels].mean() + (~said[~labels]).mean()) / 2)
+
+
+def auc_within_category(scores, labels, cats):
+    """AUC of P(yes) inside each prompt category, averaged over the categories where both classes
+    occur (None if none): across categories the prompt alone ranks images (hard ones fail more
+    often), inside one only what the judge reads from the image does."""
+    scores, labels, cats = np.asarray(scores), np.asarray(labels, bool), np.asarray(cats)
+    per = [auc(scores[cats == c], labels[cats == c]) for c in dict.fromkeys(cats.tolist())]
+    per = [a for a in per if a is not None]
+    return float(np.mean(per)) if per else None
+
+
 @torch.no_grad()
 def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False):
     """Sample every prompt once (seed + index) with the introspective loop and score with the
     checker. Returns per-category accuracy of the first and of the final image, and the judge's
-    agreement with the checker (and AUC of its P(yes)) over every image it judged."""
+    agreement with the checker, balanced accuracy, AUC of its P(yes) and AUC within category over
+    every image it judged."""
     opt = Options(rounds=rounds)
     first, final = {}, {}
     said, truth, p_yes, cats = [], [], [], []
@@ -356,7 +398,9 @@ def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False
     for name, d in (("first", first), ("final", final)):
         out[name] = {cat: float(np.mean(v)) for cat, v in d.items()}
         out[name]["overall"] = float(np.mean([np.mean(v) for v in d.values()]))  # mean over categories
-    out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))), "auc": auc(p_yes, truth),
+    out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))),
+                    "balanced_accuracy": balanced_accuracy(said, truth), "auc": auc(p_yes, truth),
+                    "auc_within_category": auc_within_category(p_yes, truth, cats),
                     "n": len(truth), "checker_yes_rate": float(np.mean(truth))}
     # per category: a judge can beat chance overall from the prompt alone (hard categories fail
     # more often); inside one category only what it reads from the image helps
@@ -390,11 +434,12 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="
     """The base model's VQA skill: rendered held-out scenes, half matching and half broken, asked
     "Does this image match the prompt {prompt}" after the image (layout "after"), before it in the
     user's turn ("before"), or as the self-check does ("selfcheck": prompt, image, cue) -> the
-    forced Yes/No at the first answer position. Returns the
-    agreement of its Yes/No with the checker, the AUC of its P(yes), and both per ink quartile (by_ink)."""
+    forced Yes/No at the first answer position. Returns the agreement of its Yes/No with the
+    checker, its balanced accuracy, the AUC of its P(yes) (overall and within category), and the
+    answers per ink quartile (by_ink)."""
     rng = random.Random(f"und-eval-{seed}")
     N = model.cfg.image_tokens
-    said, labels, p_yes, images = [], [], [], []
+    said, labels, p_yes, images, cats = [], [], [], [], []
     for i in range(0, len(prompts), batch):
         seqs = []
         for p in prompts[i:i + batch]:
@@ -404,12 +449,14 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="
                         else vqa_seq(tok, im, question(p.text), N, layout == "before"))
             labels.append(match)
             images.append(im)
+            cats.append(p.category)
         b = collate(seqs, tok, next(model.parameters()).device, left=True)
         h = model(embed_batch(model, b), key_mask=b.key_mask)[:, -1]
         two = model.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)
         said += (two[:, 0] > two[:, 1]).tolist()
         p_yes += two[:, 0].tolist()
-    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "auc": auc(p_yes, labels), "n": len(labels),
+    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "balanced_accuracy": balanced_accuracy(said, labels),
+            "auc": auc(p_yes, labels), "auc_within_category": auc_within_category(p_yes, labels, cats), "n": len(labels),
             "by_ink": by_ink(images, said, labels)}
 
 
@@ -484,7 +531,9 @@ def all_reduce_grads(model, world):
 
 
 def train_step(model, batch, world, bf16):
-    """Forward + backward of one batch; returns the weighted mean loss over the global batch."""
+    """Forward + backward of one batch; returns the weighted mean loss over the global batch.
+    An SFT step is one task, so this is a mean over examples: Task II's weights sum to 1 per example
+    (add_answer), and Tasks I and III weigh each of their N image tokens 1 (every example has N)."""
     dev = batch.idx.device
     with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
         h = model(embed_batch(model, batch))
@@ -588,9 +637,7 @@ def run(args):
     size = cfg.image_size
 
     splits = shapes.make_splits(seed=0)
-    by_cat = {}
-    for p in splits["train"]:
-        by_cat.setdefault(p.category, []).append(p)
+    by_cat = group(splits["train"])
 
     torch.manual_seed(args.seed)
     if args.stage == "base":
@@ -626,7 +673,7 @@ def run(args):
         n_img = sum(len(v) for v in pool.values())
         n_pos = sum(s[2] for v in pool.values() for s in v)
         say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
-        chosen = [p for p in {p.text: p for p in chosen}.values()]
+        chosen = group(chosen)  # each text once, drawn category first (sft_example)
 
     if settings["freeze_vit"]:
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient

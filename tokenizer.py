@@ -497,7 +497,8 @@ def eval_set(n, size):
 
 @torch.no_grad()
 def reconstruct(model, images, batch_size=256):  # uint8 (N, H, W, 3) -> codes (N, h*w), uint8 (N, H, W, 3)
-    codes = torch.cat([model.encode(to_tensor(images[i:i + batch_size])) for i in range(0, len(images), batch_size)])
+    dev = model.quant_conv.weight.device
+    codes = torch.cat([model.encode(to_tensor(images[i:i + batch_size]).to(dev)) for i in range(0, len(images), batch_size)])
     recon = np.concatenate([to_uint8(model.decode(codes[i:i + batch_size])) for i in range(0, len(codes), batch_size)])
     return codes, recon
 

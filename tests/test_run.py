@@ -47,6 +47,12 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     assert sum(b["n"] for b in j["by_category"].values()) == j["n"]
     assert np.isclose(sum(b["agreement"] * b["n"] for b in j["by_category"].values()) / j["n"], j["agreement"])
     assert np.isclose(sum(b["match_rate"] * b["n"] for b in j["by_category"].values()) / j["n"], j["checker_yes_rate"])
+    # beside agreement: balanced accuracy and the AUC within category (the mean of the categories' AUCs)
+    for stage, jj in rep["judge"].items():
+        assert "balanced_accuracy" in jj and "auc_within_category" in jj, stage
+    per = [b["auc"] for b in j["by_category"].values() if b["auc"] is not None]
+    assert np.isclose(j["auc_within_category"], np.mean(per)) if per else j["auc_within_category"] is None
+    assert "| balanced accuracy | AUC of P(yes) | AUC within category |" in md
     for title in ("GenEval-style accuracy", "The model as a judge", "by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer", "ViT pretraining"):
         assert title in md
 

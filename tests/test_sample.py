@@ -101,7 +101,8 @@ def test_collate_targets_and_weights(bundle):
     ans = tok.encode("No, there is no circle.") + [tok.eos]
     T = len(s)
     assert b.text_targets[0, T - len(ans) - 1:T - 1].tolist() == ans
-    assert b.weights[0, T - len(ans) - 1:T - 1].tolist() == pytest.approx([0.8] + [0.2] * (len(ans) - 1))
+    # the answer's weights: 0.8 on No, 0.2 shared by the rest (a mean over them), 1 in all
+    assert b.weights[0, T - len(ans) - 1:T - 1].tolist() == pytest.approx([0.8] + [0.2 / (len(ans) - 1)] * (len(ans) - 1))
     assert (b.text_targets[1] == -1).all() and (b.image_targets[1] == -1).all()  # no loss anywhere
     assert int((b.weights > 0).sum()) == 3 + len(ans)
 

@@ -84,7 +84,7 @@ def test_task2_answers_are_balanced_per_prompt_and_per_look():
             mixed.text: [sample(True), sample(True), sample(False), sample(False)]}
     seen = {}
     for _ in range(3000):
-        ex = sft.sft_example("task2", rng, [always, never, mixed], pool, 32)
+        ex = sft.sft_example("task2", rng, sft.group([always, never, mixed]), pool, 32)
         key = (ex["prompt"], ex["answer"].startswith("Yes"), ex["image"] is own_im)
         seen[key] = seen.get(key, 0) + 1
     for p in (always, never, mixed):
@@ -103,9 +103,44 @@ def test_task2_loss_on_the_answer_weighted():
     pos, w = _where(b)
     ans = TOK.encode(ex["answer"]) + [TOK.eos]
     assert pos == list(range(len(s) - len(ans), len(s)))
-    assert w == pytest.approx([0.8] + [0.2] * (len(ans) - 1))
+    assert w == pytest.approx([0.8] + [0.2 / (len(ans) - 1)] * (len(ans) - 1))
     assert b.text_targets[0, len(s) - len(ans) - 1:len(s) - 1].tolist() == ans and ans[0] == TOK.no
     assert int(b.und_mask.sum()) == N and (b.image_targets == -1).all()
+
+
+class _TableModel(torch.nn.Module):
+    """Stands in for the model in train_step: its per-token losses are a given (B, T) table."""
+
+    def __init__(self, table):
+        super().__init__()
+        self.table, self.one = table, torch.nn.Parameter(torch.ones(()))
+
+    def embed(self, idx, **_):
+        return torch.zeros(idx.shape)
+
+    def forward(self, x):
+        return x
+
+    def token_losses(self, h, text_targets, image_targets):
+        return self.table * self.one
+
+
+def test_task2_loss_is_per_example_verdict_and_rest_means():
+    # SPEC.md section 4: per example 0.8 CE(Yes/No) + 0.2 mean CE(rest), then the mean over the
+    # batch, whatever the answers' lengths. Two answers of 3 and 11 tokens (EOS included); CE 1 on "Yes", 2 on
+    # each of its other tokens; 3 on "No", 0.5 on each of its others; 100 where there is no loss.
+    # By hand: (0.8 * 1 + 0.2 * 2 + 0.8 * 3 + 0.2 * 0.5) / 2 = (1.2 + 2.5) / 2 = 1.85. A weighted
+    # mean over the batch's tokens with weights 0.8 / 0.2 (the old loss) gives
+    # (0.8 * 1 + 0.2 * 2 * 2 + 0.8 * 3 + 0.2 * 0.5 * 10) / (0.8 + 0.2 * 2 + 0.8 + 0.2 * 10) = 5.0 / 4.0 = 1.25.
+    exs = [dict(task="task2", prompt="a red circle", image=_image(), answer=a)
+           for a in ("Yes.", "No, the circle is green, not red.")]
+    b = S.collate([sft.build_seq(ex, TOK, N) for ex in exs], TOK)
+    table = torch.full(b.weights.shape, 100.0)
+    for row, (first, rest) in enumerate(((1.0, 2.0), (3.0, 0.5))):
+        at = torch.nonzero(b.weights[row]).flatten()  # the answer's targets, Yes/No first
+        assert b.text_targets[row, at[0]] in (TOK.yes, TOK.no) and len(at) == (3, 11)[row]
+        table[row, at[0]], table[row, at[1:]] = first, rest
+    assert sft.train_step(_TableModel(table), b, 1, False).item() == pytest.approx(1.85)
 
 
 def test_vqa_conversation_loss_on_every_answer():
@@ -188,6 +223,44 @@ def test_task2_history_is_the_loops_second_judgement():
         assert _where(b)[0] == list(range(len(s) - len(ans), len(s))) and (b.image_targets == -1).all()
 
 
+def test_sft_prompts_are_drawn_category_first():
+    # as sft.run picks them: toy's 400 training prompts drawn category first, then each text once.
+    # The few single/two texts repeat, compositional ones don't: drawn uniformly over the texts,
+    # SFT saw ~38% compositional and ~2% single prompts; category first, each category ~1/7
+    by_cat = sft.group(shapes.make_splits(seed=0)["train"])
+    rng = random.Random("sft-prompts-0")
+    chosen = sft.group([sft.train_prompt(rng, by_cat) for _ in range(400)])
+    assert set(chosen) == set(shapes.CATEGORIES) and len(chosen["single"]) < len(chosen["compositional"]) / 5
+    cat = {p.text: c for c, ps in chosen.items() for p in ps}
+    pool = {t: [] for t in cat}
+    rng, n = random.Random(0), 2800
+    seen = [cat[sft.sft_example("task1", rng, chosen, pool, 32)["prompt"]] for _ in range(n)]
+    shares = {c: seen.count(c) / n for c in shapes.CATEGORIES}
+    assert all(abs(v - 1 / 7) < 0.03 for v in shares.values()), shares  # 1/7 = 0.143, sd 0.007
+
+
+def test_task2_shows_rendered_scenes_through_the_vq():
+    # the judge only ever reads VQ-decoded images at inference: a rendered scene in Task II is shown
+    # as its VQ round trip, answered by the checker on what is shown; own images stay as they are
+    torch.manual_seed(0)
+    vq = tokenizer.VQModel(tokenizer.VQ_PRESETS["tiny"]).eval()
+    rng = random.Random(0)
+    rendered, own = shapes.sample_prompt(rng, "colour"), shapes.sample_prompt(rng, "single")
+    own_im = np.zeros((32, 32, 3), np.uint8)
+    pool = {rendered.text: [], own.text: [(_codes(), own_im, True, "Yes."), (_codes(), own_im, False, "No, wrong.")]}
+    exs = [sft.sft_example("task2", rng, sft.group([rendered, own]), pool, 32, depth=0) for _ in range(12)]
+    before = [ex["image"].copy() for ex in exs]
+    sft.finish_examples(exs, vq)
+    for ex, im in zip(exs, before):
+        if ex["prompt"] == own.text:
+            assert ex["image"] is own_im
+            continue
+        want = tokenizer.reconstruct(vq, im[None])[1][0]
+        assert np.array_equal(ex["image"], want) and not np.array_equal(want, im)
+        assert ex["answer"] == shapes.check(want, rendered).reason
+    assert {ex["prompt"] for ex in exs} == {rendered.text, own.text}
+
+
 def test_task2_history_has_zero_to_depth_failed_rounds():
     rng = random.Random(0)
     p = shapes.sample_prompt(rng, "single")
@@ -195,7 +268,7 @@ def test_task2_history_has_zero_to_depth_failed_rounds():
     seen = {d: set() for d in (1, 2)}
     for d in (1, 2):
         for _ in range(200):
-            ex = sft.sft_example("task2", rng, [p], pool, 32, depth=d)
+            ex = sft.sft_example("task2", rng, sft.group([p]), pool, 32, depth=d)
             assert all(reason.startswith("No") for _, reason, _ in ex["history"])
             seen[d].add(len(ex["history"]))
     assert seen == {1: {0, 1}, 2: {0, 1, 2}}
@@ -291,6 +364,26 @@ def test_auc_hand_computed():
     assert sft.auc([0.9, 0.8, 0.3, 0.1], [1, 1, 0, 0]) == 1.0
     assert sft.auc([0.1, 0.8, 0.3, 0.9], [1, 1, 0, 0]) == 0.25  # of 4 pos-neg pairs only 0.8 > 0.3 wins
     assert sft.auc([0.5, 0.5], [1, 0]) == 0.5
+
+
+def test_balanced_accuracy_hand_computed():
+    # matches at 0 and 5: one said Yes (TPR 1/2); the rest: three of four said No (TNR 3/4)
+    said, labels = [1, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 1]
+    assert sft.balanced_accuracy(said, labels) == (0.5 + 0.75) / 2
+    # always No: agreement 4/6, the No rate, but balanced accuracy 0.5 (chance)
+    assert sft.balanced_accuracy([0] * 6, labels) == 0.5 and np.mean(np.array(labels) == 0) == 4 / 6
+    assert sft.balanced_accuracy([1, 0], [1, 1]) is None  # one class only
+
+
+def test_auc_within_category_hand_computed():
+    # A: the match ranks first, AUC 1; B: of 4 pos-neg pairs 0.3 > 0.1 and 0.5 > 0.1 win, AUC 0.5;
+    # C: matches only, skipped. Mean (1 + 0.5) / 2, while all the images pooled give another AUC
+    scores = [0.9, 0.2, 0.4, 0.3, 0.6, 0.5, 0.1, 0.99, 0.01]
+    labels = [1, 0, 0, 1, 0, 1, 0, 1, 1]
+    cats = ["A", "A", "A", "B", "B", "B", "B", "C", "C"]
+    assert sft.auc_within_category(scores, labels, cats) == 0.75
+    assert sft.auc(scores, labels) != 0.75
+    assert sft.auc_within_category([0.1, 0.9], [1, 0], ["A", "B"]) is None  # no category has both
 
 
 # -----------------------------------------------------------------------------
