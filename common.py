@@ -77,14 +77,6 @@ DTYPE_HELP = ("auto (default): bf16 autocast where it measures faster than fp32 
               "matmuls, fp32 norms, attention, losses and weights), else fp32; or force bf16 / fp32")
 
 
-def lr_at(step, steps, lr, warmup):
-    """The learning rate of every training loop here: linear warmup, then cosine decay to 10% of the peak."""
-    if step < warmup:
-        return lr * (step + 1) / warmup
-    t = (step - warmup) / max(1, steps - warmup)
-    return lr * (0.1 + 0.45 * (1 + math.cos(math.pi * t)))
-
-
 # -----------------------------------------------------------------------------
 # Command lines: one-line errors, numeric flags checked when they are parsed
 

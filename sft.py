@@ -26,8 +26,6 @@ held-out evaluation, atomic checkpoints, resume after interruption, DDP through 
 import json
 import os
 import random
-import time
-from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -36,12 +34,12 @@ from tqdm import tqdm
 
 import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, janus_checkpoint, load_checkpoint, load_janus, load_state,
-                    lr_at, nonneg_int, pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16,
-                    write_json)
+                    nonneg_int, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16, write_json)
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, prompt_seq)
 from tokenizer import TextTokenizer, load_vq, reconstruct, to_tensor
+from train import Plan, fit, make_optimizer, setup_distributed
 from vit import load_vit
 
 # -----------------------------------------------------------------------------
@@ -506,44 +504,17 @@ def evaluate_describing(model, tok, prompts, size, seed=0, batch=64):
 # The training loop, shared by both stages
 
 
-def make_optimizer(model, lr, weight_decay=0.05):
-    # decay matrices only (not norms, biases or the positional table), as nanoGPT does
-    decay = [p for n, p in model.named_parameters() if p.requires_grad and p.dim() >= 2 and "pos_embed" not in n]
-    rest = [p for n, p in model.named_parameters() if p.requires_grad and not (p.dim() >= 2 and "pos_embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=(0.9, 0.95))
-
-
-def all_reduce_grads(model, world):
-    """What DistributedDataParallel does, spelled out: sum every gradient over the processes.
-    (Each process's loss is already divided by the GLOBAL loss weight, so the sum is the
-    gradient of the global batch's weighted mean.) One flat buffer: one message per step."""
-    # a path this step's task doesn't use (e.g. the ViT in text-to-image) has no gradient on any
-    # process (they all run the same kind of step; describe and vqa use the same parameters), and
-    # must keep none: AdamW skips such parameters, while a zero gradient would still decay them
-    params = [p for p in model.parameters() if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    i = 0
-    for p in params:
-        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-        i += p.numel()
-
-
-def train_step(model, batch, world, bf16):
-    """Forward + backward of one batch; returns the weighted mean loss over the global batch.
-    An SFT step is one task, so this is a mean over examples: Task II's weights sum to 1 per example
-    (add_answer), and Tasks I and III weigh each of their N image tokens 1 (every example has N)."""
-    dev = batch.idx.device
-    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-        h = model(embed_batch(model, batch))
-        losses = model.token_losses(h, batch.text_targets, batch.image_targets)  # (B, T) fp32
+def step_loss(model, batch, world):
+    """This process's share of the step's loss: the weighted mean over the GLOBAL batch (its weight
+    summed over processes), so the shares add up to it. An SFT step is one task, so this is a mean
+    over examples: Task II's weights sum to 1 per example (add_answer), and Tasks I and III weigh
+    each of their N image tokens 1 (every example has N)."""
+    h = model(embed_batch(model, batch))
+    losses = model.token_losses(h, batch.text_targets, batch.image_targets)  # (B, T) fp32
     wsum = batch.weights.sum()
     if world > 1:
         dist.all_reduce(wsum)
-    loss = (losses * batch.weights).sum() / wsum
-    loss.backward()
-    return loss.detach() * world if world > 1 else loss.detach()
+    return (losses * batch.weights).sum() / wsum
 
 
 def main(argv=None):
@@ -575,9 +546,9 @@ def main(argv=None):
     run_cli(ap, argv, run)
 
 
-def run(args):
-    preset = TRAIN[args.config]
-    steps = args.steps if args.steps is not None else preset[f"{args.stage}_steps"]
+def stage_settings(args, preset):
+    """Everything that shapes the training path: a saved state made with other values can't resume."""
+    pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else preset[key]
     mix = dict(BASE_MIX if args.stage == "base" else SFT_MIX)
     if args.mix:
         try:
@@ -587,171 +558,136 @@ def run(args):
         if len(vals) != 3 or not all(np.isfinite(vals)) or min(vals) < 0 or sum(vals) <= 0:
             raise ValueError(f"--mix needs three non-negative numbers, got {args.mix!r}")
         mix = dict(zip(mix, vals))
-    # everything that shapes the training path: a saved state made with other values can't resume
-    lr = args.lr if args.lr is not None else preset[f"{args.stage}_lr"]
-    settings = dict(stage=args.stage, config=args.config, seed=args.seed, lr=lr,
-                    batch_size=args.batch_size if args.batch_size is not None else preset["batch_size"], warmup=preset["warmup"], steps=steps,
-                    bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
-                    easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
-    ddp = "RANK" in os.environ
-    dev = pick_device(args.device)
-    if ddp:
-        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
-        rank, world = dist.get_rank(), dist.get_world_size()
-        if dev.type == "cuda":
-            dev = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-            torch.cuda.set_device(dev)
-    else:
-        rank, world = 0, 1
+    return dict(stage=args.stage, config=args.config, seed=args.seed, lr=pick("lr", f"{args.stage}_lr"),
+                batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps"),
+                bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
+                easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
+
+
+def stage_inputs(args, settings):
+    """The checkpoints this stage starts from, their digests in settings (a state or pool built from
+    other ones is not reused), and the vq tokenizer, checked against the config."""
+    inputs = ("vq.pt", "vit.pt") if args.stage == "base" else ("vq.pt", "base.pt")
+    for n in inputs:
+        if not os.path.isfile(os.path.join(args.out, n)):
+            first = {"vq.pt": "python tokenizer.py", "vit.pt": "python vit.py", "base.pt": "python sft.py --stage base"}[n]
+            raise ValueError(f"{os.path.join(args.out, n)} not found: run the earlier stages first ({first} "
+                             f"--config {args.config} --out {args.out}, or python run.py, which runs them all)")
+    settings["inputs"] = {n: digest(os.path.join(args.out, n)) for n in inputs}
+    return inputs
+
+
+def sft_data(args, preset, model, vq, tok, by_cat, settings, master, world):
+    """The SFT prompts (category first) and their pool of base-model samples scored by the checker,
+    built once by rank 0 and cached in OUT/sft_pool.pt (rebuilt when base.pt changed)."""
+    pool_path = os.path.join(args.out, "sft_pool.pt")
+    rng = random.Random(f"sft-prompts-{args.seed}")
+    chosen = [train_prompt(rng, by_cat) for _ in range(args.sft_prompts or preset["sft_prompts"])]
+    pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
+    if pool is None:
+        if master:
+            model.eval()
+            pool = build_sft_pool(model, vq, tok, chosen, args.samples_per_prompt or preset["samples_per_prompt"],
+                                  model.cfg.image_size, args.seed)
+            save_pool(pool, settings["inputs"]["base.pt"], pool_path)
+            model.train()
+        if world > 1:
+            dist.barrier()
+        pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
+    n_img = sum(len(v) for v in pool.values())
+    n_pos = sum(s[2] for v in pool.values() for s in v)
+    if master:
+        print(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
+    return group(chosen), pool  # each text once, drawn category first (sft_example)
+
+
+def run(args):
+    preset = TRAIN[args.config]
+    settings = stage_settings(args, preset)
+    dev, rank, world = setup_distributed(args.device)
+    master = rank == 0
     bf16 = torch.tensor([use_bf16(args.dtype, dev)], device=dev)
-    if ddp:
+    if world > 1:
         dist.broadcast(bf16, 0)  # a timing measured per process could disagree: rank 0's holds for all
     settings["bf16"] = bool(bf16.item())
     if settings["batch_size"] % world:
         raise ValueError(f"--batch-size {settings['batch_size']} does not split over {world} processes")
-    master = rank == 0
-    say = print if master else (lambda *a, **k: None)
-
-    tok = TextTokenizer(shapes.WORDS)
-    vq_path = os.path.join(args.out, "vq.pt")
-    if not os.path.isfile(vq_path):
-        raise ValueError(f"{vq_path} not found: train the tokenizer first (python tokenizer.py --config {args.config} --out {args.out})")
-    # the checkpoints this stage starts from: a saved state or pool built from other ones is not reused
-    inputs = ("vq.pt", "vit.pt") if args.stage == "base" else ("vq.pt", "base.pt")
-    missing = [n for n in inputs if not os.path.isfile(os.path.join(args.out, n))]
-    if missing:
-        raise ValueError(f"{os.path.join(args.out, missing[0])} not found: run the earlier stages first "
-                         f"(python run.py --config {args.config} --out {args.out} runs them all)")
-    settings["inputs"] = {n: digest(os.path.join(args.out, n)) for n in inputs}
+    inputs = stage_inputs(args, settings)
     check_run_dir(args.out)
     # a saved state of another run is refused here, before any work (more --steps continue a run)
     state_path = os.path.join(args.out, f"{args.stage}_state.pt")
     st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps", "bf16"))
-    vq = load_vq(vq_path, dev)
-    for p in vq.parameters():
-        p.requires_grad_(False)
+
+    tok = TextTokenizer(shapes.WORDS)
+    vq = load_vq(os.path.join(args.out, "vq.pt"), dev).requires_grad_(False)
     cfg = JanusConfig(**PRESETS[args.config])
     if vq.cfg.codebook_size != cfg.image_vocab_size or vq.cfg.num_tokens != cfg.image_tokens:
-        raise ValueError(f"{vq_path} ({vq.cfg.codebook_size} codes, {vq.cfg.num_tokens} per image) does not fit "
+        raise ValueError(f"{args.out}/vq.pt ({vq.cfg.codebook_size} codes, {vq.cfg.num_tokens} per image) does not fit "
                          f"config {args.config} ({cfg.image_vocab_size} codes, {cfg.image_tokens} per image)")
-    size = cfg.image_size
-
     splits = shapes.make_splits(seed=0)
     by_cat = group(splits["train"])
-
     torch.manual_seed(args.seed)
     if args.stage == "base":
         model = Janus(cfg).to(dev)
-        vit_path = os.path.join(args.out, "vit.pt")
-        if not os.path.isfile(vit_path):
-            raise ValueError(f"{vit_path} not found: pretrain the ViT first (python vit.py --config {args.config} --out {args.out})")
-        load_vit(vit_path, model)  # the SigLIP stand-in: Janus-Pro starts from a pretrained ViT too
+        load_vit(os.path.join(args.out, "vit.pt"), model)  # the SigLIP stand-in: Janus-Pro starts from a pretrained ViT too
     else:
-        base_path = os.path.join(args.out, "base.pt")
-        if not os.path.isfile(base_path):
-            raise ValueError(f"{base_path} not found: run the base stage first (--stage base)")
-        model, _, _, _ = load_janus(base_path, dev)
+        model, _, _, _ = load_janus(os.path.join(args.out, "base.pt"), dev)
         if model.cfg != cfg:
-            raise ValueError(f"{base_path} was trained with another config than {args.config}")
+            raise ValueError(f"{args.out}/base.pt was trained with another config than {args.config}")
         model.train()
-        pool_path = os.path.join(args.out, "sft_pool.pt")
-        train_prompts = [p for cat in by_cat.values() for p in cat]
-        rng = random.Random(f"sft-prompts-{args.seed}")
-        n = args.sft_prompts or preset["sft_prompts"]
-        chosen = [train_prompt(rng, by_cat) for _ in range(n)]
-        pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
-        if pool is None:
-            if master:
-                model.eval()
-                pool = build_sft_pool(model, vq, tok, chosen, args.samples_per_prompt or preset["samples_per_prompt"],
-                                      size, args.seed)
-                save_pool(pool, settings["inputs"]["base.pt"], pool_path)
-                model.train()
-            if ddp:
-                dist.barrier()
-            pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
-        n_img = sum(len(v) for v in pool.values())
-        n_pos = sum(s[2] for v in pool.values() for s in v)
-        say(f"sft data: {len(pool)} prompts, {n_img} base-model images, {n_pos} correct ({n_pos / max(1, n_img):.1%})")
-        chosen = group(chosen)  # each text once, drawn category first (sft_example)
-
+        chosen, pool = sft_data(args, preset, model, vq, tok, by_cat, settings, master, world)
     if settings["freeze_vit"]:
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient
-    optimizer = make_optimizer(model, settings["lr"])
-    step, log = 0, []
-    if st is not None:
-        model.load_state_dict(st["model"])
-        optimizer.load_state_dict(st["optimizer"])
-        step, log = st["step"], st["log"]
-        say(f"resuming {state_path} at step {step}")
+    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.05)
 
-    def save_state():
-        if master:
-            save_checkpoint({"kind": f"{args.stage}_state", "settings": settings, "model": model.state_dict(),
-                             "optimizer": optimizer.state_dict(), "step": step, "log": log}, state_path)
-
-    val = [p for p in splits["val"]]
-    per_cat = args.eval_prompts or preset["eval_prompts"]
-    val = [p for cat in shapes.CATEGORIES for p in [q for q in val if q.category == cat][:per_cat]]
-    eval_every = preset["eval_every"] if args.eval_every is None else args.eval_every
     local = settings["batch_size"] // world
-    bar = tqdm(total=steps, initial=step, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}", disable=not master, dynamic_ncols=True)
-    running = {}
-    t0 = time.time()
-    model.train()
-    while step < steps:
+
+    def batch_fn(step, micro):
         # the global batch of this step, a function of (seed, step) only; this process's share
         rng = random.Random(f"{args.stage}-{args.seed}-{step}")
         if args.stage == "base":
-            task, exs = base_batch(rng, mix, settings["batch_size"], by_cat, size, easy=step < settings["easy_steps"])
+            task, exs = base_batch(rng, settings["mix"], settings["batch_size"], by_cat, cfg.image_size,
+                                   easy=step < settings["easy_steps"])
         else:
-            task = rng.choices(list(mix), weights=list(mix.values()))[0]
-            exs = [sft_example(task, rng, chosen, pool, size, args.depth) for _ in range(settings["batch_size"])]
+            task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
+            exs = [sft_example(task, rng, chosen, pool, cfg.image_size, args.depth) for _ in range(settings["batch_size"])]
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
-        batch = collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev)
-        for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, steps, settings["lr"], settings["warmup"])
-        loss = train_step(model, batch, world, settings["bf16"])
-        if not torch.isfinite(loss):
-            raise ValueError(f"loss is {loss.item()} at step {step} ({task}): lower --lr or use --dtype fp32")
-        if ddp:
-            all_reduce_grads(model, world)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        step += 1
-        running[task] = 0.9 * running.get(task, loss.item()) + 0.1 * loss.item()
-        log.append((step, task, round(loss.item(), 5)))
-        bar.update(1)
-        bar.set_postfix({k: f"{v:.3f}" for k, v in sorted(running.items())})
-        if step % args.ckpt_every == 0 or step == steps:
-            save_state()
-        if master and eval_every and step % eval_every == 0 and step < steps:
-            model.eval()
-            r = quick_eval(model, vq, tok, val, args.stage, size)
-            model.train()
-            bar.write(f"step {step} val: {json.dumps(r)}")
-    bar.close()
-    if ddp:
-        dist.barrier()
-    if not master:
+        return collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
+
+    per_cat = args.eval_prompts or preset["eval_prompts"]
+    val = [p for cat in shapes.CATEGORIES for p in [q for q in splits["val"] if q.category == cat][:per_cat]]
+
+    def evaluate(step):
+        model.eval()
+        r = quick_eval(model, vq, tok, val, args.stage, cfg.image_size)
+        model.train()
+        return r
+
+    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
+                eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
+                desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+    model.train()
+    step, seconds, _ = fit(batch_fn, lambda b: step_loss(model, b, world), optimizer, model.parameters(),
+                           {"model": model}, plan, state_path, f"{args.stage}_state", settings, state=st, evaluate=evaluate)
+    if master:
+        finish_stage(args, model, vq, tok, settings, inputs, step, seconds, splits["test"])
+    if world > 1:
         dist.destroy_process_group()
-        return
-    seconds = time.time() - t0
+
+
+def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test):
+    """The stage's artefact (OUT/{stage}.pt) and its evaluation on the test split, with the receipt."""
     model.eval()
     ckpt_path = os.path.join(args.out, f"{args.stage}.pt")
     save_checkpoint(janus_checkpoint(model, vq, tok, stage=args.stage, settings=settings, step=step), ckpt_path)
-    print(f"wrote {os.path.join(args.out, args.stage + '.pt')} ({seconds:.0f} s of training this run)")
+    print(f"wrote {ckpt_path} ({seconds:.0f} s of training)")
     if not args.no_final_eval:
-        test = splits["test"]
-        result = final_eval(model, vq, tok, test, args.stage, size)
+        result = final_eval(model, vq, tok, test, args.stage, model.cfg.image_size)
         # the receipt run.py checks before reusing this stage: config, settings, what it was built from
         result.update(stage=args.stage, config=args.config, steps=step, train_seconds=round(seconds, 1),
                       made=stage_receipt(args.out, args.config, settings, inputs), ckpt=digest(ckpt_path))
         write_json(result, os.path.join(args.out, f"{args.stage}_eval.json"))
         print(json.dumps(result))
-    if ddp:
-        dist.destroy_process_group()
 
 
 def quick_eval(model, vq, tok, prompts, stage, size):

@@ -20,14 +20,12 @@ ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held
     ids = tok.encode("<|User|>: a red circle\n\n<|Assistant|>:<begin_of_image>")
 """
 
-import argparse
 import json
 import math
 import os
 import random
 import re
 import sys
-import time
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -35,11 +33,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, build, check_run_dir, load_checkpoint, load_state, load_weights, pick_device,
-                    pos_float, pos_int, save_checkpoint, digest, stage_receipt, use_bf16, write_json)
+from common import (DTYPE_HELP, Parser, build, check_run_dir, digest, load_checkpoint, load_state, load_weights, pick_device,
+                    pos_float, pos_int, save_checkpoint, stage_receipt, use_bf16, write_json)
+from train import Plan, fit, make_optimizer
 
 # -----------------------------------------------------------------------------
 # Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
@@ -569,71 +567,49 @@ def train(args):
     cfg = VQ_PRESETS[args.config]
     preset = TRAIN_PRESETS[args.config]
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
-    steps = pick("steps")
     dev = pick_device(args.device)
     check_run_dir(args.out)
     # everything that shapes the training path; a state made with other values cannot be resumed
-    run = dict(**asdict(cfg), seed=args.seed, steps=steps, batch_size=pick("batch_size"), lr=pick("lr"),
+    run = dict(**asdict(cfg), seed=args.seed, steps=pick("steps"), batch_size=pick("batch_size"), lr=pick("lr"),
                warmup=preset["warmup"], window=preset["window"], bf16=use_bf16(args.dtype, dev))
-    state_path = os.path.join(args.out, "vq_state.pt")
 
     torch.manual_seed(args.seed)  # the only use of the global RNG: the init
     # channels-last: CPU convolutions run faster on NHWC (measured ~1.3x per step on the toy)
     model = VQModel(cfg).to(dev, memory_format=torch.channels_last)
-    opt = torch.optim.Adam(model.parameters(), lr=run["lr"], betas=(0.9, 0.95))  # LlamaGen's betas, no decay
+    optimizer = make_optimizer(model, run["lr"])  # LlamaGen's betas, no weight decay
+    # the codebook's health: code hits in the current window, the usage of the last one
+    health = {"hits": torch.zeros(cfg.codebook_size, dtype=torch.long, device=dev), "usage": float("nan")}
 
-    def lr_factor(s):  # multiplies lr at step s: linear warm-up, then cosine from 1 to 0.1
-        if s < run["warmup"]:
-            return (s + 1) / run["warmup"]
-        return 0.55 + 0.45 * math.cos(math.pi * (s - run["warmup"]) / max(1, steps - run["warmup"]))
-
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-    hits = torch.zeros(cfg.codebook_size, dtype=torch.long, device=dev)  # code hits in the current window
-    step, usage, seconds = 0, float("nan"), 0.0  # seconds: training time, summed over resumed runs
-    # the dtype may differ (a resume on another machine): the run's path is the same
-    st = load_state(state_path, "vq_state", run, ignore=("bf16",))
-    if st is not None:
-        model.load_state_dict(st["model"])
-        opt.load_state_dict(st["optimizer"])
-        sched.load_state_dict(st["scheduler"])
-        hits, step, usage, seconds = st["hits"].to(dev), st["step"], st["usage"], st["seconds"]
-        print(f"resuming {state_path} at step {step}")
-
-    def save():
-        save_checkpoint(dict(kind="vq_state", settings=run, model=model.state_dict(), optimizer=opt.state_dict(),
-                             scheduler=sched.state_dict(), step=step, hits=hits.cpu(), usage=usage,
-                             seconds=seconds + time.time() - t0), state_path)
-
-    model.train()
-    pbar = tqdm(total=steps, initial=step, desc=f"vq {args.config} {'bf16' if run['bf16'] else 'fp32'}", dynamic_ncols=True)
-    t0 = time.time()
-    while step < steps:
+    def batch_fn(step, micro):
+        # the images of a step are a function of (seed, step): a resumed run sees the same batches
         x = train_batch(args.seed, step, run["batch_size"], cfg.image_size).to(dev)  # (B, 3, H, W)
-        x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=run["bf16"]):
-            recon, vq_loss, codes, latents = model(x)
-        rec_loss = F.mse_loss(recon.float(), x)
-        loss = rec_loss + vq_loss
-        if not torch.isfinite(loss):
-            raise ValueError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype fp32")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-        hits += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
-        step += 1
+        return x.contiguous(memory_format=torch.channels_last), "loss"
+
+    def loss_fn(x):
+        recon, vq_loss, codes, health["latents"] = model(x)
+        health["hits"] += torch.bincount(codes.flatten(), minlength=cfg.codebook_size)
+        return F.mse_loss(recon.float(), x) + vq_loss
+
+    def after_step(step):
         # at the end of each window: measure usage over it, restart the codes it never used
         if step % run["window"] == 0:
-            usage = (hits > 0).float().mean().item()
+            health["usage"] = (health["hits"] > 0).float().mean().item()
             gen = torch.Generator().manual_seed(args.seed * 1_000_003 + step)  # a function of (seed, step) too
-            restart_dead_codes(model.quantize, hits, latents, gen)
-            hits.zero_()
-        if step % args.ckpt_every == 0 or step == steps:
-            save()
-        pbar.update(1)
-        pbar.set_postfix(rec=f"{rec_loss.item():.4f}", vq=f"{vq_loss.item():.4f}", usage=f"{usage:.2f}")
-    pbar.close()
-    seconds += time.time() - t0
+            restart_dead_codes(model.quantize, health["hits"], health["latents"], gen)
+            health["hits"].zero_()
+        return {"usage": health["usage"]}
+
+    def set_health(saved):
+        health["hits"], health["usage"] = saved["hits"].to(dev), saved["usage"]
+
+    plan = Plan(run["steps"], run["lr"], run["warmup"], clip=None, bf16=run["bf16"], ckpt_every=args.ckpt_every,
+                desc=f"vq {args.config} {'bf16' if run['bf16'] else 'fp32'}")
+    get_health = lambda: {"hits": health["hits"].cpu(), "usage": health["usage"]}
+    state_path = os.path.join(args.out, "vq_state.pt")
+    # the dtype may differ (a resume on another machine): the run's path is the same
+    state = load_state(state_path, "vq_state", run, ignore=("bf16",))
+    step, seconds, _ = fit(batch_fn, loss_fn, optimizer, model.parameters(), {"model": model}, plan, state_path,
+                           "vq_state", run, state, after_step=after_step, extra_state=(get_health, set_health))
 
     # the artefact the other stages load: weights and config only
     model.cpu()

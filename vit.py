@@ -23,19 +23,18 @@ The head is thrown away; `vit.pt` holds the ViT's weights, which the base stage 
 import json
 import os
 import random
-import time
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, load_weights, lr_at,
+from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, load_weights,
                     pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16, write_json)
 from model import PRESETS, JanusConfig, VisionTransformer
 from tokenizer import to_tensor
+from train import Plan, fit
 
 TRAIN = {
     "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=10, eval_scenes=64),
@@ -140,49 +139,27 @@ def run(args):
     check_run_dir(args.out)
     settings = dict(config=vit_config(cfg), seed=args.seed, steps=pick("steps"), batch_size=pick("batch_size"),
                     lr=pick("lr"), warmup=preset["warmup"], bf16=use_bf16(args.dtype, dev), cover=COVER)
-    steps = settings["steps"]
     torch.manual_seed(args.seed)
     vit, head = VisionTransformer(cfg).to(dev), PatchHead(cfg.vit_width).to(dev)
     params = list(vit.parameters()) + list(head.parameters())
-    opt = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.05)
-    state_path = os.path.join(args.out, "vit_state.pt")
-    step, seconds = 0, 0.0
-    st = load_state(state_path, "vit_state", settings, ignore=("bf16",))
-    if st is not None:
-        vit.load_state_dict(st["model"])
-        head.load_state_dict(st["head"])
-        opt.load_state_dict(st["optimizer"])
-        step, seconds = st["step"], st["seconds"]
-        print(f"resuming {state_path} at step {step}")
+    optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.05)  # decay on all
 
-    def save_state():
-        save_checkpoint({"kind": "vit_state", "settings": settings, "model": vit.state_dict(), "head": head.state_dict(),
-                         "optimizer": opt.state_dict(), "step": step, "seconds": seconds + time.time() - t0}, state_path)
-
-    bar = tqdm(total=steps, initial=step, desc=f"vit {args.config} {'bf16' if settings['bf16'] else 'fp32'}", dynamic_ncols=True)
-    t0 = time.time()
-    vit.train()
-    while step < steps:
+    def batch_fn(step, micro):
         # the batch of a step is a function of (seed, step) only: a resumed run sees the same data
         rng = random.Random(f"vit-train-{args.seed}-{step}")
-        pixels, shape, colour, centre = (t.to(dev) for t in make_batch(rng, settings["batch_size"], cfg.image_size, cfg.vit_patch))
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, steps, settings["lr"], settings["warmup"])
-        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=settings["bf16"]):
-            loss = losses(head(vit(pixels)), shape, colour, centre)
-        if not torch.isfinite(loss):
-            raise ValueError(f"loss is {loss.item()} at step {step}: lower --lr or use --dtype fp32")
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        step += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss.item():.3f}")
-        if step % args.ckpt_every == 0 or step == steps:
-            save_state()
-    bar.close()
-    seconds += time.time() - t0
+        return [t.to(dev) for t in make_batch(rng, settings["batch_size"], cfg.image_size, cfg.vit_patch)], "loss"
+
+    def loss_fn(batch):
+        pixels, shape, colour, centre = batch
+        return losses(head(vit(pixels)), shape, colour, centre)
+
+    vit.train()
+    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
+                desc=f"vit {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+    state_path = os.path.join(args.out, "vit_state.pt")
+    state = load_state(state_path, "vit_state", settings, ignore=("bf16",))
+    step, seconds, _ = fit(batch_fn, loss_fn, optimizer, params, {"model": vit, "head": head}, plan, state_path,
+                           "vit_state", settings, state)
     vit_path = os.path.join(args.out, "vit.pt")
     save_checkpoint({"kind": "vit", "config": settings["config"], "model": vit.state_dict(), "step": step}, vit_path)
     result = evaluate(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)

@@ -109,7 +109,7 @@ def test_task2_loss_on_the_answer_weighted():
 
 
 class _TableModel(torch.nn.Module):
-    """Stands in for the model in train_step: its per-token losses are a given (B, T) table."""
+    """Stands in for the model in step_loss: its per-token losses are a given (B, T) table."""
 
     def __init__(self, table):
         super().__init__()
@@ -140,7 +140,7 @@ def test_task2_loss_is_per_example_verdict_and_rest_means():
         at = torch.nonzero(b.weights[row]).flatten()  # the answer's targets, Yes/No first
         assert b.text_targets[row, at[0]] in (TOK.yes, TOK.no) and len(at) == (3, 11)[row]
         table[row, at[0]], table[row, at[1:]] = first, rest
-    assert sft.train_step(_TableModel(table), b, 1, False).item() == pytest.approx(1.85)
+    assert sft.step_loss(_TableModel(table), b, 1).item() == pytest.approx(1.85)
 
 
 def test_vqa_conversation_loss_on_every_answer():
@@ -439,7 +439,7 @@ def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkey
     full = _run_dir(vq_dir, tmp_path, "full")
     sft.main(BASE + ["--steps", "6", "--out", full])
     cut = _run_dir(vq_dir, tmp_path, "cut")
-    real, calls = sft.train_step, []
+    real, calls = sft.step_loss, []
 
     def dying_step(*a, **k):  # the process is killed during step 5
         calls.append(1)
@@ -447,12 +447,12 @@ def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkey
             raise KeyboardInterrupt
         return real(*a, **k)
 
-    monkeypatch.setattr(sft, "train_step", dying_step)
+    monkeypatch.setattr(sft, "step_loss", dying_step)
     with pytest.raises(KeyboardInterrupt):
         sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
     assert load_checkpoint(os.path.join(cut, "base_state.pt"))["step"] == 4
     assert not os.path.exists(os.path.join(cut, "base.pt"))  # nothing half-done looks finished
-    monkeypatch.setattr(sft, "train_step", real)
+    monkeypatch.setattr(sft, "step_loss", real)
     sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
     a, b = _params(os.path.join(full, "base.pt")), _params(os.path.join(cut, "base.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
