@@ -102,8 +102,7 @@ def extra_evals(args, stage):
 def _extra_evals(args, stage):
     import sample
     import sft
-    from common import load_janus
-    model, vq, tok, _ = load_janus(os.path.join(args.out, f"{stage}.pt"))
+    model, vq, tok, _ = sample.load_janus(os.path.join(args.out, f"{stage}.pt"))
     splits = shapes.make_splits(seed=0)
     rounds = 1 if stage == "base" else 3
     ood = ood_prompts(args, splits)

@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import to_tensor, to_uint8
+import shapes
+from common import build, load_checkpoint, load_weights, to_tensor, to_uint8
+from model import Janus, JanusConfig
+from tokenizer import TextTokenizer, VQConfig, VQModel
 
 # -----------------------------------------------------------------------------
 # Sequence layouts
@@ -516,6 +519,36 @@ def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
 
 
 # -----------------------------------------------------------------------------
+# A trained Janus bundle: model + VQ tokenizer + the text vocabulary, in one file (here, the first
+# module that knows all three: what the stages save and sampling, judging and evaluation load)
+
+
+def janus_checkpoint(model, vq, tok, **extra):
+    """The dict that stage scripts save and sample.py / judge.py load."""
+    return {"kind": "janus", "config": asdict(model.cfg), "model": model.state_dict(),
+            "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), "vocab": list(tok.vocab), **extra}
+
+
+JANUS_MAKE = "python sft.py --stage sft --config CONFIG --out DIR (or python run.py)"
+
+
+def load_janus(path, device="cpu"):
+    """(model, vq, tok, ckpt) from a Janus checkpoint, in eval mode. One-line errors for a missing,
+    empty or foreign file, missing keys, a config this code cannot build, weights that do not fit
+    it, NaN/inf weights, or a vocabulary that is not this code's."""
+    ckpt = load_checkpoint(path, {"kind": "janus"}, keys=("config", "model", "vq_config", "vq", "vocab"),
+                           make=JANUS_MAKE, finite=True)
+    tok = TextTokenizer(shapes.WORDS)
+    if ckpt["vocab"] != tok.vocab:
+        raise ValueError(f"{path} was trained with another text vocabulary than this code's; {JANUS_MAKE} writes a good one")
+    model = Janus(build(JanusConfig, ckpt["config"], path, JANUS_MAKE))
+    vq = VQModel(build(VQConfig, ckpt["vq_config"], path, JANUS_MAKE))
+    load_weights(model, ckpt["model"], path, JANUS_MAKE)
+    load_weights(vq, ckpt["vq"], path, JANUS_MAKE)
+    return model.to(device).eval(), vq.to(device).eval(), tok, ckpt
+
+
+# -----------------------------------------------------------------------------
 # Command line
 
 
@@ -578,8 +611,7 @@ def main(argv=None):
                          "compiles first, once per batch size and cache length: see README, Speed)")
     args = ap.parse_args(argv)
 
-    import shapes
-    from common import load_janus, pick_device
+    from common import pick_device
     tmp = None
     try:
         if (args.prompt is None) == (args.edit is None):

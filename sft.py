@@ -35,13 +35,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, check_run_dir, digest, janus_checkpoint, load_checkpoint, load_janus, load_state,
-                    lr_at, nonneg_int, pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16,
-                    write_json)
+from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, lr_at, nonneg_int,
+                    pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, write_json)
 from model import PRESETS, Janus, JanusConfig
 from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
-                    decode_text, embed_batch, generate, introspect, prompt_seq)
-from tokenizer import TextTokenizer, load_vq, reconstruct, to_tensor
+                    decode_text, embed_batch, generate, introspect, janus_checkpoint, load_janus, prompt_seq)
+from tokenizer import TextTokenizer, load_vq, reconstruct
 from vit import load_vit
 
 # -----------------------------------------------------------------------------

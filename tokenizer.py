@@ -14,7 +14,7 @@ ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held
 (PSNR, codebook usage, and whether the ShapeWorld checker still gives the same verdict). Then:
 
     vq = load_vq("out/toy/vq.pt")
-    codes = vq.encode(to_tensor(images))      # uint8 (B, 64, 64, 3) -> long (B, 64), ids in [0, 1024)
+    codes = vq.encode(to_tensor(images))      # (common.to_tensor) uint8 (B, 64, 64, 3) -> long (B, 64), ids in [0, 1024)
     images = to_uint8(vq.decode(codes))       # and back
     tok = TextTokenizer(shapes.WORDS)
     ids = tok.encode("<|User|>: a red circle\n\n<|Assistant|>:<begin_of_image>")
@@ -39,24 +39,7 @@ from tqdm import tqdm
 
 import shapes
 from common import (DTYPE_HELP, Parser, build, check_run_dir, load_checkpoint, load_state, load_weights, pick_device,
-                    pos_float, pos_int, save_checkpoint, digest, stage_receipt, use_bf16, write_json)
-
-# -----------------------------------------------------------------------------
-# Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
-
-
-def to_tensor(images):
-    """uint8 (H, W, 3) or (B, H, W, 3) numpy -> float (B, 3, H, W) in [-1, 1]."""
-    x = torch.tensor(np.asarray(images, dtype=np.uint8))  # a copy: rendered arrays are read-only
-    x = x.unsqueeze(0) if x.ndim == 3 else x
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(pixels):
-    """float (B, 3, H, W), roughly [-1, 1] -> uint8 (B, H, W, 3) numpy (Janus: clip((x + 1) / 2 * 255))."""
-    x = ((pixels.detach().float() + 1.0) * 127.5).round().clamp(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
+                    pos_float, pos_int, save_checkpoint, digest, stage_receipt, to_tensor, to_uint8, use_bf16, write_json)
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass spans the tiny test tokenizer up to the real VQ-16

@@ -33,9 +33,8 @@ from tqdm import tqdm
 
 import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, load_weights, lr_at,
-                    pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16, write_json)
+                    pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, write_json)
 from model import PRESETS, JanusConfig, VisionTransformer
-from tokenizer import to_tensor
 
 TRAIN = {
     "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=10, eval_scenes=64),

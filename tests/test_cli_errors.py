@@ -18,7 +18,7 @@ import torch
 import sft
 import tokenizer
 import vit
-from common import janus_checkpoint, load_janus
+from sample import janus_checkpoint, load_janus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

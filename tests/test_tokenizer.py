@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 import shapes
 import tokenizer
+from common import to_tensor, to_uint8
 from tokenizer import (VQ_PRESETS, TextTokenizer, VQConfig, VQModel, codebook_usage, load_vq, main,
-                       restart_dead_codes, to_tensor, to_uint8)
+                       restart_dead_codes)
 
 # a copy of shared/reference/janus_pro_state_dict_shapes.json, kept in the repo so CI always has it
 SHAPES_JSON = os.path.join(os.path.dirname(__file__), "data", "janus_pro_state_dict_shapes.json")
