@@ -226,14 +226,14 @@ def chain_length(tok, prompt_len, image_tokens, opt):
 # -----------------------------------------------------------------------------
 # The KV cache plumbing: row views, copies, one batched forward for cond + uncond rows
 
-def _new_cache(model, batch, length):
+def new_cache(model, batch, length):
     # under autocast k and v come out in the autocast dtype: store them so, at half the bytes
     dev = model.lm_head.weight.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     return model.make_cache(batch, length, dtype=dtype)
 
 
-def _forward(model, x, cache, start, key_mask):
+def forward_cached(model, x, cache, start, key_mask):
     # key_mask None when nothing is padded: the kernels' plain causal path is fastest
     km = None if key_mask is None or bool(key_mask.all()) else key_mask[:, :start + x.size(1)]
     return model(x, cache=cache, start_pos=start, key_mask=km)
@@ -296,7 +296,7 @@ def compiled_token(model):
 
 
 @torch.no_grad()
-def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
+def draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     """Sample one image's codes for n_cond chains whose cond rows are cache rows [0, n_cond) and
     uncond rows [n_cond, 2 n_cond), both already prefilled up to `start` (h_last: their last hidden
     states, (2 n_cond, D)). One batched forward per token for both rows. Returns codes (n_cond, N)
@@ -351,7 +351,7 @@ class Chain:
     reason_ids: list = field(default_factory=list)  # the answers' token ids (Yes/No first), no EOS
 
 
-def _uniforms(gens, n, device):
+def draw_uniforms(gens, n, device):
     # (B, n) uniforms, each row from its chain's own generator
     return torch.stack([torch.rand(n, generator=g) for g in gens]).to(device)
 
@@ -366,7 +366,7 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     cue = tok.encode(CUE)
     N = model.cfg.image_tokens
     L = prefix_len + N + len(cue) + 1 + opt.max_reason
-    cache = _new_cache(model, B, L)
+    cache = new_cache(model, B, L)
     cache.copy_from(prefix_cache, slice(0, B), prefix_len)
     km = torch.ones(B, L, dtype=torch.bool, device=dev)
     km[:, :prefix_len] = key_mask[:B, :prefix_len]
@@ -375,15 +375,15 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     und[:, :N] = True
     x = model.embed(idx, und_pixels=to_tensor(np.stack(images)).to(dev), und_mask=und)
     pos = prefix_len
-    h = _forward(model, x, cache, pos, km)[:, -1]
+    h = forward_cached(model, x, cache, pos, km)[:, -1]
     pos += x.size(1)
-    u = _uniforms(gens, 1 + opt.max_reason, dev)
+    u = draw_uniforms(gens, 1 + opt.max_reason, dev)
     # first answer token: only Yes or No; P(yes) = P(Yes) / (P(Yes) + P(No))
     two = model.text_logits(h)[:, [tok.yes, tok.no]]  # (B, 2)
     p_yes = two.softmax(-1)[:, 0]
     first = pick(two, u[:, 0], opt.text_temperature)  # 0 = Yes, 1 = No
     ids = torch.where(first == 0, tok.yes, tok.no)
-    h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+    h = forward_cached(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
     reasons = decode_text(model, tok, cache, km, h, pos + 1, u[:, 1:], opt.text_temperature)
     answer_ids = [[i] + r for i, r in zip(ids.tolist(), reasons)]
     verdicts = ["yes" if f == 0 else "no" for f in first.tolist()]
@@ -406,19 +406,19 @@ def decode_text(model, tok, cache, km, h, pos, u, temperature):
         done |= ids == tok.eos
         if done.all() or t == u.size(1) - 1:
             break
-        h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+        h = forward_cached(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
         pos += 1
     rows = torch.stack(out, 1).tolist()
     return [row[:row.index(tok.eos)] if tok.eos in row else [i for i in row if i != tok.pad] for row in rows]
 
 
-def _prefill_pair(model, cond, uncond, tok, cache_len, dev):
+def prefill_pair(model, cond, uncond, tok, cache_len, dev):
     """Prefill cond rows + uncond rows (left-padded to one length) in one forward."""
     b = collate(cond + uncond, tok, dev, left=True)
-    cache = _new_cache(model, len(cond) * 2, cache_len)
+    cache = new_cache(model, len(cond) * 2, cache_len)
     km = torch.ones(b.idx.size(0), cache_len, dtype=torch.bool, device=dev)
     km[:, :b.idx.size(1)] = b.key_mask
-    h = _forward(model, embed_batch(model, b), cache, 0, km)[:, -1]
+    h = forward_cached(model, embed_batch(model, b), cache, 0, km)[:, -1]
     return cache, km, h, b.idx.size(1)
 
 
@@ -439,12 +439,12 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     seqs = [prompt_seq(tok, c.prompt) for c in chains]
     longest = chain_length(tok, max(map(len, seqs)), N, opt)  # room for every round
-    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok, longest, dev)
+    cache, km, h, pos = prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok, longest, dev)
     live = list(range(len(chains)))
     bar = tqdm(total=opt.rounds, desc="rounds", disable=not progress)
     for r in range(opt.rounds):
         n = len(live)
-        codes, end = _draw_image(model, cache, km, h, pos, n, opt, _uniforms([gens[i] for i in live], N, dev))
+        codes, end = draw_image(model, cache, km, h, pos, n, opt, draw_uniforms([gens[i] for i in live], N, dev))
         images = to_uint8(vq.decode(codes))
         for j, i in enumerate(live):
             chains[i].images.append(images[j])
@@ -471,21 +471,21 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
             chunks.append(c)
         m, C = len(live), max(map(len, chunks))
         sel = torch.tensor(keep, device=dev)
-        new = _new_cache(model, 2 * m, longest)
+        new = new_cache(model, 2 * m, longest)
         new.rows(slice(0, m)).copy_from(cache, sel, end)
         new_km = torch.ones(2 * m, longest, dtype=torch.bool, device=dev)
         new_km[:m, :end] = km[sel, :end]
         # cond rows: feed only the new chunk, left-padded (the holes are masked keys)
         b = collate(chunks, tok, dev, left=True)
         new_km[:m, end:end + C] = b.key_mask
-        h_c = _forward(model, embed_batch(model, b), new.rows(slice(0, m)), end, new_km[:m])[:, -1]
+        h_c = forward_cached(model, embed_batch(model, b), new.rows(slice(0, m)), end, new_km[:m])[:, -1]
         # uncond rows: the whole regeneration context with only the caption padded, prefilled
         # afresh and right-aligned with the cond rows (both hold the same number of real tokens)
         ub = collate([seqs[i].uncond(tok, False) for i in live], tok, dev, left=True)
         pad = end + C - ub.idx.size(1)
         new_km[m:, :pad] = False
         new_km[m:, pad:end + C] = ub.key_mask
-        h_u = _forward(model, embed_batch(model, ub), new.rows(slice(m, 2 * m)), pad, new_km[m:])[:, -1]
+        h_u = forward_cached(model, embed_batch(model, ub), new.rows(slice(m, 2 * m)), pad, new_km[m:])[:, -1]
         cache, km, h, pos = new, new_km, torch.cat([h_c, h_u]), end + C
     bar.close()
     return chains
@@ -497,10 +497,10 @@ def generate(model, vq, tok, prompts, seeds, opt=Options()):
     dev = next(model.parameters()).device
     seqs = [prompt_seq(tok, p) for p in prompts]
     N = model.cfg.image_tokens
-    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok,
+    cache, km, h, pos = prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok,
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
+    codes, _ = draw_image(model, cache, km, h, pos, len(seqs), opt, draw_uniforms(gens, N, dev))
     return to_uint8(vq.decode(codes)), codes
 
 
@@ -511,10 +511,10 @@ def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
     src_codes = vq.encode(to_tensor(np.stack(sources)).to(dev))
     seqs = [edit_seq(tok, c.tolist(), ins) for c, ins in zip(src_codes, instructions)]
     N = model.cfg.image_tokens
-    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, False) for s in seqs], tok,
+    cache, km, h, pos = prefill_pair(model, seqs, [s.uncond(tok, False) for s in seqs], tok,
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
+    codes, _ = draw_image(model, cache, km, h, pos, len(seqs), opt, draw_uniforms(gens, N, dev))
     return to_uint8(vq.decode(codes))
 
 

@@ -38,7 +38,7 @@ import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, lr_at, nonneg_int,
                     pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, write_json)
 from model import PRESETS, Janus, JanusConfig
-from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
+from sample import (ASSISTANT, CUE, USER, Options, Seq, forward_cached, new_cache, add_answer, add_reflection, collate,
                     decode_text, embed_batch, generate, introspect, janus_checkpoint, load_janus, prompt_seq)
 from tokenizer import TextTokenizer, load_vq, reconstruct
 from vit import load_vit
@@ -466,10 +466,10 @@ def greedy_captions(model, tok, images, max_len=24):
     dev = next(model.parameters()).device
     b = collate([vqa_seq(tok, im, DESCRIBE, model.cfg.image_tokens) for im in images], tok, dev, left=True)
     P = b.idx.size(1)
-    cache = _new_cache(model, len(images), P + max_len)
+    cache = new_cache(model, len(images), P + max_len)
     km = torch.ones(len(images), P + max_len, dtype=torch.bool, device=dev)
     km[:, :P] = b.key_mask
-    h = _forward(model, embed_batch(model, b), cache, 0, km)[:, -1]
+    h = forward_cached(model, embed_batch(model, b), cache, 0, km)[:, -1]
     u = torch.zeros(len(images), max_len, device=dev)  # unused by greedy decoding
     return [tok.decode(ids) for ids in decode_text(model, tok, cache, km, h, P, u, temperature=0)]
 
