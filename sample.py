@@ -121,6 +121,51 @@ def edit_seq(tok, src_codes, instruction):
     return s.text(tok, instruction, span=CAPTION).text(tok, EDIT_TAIL)
 
 
+# Understanding as Janus does it (the image in the user's turn, the question after it or before
+# it) and the self-check: the base model learns these, SFT trains on them, evaluate.py asks them
+
+DESCRIBE = "Describe the image."
+
+
+def vqa_seq(tok, image, question, n_tokens, before=False):
+    """`<bos><|User|>: <begin_of_image>[image, ViT path]<end_of_image>\\n{question}\\n\\n<|Assistant|>:`, or with
+    before=True `<bos><|User|>: {question}\\n<begin_of_image>[image]<end_of_image>\\n\\n<|Assistant|>:`."""
+    s = Seq().add([tok.bos]).text(tok, f"{USER} " + (question + "\n" if before else "") + "<begin_of_image>")
+    s.und_image(tok, image, n_tokens)
+    return s.text(tok, "<end_of_image>" + ("" if before else "\n" + question) + "\n\n" + ASSISTANT)
+
+
+def selfcheck_seq(tok, prompt_text, image, n_tokens, history=()):
+    """The self-check layout (SPEC.md section 3): `<bos><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>`
+    [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows.
+    history: earlier failed rounds [(VQ codes, "No, reason")], each drawn and reflected on as the
+    loop does before a regeneration, so the judged image is the one drawn after them."""
+    return after_rounds(tok, prompt_text, history).und_image(tok, image, n_tokens).text(tok, CUE)
+
+
+def after_rounds(tok, prompt_text, history):
+    """The prompt, then each earlier failed round as the loop leaves it before the next image:
+    image (VQ path) + cue + "No, reason" + EOS + "Next, I will draw a new image<begin_of_image>"."""
+    s = prompt_seq(tok, prompt_text)
+    for codes, reason in history:
+        add_reflection(s.gen_image(tok, codes), tok, reason)
+    return s
+
+
+def question(prompt_text):
+    return f"Does this image match the prompt {prompt_text}"
+
+
+def next_turn(seq, tok, question_text):
+    """A further question about the same image, after an answer's EOS: `<|User|>: {q}\n\n<|Assistant|>:`."""
+    return seq.text(tok, f"{USER} {question_text}\n\n{ASSISTANT}")
+
+
+def describe_seq(tok, image, answer, n_tokens):
+    """The describe question about an image (ViT path) + its caption + EOS, every answer token weighing 1."""
+    return add_answer(vqa_seq(tok, image, DESCRIBE, n_tokens), tok, answer, 1.0, 1.0, rest_mean=False)
+
+
 def collate(seqs, tok, device="cpu", left=False):
     """Seqs -> padded tensors for model.embed / model.forward / model.token_losses.
     Right padding for training (causal attention never sees trailing pads); left padding for

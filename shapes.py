@@ -409,7 +409,7 @@ def corrupt(rng, scene, prompt, kind=None):
     becomes another shape in the same box rather than being deleted, and "one more" turns a spare
     object into one more of the counted kind before it adds one. Negatives made by deleting had
     less ink than positives (fewer objects), and a judge could answer from the amount of colour
-    without reading the prompt (sft.by_ink measures that). Ink is now equal on average, not per
+    without reading the prompt (evaluate.by_ink measures that). Ink is now equal on average, not per
     scene: a square fills its box, a circle ~0.79 of it, a triangle ~half."""
     kind = kind or rng.choice(failure_kinds(prompt))
     W = scene.size

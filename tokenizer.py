@@ -86,7 +86,7 @@ VQ_PRESETS = {
     # checker's verdict survived the round trip for 95% of (image, prompt) pairs; with 1024, 99.6%
     # The toy encoder is patch-local (local_encoder=True): each 8x8 patch is encoded on its own. With
     # LlamaGen's encoder (GroupNorm over the whole image, attention) a code also depended on the rest
-    # of the image: on the 1,400 held-out scenes of `evaluate`, the white background took 545
+    # of the image: on the 1,400 held-out scenes of `vq_metrics`, the white background took 545
     # different codes and the codes' entropy was 6.16 nats, noise the language model then had to
     # predict (the base stage's text-to-image loss ended at 5.27 nats). Patch-local (then with two
     # decoder blocks per level): one background code, entropy 2.53 nats, that loss 1.90, the same
@@ -486,7 +486,7 @@ def reconstruct(model, images, batch_size=256):  # uint8 (N, H, W, 3) -> codes (
     return codes, recon
 
 
-def evaluate(model, n, size):
+def vq_metrics(model, n, size):
     """PSNR, codebook usage, checker agreement of the reconstructions, and the codes' entropy and
     number of background codes, on held-out scenes."""
     prompts, images, matches = eval_set(n, size)
@@ -622,7 +622,7 @@ def train(args):
     model.cpu()
     vq_path = os.path.join(args.out, "vq.pt")
     save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), step=step), vq_path)
-    result, images, recon = evaluate(model, pick("eval_prompts"), cfg.image_size)
+    result, images, recon = vq_metrics(model, pick("eval_prompts"), cfg.image_size)
     # the receipt run.py checks before reusing this stage: which config made which vq.pt
     result.update(config=args.config, step=step, train_seconds=round(seconds, 1),
                   made=stage_receipt(args.out, args.config, run), ckpt=digest(vq_path))

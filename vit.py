@@ -89,7 +89,7 @@ def losses(head_out, shape, colour, centre):
 
 
 @torch.no_grad()
-def evaluate(vit, head, n, size, patch, device):
+def patch_metrics(vit, head, n, size, patch, device):
     """On held-out random scenes (seed space "vit-eval"): per-patch shape and colour accuracy on the
     patches an object owns, background accuracy, and the share of scenes whose number of predicted
     centres equals the number of objects."""
@@ -184,7 +184,7 @@ def run(args):
     seconds += time.time() - t0
     vit_path = os.path.join(args.out, "vit.pt")
     save_checkpoint({"kind": "vit", "config": settings["config"], "model": vit.state_dict(), "step": step}, vit_path)
-    result = evaluate(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)
+    result = patch_metrics(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)
     # the receipt run.py checks before reusing this stage
     result.update(config=args.config, steps=step, train_seconds=round(seconds, 1),
                   made=stage_receipt(args.out, args.config, settings), ckpt=digest(vit_path))

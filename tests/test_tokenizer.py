@@ -78,7 +78,7 @@ def test_toy_encoder_is_patch_local():
     assert not VQ_PRESETS["vq16"].local_encoder  # the real VQ-16 keeps LlamaGen's encoder
     # so even an untrained patch-local tokenizer gives the white background exactly one code
     torch.manual_seed(0)
-    ev, _, _ = tokenizer.evaluate(VQModel(VQ_PRESETS["tiny"]), 10, 32)
+    ev, _, _ = tokenizer.vq_metrics(VQModel(VQ_PRESETS["tiny"]), 10, 32)
     assert ev["background_codes"] == 1
     assert 0 <= ev["code_entropy"] <= math.log(ev["usage"] * 256) + 1e-9  # at most log(codes used)
 
