@@ -18,123 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from common import Parser, best_seconds, bf16_pays, nonneg_int, pos_int
-from model import PRESETS, Janus, JanusConfig, to_official
-
-# -----------------------------------------------------------------------------
-# building the peer model with our shapes and weights
-
-
-def hf_janus(cfg):
-    """A randomly initialised HF JanusForConditionalGeneration with cfg's shapes (and a small VQ,
-    which neither benchmark runs)."""
-    from transformers import JanusConfig as HFJanusConfig
-    from transformers import JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
-
-    text = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
-                       num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
-                       num_key_value_heads=cfg.n_kv_head, rms_norm_eps=cfg.rms_eps,
-                       rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                       max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False)
-    vision = JanusVisionConfig(hidden_size=cfg.vit_width, num_hidden_layers=cfg.vit_layers,
-                               num_attention_heads=cfg.vit_heads, image_size=cfg.image_size,
-                               patch_size=cfg.vit_patch, mlp_ratio=cfg.vit_mlp / cfg.vit_width,
-                               projection_dim=cfg.n_embd, depth=2, layer_norm_eps=1e-6,
-                               num_image_tokens=cfg.image_tokens)
-    vq = JanusVQVAEConfig(embed_dim=cfg.image_code_dim, num_embeddings=cfg.image_vocab_size,
-                          projection_dim=cfg.n_embd, image_token_embed_dim=cfg.n_embd, base_channels=32,
-                          channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=32)
-    config = HFJanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=False)
-    config._attn_implementation = "sdpa"  # HF's fastest CPU attention, as ours
-    return JanusForConditionalGeneration(config).eval()
-
-
-def hf_name(official):
-    """Official Janus-Pro key -> HF JanusForConditionalGeneration key (the ViT's qkv still fused)."""
-    k = official
-    if k.startswith("language_model.lm_head."):
-        return k.replace("language_model.", "", 1)
-    if k.startswith("language_model.model."):
-        return k.replace("language_model.model.", "model.language_model.", 1)
-    if k.startswith("vision_model.vision_tower."):
-        k = k.replace("vision_model.vision_tower.", "model.vision_model.", 1)
-        for a, b in [("patch_embed.proj.", "embeddings.patch_embedding."),
-                     ("pos_embed", "embeddings.position_embedding.weight"), ("blocks.", "encoder.layers."),
-                     (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
-                     (".attn.proj.", ".self_attn.projection_layer."), ("model.vision_model.norm.", "model.vision_model.post_layernorm.")]:
-            k = k.replace(a, b)
-        return k
-    for a, b in [("aligner.layers.0.", "aligner.fc1."), ("aligner.layers.2.", "aligner.hidden_layers.0."),
-                 ("gen_embed.", "generation_embeddings."), ("gen_head.output_mlp_projector.", "generation_head.proj_out."),
-                 ("gen_head.vision_head.", "generation_head.vision_head.")]:
-        k = k.replace(a, b)
-    k = k.replace("gen_aligner.", "generation_aligner.")
-    return "model." + k
-
-
-@torch.no_grad()
-def copy_to_hf(model, hf):
-    """Copy our weights into the HF model; every HF parameter outside its VQ must be covered."""
-    sd = {}
-    for k, t in to_official(model).items():
-        if ".attn.qkv." in k:  # the ViT's fused qkv: HF keeps q, k, v apart
-            name = hf_name(k)
-            for p, part in zip("qkv", t.chunk(3)):
-                sd[name.replace(".attn.qkv.", f".self_attn.{p}_proj.")] = part
-        elif k.endswith("pos_embed"):
-            sd[hf_name(k)] = t[0]  # (1, N, C) -> an nn.Embedding(N, C)
-        else:
-            sd[hf_name(k)] = t
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    assert all(k.startswith("model.vqmodel.") for k in missing), missing
-    return hf
-
-
-# -----------------------------------------------------------------------------
-# one mixed batch: [text][image via ViT][text][image as VQ codes][text]
-
-
-def make_batch(cfg, B, T, seed=0):
-    """Random inputs and shifted targets for a Task-III-like row layout (SPEC.md section 4)."""
-    n = cfg.image_tokens
-    assert T >= 2 * n + 24, f"--seq must be at least {2 * n + 24} for this config"
-    g = torch.Generator().manual_seed(seed)
-    idx = torch.randint(0, cfg.vocab_size, (B, T), generator=g)
-    und_mask = torch.zeros(B, T, dtype=torch.bool)
-    und_mask[:, 8:8 + n] = True
-    gen_mask = torch.zeros(B, T, dtype=torch.bool)
-    gen_mask[:, T - 8 - n:T - 8] = True
-    pixels = torch.rand(B, 3, cfg.image_size, cfg.image_size, generator=g) * 2 - 1
-    gen_ids = torch.randint(0, cfg.image_vocab_size, (B, n), generator=g)
-    # position t predicts token t+1: text after text through lm_head, codes through gen_head
-    text_next, gen_next = ~(und_mask | gen_mask)[:, 1:], gen_mask[:, 1:]
-    text_targets = torch.full((B, T), -1)
-    text_targets[:, :-1][text_next] = idx[:, 1:][text_next]
-    image_targets = torch.full((B, T), -1)
-    image_targets[:, :-1][gen_next] = gen_ids.reshape(-1)
-    return dict(idx=idx, und_pixels=pixels, und_mask=und_mask, gen_ids=gen_ids, gen_mask=gen_mask,
-                text_targets=text_targets, image_targets=image_targets)
-
-
-def ours_loss(model, b):
-    x = model.embed(b["idx"], b["und_pixels"], b["und_mask"], b["gen_ids"], b["gen_mask"])
-    losses = model.token_losses(model(x), b["text_targets"], b["image_targets"])
-    return losses.sum() / ((b["text_targets"] >= 0).sum() + (b["image_targets"] >= 0).sum())
-
-
-def hf_loss(hf, b):
-    # the same splice and the same gathered heads, so only the model implementations differ
-    m = hf.model
-    x = m.language_model.embed_tokens(b["idx"])
-    feats = m.get_image_features(b["und_pixels"]).pooler_output  # ViT + aligner
-    x[b["und_mask"]] = feats.reshape(-1, x.size(-1)).to(x.dtype)
-    x[b["gen_mask"]] = hf.prepare_embeddings_for_image_generation(b["gen_ids"].reshape(-1)).to(x.dtype)
-    h = m.language_model(inputs_embeds=x).last_hidden_state
-    tt, it = b["text_targets"], b["image_targets"]
-    loss = F.cross_entropy(hf.lm_head(h[tt >= 0]).float(), tt[tt >= 0], reduction="sum")
-    loss = loss + F.cross_entropy(m.generation_head(h[it >= 0]).float(), it[it >= 0], reduction="sum")
-    return loss / ((tt >= 0).sum() + (it >= 0).sum())
-
+from model import PRESETS, Janus, JanusConfig, copy_to_hf, hf_janus, hf_loss, make_batch, ours_loss
 
 # -----------------------------------------------------------------------------
 # CFG image-token decoding with a KV cache: 2B rows (cond, then uncond), greedy for determinism
@@ -185,10 +69,10 @@ def bench_sampling(ours, hf, cfg, batch, runs):
 
     @torch.no_grad()
     def ours_sample(compile=False):
-        cache, km, h, pos = sample._prefill_pair(ours, seqs, [s.uncond(tok, True) for s in seqs], tok, P + N, "cpu")
+        cache, km, h, pos = sample.prefill_pair(ours, seqs, [s.uncond(tok, True) for s in seqs], tok, P + N, "cpu")
         gens = [torch.Generator().manual_seed(i) for i in range(batch)]
         opt = sample.Options(compile=compile)
-        return sample._draw_image(ours, cache, km, h, pos, batch, opt, sample._uniforms(gens, N, "cpu"))[0]
+        return sample.draw_image(ours, cache, km, h, pos, batch, opt, sample.draw_uniforms(gens, N, "cpu"))[0]
 
     # sample.py --compile: the first call compiles; the same seeds must give the same images
     t0 = time.perf_counter()

@@ -1,23 +1,26 @@
 """
-Small shared helpers: device choice, atomic checkpoint I/O, and loading a trained Janus bundle
-(model + VQ tokenizer + text tokenizer) from one checkpoint file.
+Small shared helpers: device choice, pixels <-> tensors, command lines, atomic checkpoint I/O and
+checked checkpoint loading (sample.py builds the Janus bundle on top of it).
 
 A checkpoint is a plain dict saved with torch.save and always read back with
 torch.load(..., weights_only=True): loading a checkpoint can never run code.
 """
 
-import argparse
 import functools
 import hashlib
 import json
-import math
 import os
 import pickle
 import sys
 import tempfile
 import time
 
+import numpy as np
 import torch
+
+# the parser and flag types of every script live in shapes.py, the bottom of the import order
+# (its own CLI needs them and must not import torch); re-exported for the scripts
+from shapes import Parser, bounded, fraction, nonneg_float, nonneg_int, pos_float, pos_int  # noqa: F401
 
 
 def pick_device(name="auto"):
@@ -78,39 +81,25 @@ DTYPE_HELP = ("auto (default): bf16 autocast where it measures faster than fp32 
 
 
 # -----------------------------------------------------------------------------
-# Command lines: one-line errors, numeric flags checked when they are parsed
+# Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
+# (here, not in shapes.py: they make torch tensors, and shapes.py stays numpy/PIL only)
 
 
-class Parser(argparse.ArgumentParser):
-    """argparse, but a bad flag is ONE line on stderr (no usage block) and exit status 2."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
-
-
-def bounded(kind, low=None, high=None, low_open=False):
-    """An argparse type: a finite int/float within [low, high] (or (low, high] when low_open)."""
-    def parse(text):
-        try:
-            x = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-        if low is not None and (x <= low if low_open else x < low):
-            raise argparse.ArgumentTypeError(f"must be {'above' if low_open else 'at least'} {low}, got {text}")
-        if high is not None and x > high:
-            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
-        return x
-    parse.__name__ = kind.__name__  # argparse names the type in its messages
-    return parse
+def to_tensor(images):
+    """uint8 (H, W, 3) or (B, H, W, 3) numpy -> float (B, 3, H, W) in [-1, 1]."""
+    x = torch.tensor(np.asarray(images, dtype=np.uint8))  # a copy: rendered arrays are read-only
+    x = x.unsqueeze(0) if x.ndim == 3 else x
+    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-pos_int = bounded(int, 1)                   # counts: steps, batch sizes, prompts
-nonneg_int = bounded(int, 0)                # 0 means "none" / "off" where the help says so
-pos_float = bounded(float, 0, low_open=True)  # learning rates
-nonneg_float = bounded(float, 0)            # guidance weight, temperature (0 = greedy)
-fraction = bounded(float, 0, 1, low_open=True)  # top-p: (0, 1]
+def to_uint8(pixels):
+    """float (B, 3, H, W), roughly [-1, 1] -> uint8 (B, H, W, 3) numpy (Janus: clip((x + 1) / 2 * 255))."""
+    x = ((pixels.detach().float() + 1.0) * 127.5).round().clamp(0, 255)
+    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+# -----------------------------------------------------------------------------
+# Command lines
 
 
 def run_cli(ap, argv, run):
@@ -353,36 +342,3 @@ def stage_receipt(out, config, settings, inputs=()):
     the checkpoints in `out` it was built from (run.py checks them before reusing the stage)."""
     return {"config": config, "settings": {k: v for k, v in settings.items() if k != "inputs"},
             "inputs": {n: digest(os.path.join(out, n)) for n in inputs}}
-
-
-# -----------------------------------------------------------------------------
-# A trained Janus bundle: model + VQ tokenizer + the text vocabulary, in one file
-
-
-def janus_checkpoint(model, vq, tok, **extra):
-    """The dict that stage scripts save and sample.py / judge.py load."""
-    from dataclasses import asdict
-    return {"kind": "janus", "config": asdict(model.cfg), "model": model.state_dict(),
-            "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), "vocab": list(tok.vocab), **extra}
-
-
-JANUS_MAKE = "python sft.py --stage sft --config CONFIG --out DIR (or python run.py)"
-
-
-def load_janus(path, device="cpu"):
-    """(model, vq, tok, ckpt) from a Janus checkpoint, in eval mode. One-line errors for a missing,
-    empty or foreign file, missing keys, a config this code cannot build, weights that do not fit
-    it, NaN/inf weights, or a vocabulary that is not this code's."""
-    from model import Janus, JanusConfig
-    from tokenizer import VQConfig, VQModel, TextTokenizer
-    import shapes
-    ckpt = load_checkpoint(path, {"kind": "janus"}, keys=("config", "model", "vq_config", "vq", "vocab"),
-                           make=JANUS_MAKE, finite=True)
-    tok = TextTokenizer(shapes.WORDS)
-    if ckpt["vocab"] != tok.vocab:
-        raise ValueError(f"{path} was trained with another text vocabulary than this code's; {JANUS_MAKE} writes a good one")
-    model = Janus(build(JanusConfig, ckpt["config"], path, JANUS_MAKE))
-    vq = VQModel(build(VQConfig, ckpt["vq_config"], path, JANUS_MAKE))
-    load_weights(model, ckpt["model"], path, JANUS_MAKE)
-    load_weights(vq, ckpt["vq"], path, JANUS_MAKE)
-    return model.to(device).eval(), vq.to(device).eval(), tok, ckpt

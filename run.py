@@ -15,7 +15,6 @@ import os
 import sys
 import time
 
-import numpy as np
 from PIL import Image
 
 import shapes
@@ -100,21 +99,15 @@ def extra_evals(args, stage):
 
 
 def _extra_evals(args, stage):
+    import evaluate
     import sample
-    import sft
-    from common import load_janus
-    model, vq, tok, _ = load_janus(os.path.join(args.out, f"{stage}.pt"))
+    model, vq, tok, _ = sample.load_janus(os.path.join(args.out, f"{stage}.pt"))
     splits = shapes.make_splits(seed=0)
     rounds = 1 if stage == "base" else 3
     ood = ood_prompts(args, splits)
-    ood = sft.evaluate(model, vq, tok, ood, rounds=rounds, seed=7, progress=True)
+    ood = evaluate.geneval(model, vq, tok, ood, rounds=rounds, seed=7, progress=True)
     # editing (no stage trains it yet: this measures what the model does zero-shot)
-    import random
-    rng = random.Random("edit-eval")
-    edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(args.edit_prompts)]
-    outs = sample.edit(model, vq, tok, [shapes.render(s) for s, _, _ in edits], [e.text for _, e, _ in edits],
-                       list(range(len(edits))))
-    scores = [shapes.score_edit(shapes.render(s), o, e) for (s, e, _), o in zip(edits, outs)]
+    edit = evaluate.evaluate_editing(model, vq, tok, args.edit_prompts)
     # a few chains to look at
     prompts = [p for p in splits["test"] if p.category in ("colour_attr", "position", "counting", "compositional")][::25][:8]
     chains = sample.introspect(model, vq, tok, [p.text for p in prompts], list(range(100, 100 + len(prompts))),
@@ -130,8 +123,7 @@ def _extra_evals(args, stage):
         shown.append({"prompt": p.text, "files": files, "verdicts": c.verdicts, "reasons": c.reasons,
                       "checker": [shapes.check(im, p).reason for im in c.images]})
     return {"ood_first": ood["first"]["overall"], "ood_final": ood["final"]["overall"],
-            "edit": {"follow": float(np.mean([f for f, _ in scores])), "preserve": float(np.mean([p for _, p in scores])),
-                     "n": len(scores)}, "chains": shown}
+            "edit": edit, "chains": shown}
 
 
 def untrained_eval(args):
@@ -144,16 +136,16 @@ def untrained_eval(args):
 
 def _untrained_eval(args):
     import torch
-    import sft
+    import evaluate
     from model import PRESETS, Janus, JanusConfig
     from tokenizer import TextTokenizer, load_vq
     torch.manual_seed(0)
     model = Janus(JanusConfig(**PRESETS[args.config])).eval()
     vq, tok = load_vq(os.path.join(args.out, "vq.pt")), TextTokenizer(shapes.WORDS)
     splits = shapes.make_splits(seed=0)
-    first = sft.evaluate(model, vq, tok, splits["test"], rounds=1, progress=True)["first"]
+    first = evaluate.geneval(model, vq, tok, splits["test"], rounds=1, progress=True)["first"]
     ood = ood_prompts(args, splits)
-    first["ood"] = sft.evaluate(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
+    first["ood"] = evaluate.geneval(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
     return first
 
 

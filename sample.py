@@ -15,7 +15,7 @@ import json
 import os
 import sys
 import weakref
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from types import SimpleNamespace
 
 import numpy as np
@@ -23,7 +23,10 @@ import torch
 from PIL import Image
 from tqdm import tqdm
 
-from tokenizer import to_tensor, to_uint8
+import shapes
+from common import build, load_checkpoint, load_weights, to_tensor, to_uint8
+from model import Janus, JanusConfig
+from tokenizer import TextTokenizer, VQConfig, VQModel
 
 # -----------------------------------------------------------------------------
 # Sequence layouts
@@ -116,6 +119,51 @@ def edit_seq(tok, src_codes, instruction):
     s = Seq().add([tok.bos]).text(tok, USER + " <begin_of_image>", span=SCAFFOLD)
     s.gen_image(tok, src_codes).text(tok, "<end_of_image>")
     return s.text(tok, instruction, span=CAPTION).text(tok, EDIT_TAIL)
+
+
+# Understanding as Janus does it (the image in the user's turn, the question after it or before
+# it) and the self-check: the base model learns these, SFT trains on them, evaluate.py asks them
+
+DESCRIBE = "Describe the image."
+
+
+def vqa_seq(tok, image, question, n_tokens, before=False):
+    """`<bos><|User|>: <begin_of_image>[image, ViT path]<end_of_image>\\n{question}\\n\\n<|Assistant|>:`, or with
+    before=True `<bos><|User|>: {question}\\n<begin_of_image>[image]<end_of_image>\\n\\n<|Assistant|>:`."""
+    s = Seq().add([tok.bos]).text(tok, f"{USER} " + (question + "\n" if before else "") + "<begin_of_image>")
+    s.und_image(tok, image, n_tokens)
+    return s.text(tok, "<end_of_image>" + ("" if before else "\n" + question) + "\n\n" + ASSISTANT)
+
+
+def selfcheck_seq(tok, prompt_text, image, n_tokens, history=()):
+    """The self-check layout (SPEC.md section 3): `<bos><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>`
+    [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows.
+    history: earlier failed rounds [(VQ codes, "No, reason")], each drawn and reflected on as the
+    loop does before a regeneration, so the judged image is the one drawn after them."""
+    return after_rounds(tok, prompt_text, history).und_image(tok, image, n_tokens).text(tok, CUE)
+
+
+def after_rounds(tok, prompt_text, history):
+    """The prompt, then each earlier failed round as the loop leaves it before the next image:
+    image (VQ path) + cue + "No, reason" + EOS + "Next, I will draw a new image<begin_of_image>"."""
+    s = prompt_seq(tok, prompt_text)
+    for codes, reason in history:
+        add_reflection(s.gen_image(tok, codes), tok, reason)
+    return s
+
+
+def question(prompt_text):
+    return f"Does this image match the prompt {prompt_text}"
+
+
+def next_turn(seq, tok, question_text):
+    """A further question about the same image, after an answer's EOS: `<|User|>: {q}\n\n<|Assistant|>:`."""
+    return seq.text(tok, f"{USER} {question_text}\n\n{ASSISTANT}")
+
+
+def describe_seq(tok, image, answer, n_tokens):
+    """The describe question about an image (ViT path) + its caption + EOS, every answer token weighing 1."""
+    return add_answer(vqa_seq(tok, image, DESCRIBE, n_tokens), tok, answer, 1.0, 1.0, rest_mean=False)
 
 
 def collate(seqs, tok, device="cpu", left=False):
@@ -223,14 +271,14 @@ def chain_length(tok, prompt_len, image_tokens, opt):
 # -----------------------------------------------------------------------------
 # The KV cache plumbing: row views, copies, one batched forward for cond + uncond rows
 
-def _new_cache(model, batch, length):
+def new_cache(model, batch, length):
     # under autocast k and v come out in the autocast dtype: store them so, at half the bytes
     dev = model.lm_head.weight.device.type
     dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else None
     return model.make_cache(batch, length, dtype=dtype)
 
 
-def _forward(model, x, cache, start, key_mask):
+def forward_cached(model, x, cache, start, key_mask):
     # key_mask None when nothing is padded: the kernels' plain causal path is fastest
     km = None if key_mask is None or bool(key_mask.all()) else key_mask[:, :start + x.size(1)]
     return model(x, cache=cache, start_pos=start, key_mask=km)
@@ -293,7 +341,7 @@ def compiled_token(model):
 
 
 @torch.no_grad()
-def _draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
+def draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     """Sample one image's codes for n_cond chains whose cond rows are cache rows [0, n_cond) and
     uncond rows [n_cond, 2 n_cond), both already prefilled up to `start` (h_last: their last hidden
     states, (2 n_cond, D)). One batched forward per token for both rows. Returns codes (n_cond, N)
@@ -348,7 +396,7 @@ class Chain:
     reason_ids: list = field(default_factory=list)  # the answers' token ids (Yes/No first), no EOS
 
 
-def _uniforms(gens, n, device):
+def draw_uniforms(gens, n, device):
     # (B, n) uniforms, each row from its chain's own generator
     return torch.stack([torch.rand(n, generator=g) for g in gens]).to(device)
 
@@ -363,7 +411,7 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     cue = tok.encode(CUE)
     N = model.cfg.image_tokens
     L = prefix_len + N + len(cue) + 1 + opt.max_reason
-    cache = _new_cache(model, B, L)
+    cache = new_cache(model, B, L)
     cache.copy_from(prefix_cache, slice(0, B), prefix_len)
     km = torch.ones(B, L, dtype=torch.bool, device=dev)
     km[:, :prefix_len] = key_mask[:B, :prefix_len]
@@ -372,15 +420,15 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     und[:, :N] = True
     x = model.embed(idx, und_pixels=to_tensor(np.stack(images)).to(dev), und_mask=und)
     pos = prefix_len
-    h = _forward(model, x, cache, pos, km)[:, -1]
+    h = forward_cached(model, x, cache, pos, km)[:, -1]
     pos += x.size(1)
-    u = _uniforms(gens, 1 + opt.max_reason, dev)
+    u = draw_uniforms(gens, 1 + opt.max_reason, dev)
     # first answer token: only Yes or No; P(yes) = P(Yes) / (P(Yes) + P(No))
     two = model.text_logits(h)[:, [tok.yes, tok.no]]  # (B, 2)
     p_yes = two.softmax(-1)[:, 0]
     first = pick(two, u[:, 0], opt.text_temperature)  # 0 = Yes, 1 = No
     ids = torch.where(first == 0, tok.yes, tok.no)
-    h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+    h = forward_cached(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
     reasons = decode_text(model, tok, cache, km, h, pos + 1, u[:, 1:], opt.text_temperature)
     answer_ids = [[i] + r for i, r in zip(ids.tolist(), reasons)]
     verdicts = ["yes" if f == 0 else "no" for f in first.tolist()]
@@ -403,19 +451,19 @@ def decode_text(model, tok, cache, km, h, pos, u, temperature):
         done |= ids == tok.eos
         if done.all() or t == u.size(1) - 1:
             break
-        h = _forward(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
+        h = forward_cached(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
         pos += 1
     rows = torch.stack(out, 1).tolist()
     return [row[:row.index(tok.eos)] if tok.eos in row else [i for i in row if i != tok.pad] for row in rows]
 
 
-def _prefill_pair(model, cond, uncond, tok, cache_len, dev):
+def prefill_pair(model, cond, uncond, tok, cache_len, dev):
     """Prefill cond rows + uncond rows (left-padded to one length) in one forward."""
     b = collate(cond + uncond, tok, dev, left=True)
-    cache = _new_cache(model, len(cond) * 2, cache_len)
+    cache = new_cache(model, len(cond) * 2, cache_len)
     km = torch.ones(b.idx.size(0), cache_len, dtype=torch.bool, device=dev)
     km[:, :b.idx.size(1)] = b.key_mask
-    h = _forward(model, embed_batch(model, b), cache, 0, km)[:, -1]
+    h = forward_cached(model, embed_batch(model, b), cache, 0, km)[:, -1]
     return cache, km, h, b.idx.size(1)
 
 
@@ -436,12 +484,12 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     seqs = [prompt_seq(tok, c.prompt) for c in chains]
     longest = chain_length(tok, max(map(len, seqs)), N, opt)  # room for every round
-    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok, longest, dev)
+    cache, km, h, pos = prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok, longest, dev)
     live = list(range(len(chains)))
     bar = tqdm(total=opt.rounds, desc="rounds", disable=not progress)
     for r in range(opt.rounds):
         n = len(live)
-        codes, end = _draw_image(model, cache, km, h, pos, n, opt, _uniforms([gens[i] for i in live], N, dev))
+        codes, end = draw_image(model, cache, km, h, pos, n, opt, draw_uniforms([gens[i] for i in live], N, dev))
         images = to_uint8(vq.decode(codes))
         for j, i in enumerate(live):
             chains[i].images.append(images[j])
@@ -468,21 +516,21 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
             chunks.append(c)
         m, C = len(live), max(map(len, chunks))
         sel = torch.tensor(keep, device=dev)
-        new = _new_cache(model, 2 * m, longest)
+        new = new_cache(model, 2 * m, longest)
         new.rows(slice(0, m)).copy_from(cache, sel, end)
         new_km = torch.ones(2 * m, longest, dtype=torch.bool, device=dev)
         new_km[:m, :end] = km[sel, :end]
         # cond rows: feed only the new chunk, left-padded (the holes are masked keys)
         b = collate(chunks, tok, dev, left=True)
         new_km[:m, end:end + C] = b.key_mask
-        h_c = _forward(model, embed_batch(model, b), new.rows(slice(0, m)), end, new_km[:m])[:, -1]
+        h_c = forward_cached(model, embed_batch(model, b), new.rows(slice(0, m)), end, new_km[:m])[:, -1]
         # uncond rows: the whole regeneration context with only the caption padded, prefilled
         # afresh and right-aligned with the cond rows (both hold the same number of real tokens)
         ub = collate([seqs[i].uncond(tok, False) for i in live], tok, dev, left=True)
         pad = end + C - ub.idx.size(1)
         new_km[m:, :pad] = False
         new_km[m:, pad:end + C] = ub.key_mask
-        h_u = _forward(model, embed_batch(model, ub), new.rows(slice(m, 2 * m)), pad, new_km[m:])[:, -1]
+        h_u = forward_cached(model, embed_batch(model, ub), new.rows(slice(m, 2 * m)), pad, new_km[m:])[:, -1]
         cache, km, h, pos = new, new_km, torch.cat([h_c, h_u]), end + C
     bar.close()
     return chains
@@ -494,10 +542,10 @@ def generate(model, vq, tok, prompts, seeds, opt=Options()):
     dev = next(model.parameters()).device
     seqs = [prompt_seq(tok, p) for p in prompts]
     N = model.cfg.image_tokens
-    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok,
+    cache, km, h, pos = prefill_pair(model, seqs, [s.uncond(tok, True) for s in seqs], tok,
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
+    codes, _ = draw_image(model, cache, km, h, pos, len(seqs), opt, draw_uniforms(gens, N, dev))
     return to_uint8(vq.decode(codes)), codes
 
 
@@ -508,11 +556,41 @@ def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
     src_codes = vq.encode(to_tensor(np.stack(sources)).to(dev))
     seqs = [edit_seq(tok, c.tolist(), ins) for c, ins in zip(src_codes, instructions)]
     N = model.cfg.image_tokens
-    cache, km, h, pos = _prefill_pair(model, seqs, [s.uncond(tok, False) for s in seqs], tok,
+    cache, km, h, pos = prefill_pair(model, seqs, [s.uncond(tok, False) for s in seqs], tok,
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
-    codes, _ = _draw_image(model, cache, km, h, pos, len(seqs), opt, _uniforms(gens, N, dev))
+    codes, _ = draw_image(model, cache, km, h, pos, len(seqs), opt, draw_uniforms(gens, N, dev))
     return to_uint8(vq.decode(codes))
+
+
+# -----------------------------------------------------------------------------
+# A trained Janus bundle: model + VQ tokenizer + the text vocabulary, in one file (here, the first
+# module that knows all three: what the stages save and sampling, judging and evaluation load)
+
+
+def janus_checkpoint(model, vq, tok, **extra):
+    """The dict that stage scripts save and sample.py / judge.py load."""
+    return {"kind": "janus", "config": asdict(model.cfg), "model": model.state_dict(),
+            "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), "vocab": list(tok.vocab), **extra}
+
+
+JANUS_MAKE = "python sft.py --stage sft --config CONFIG --out DIR (or python run.py)"
+
+
+def load_janus(path, device="cpu"):
+    """(model, vq, tok, ckpt) from a Janus checkpoint, in eval mode. One-line errors for a missing,
+    empty or foreign file, missing keys, a config this code cannot build, weights that do not fit
+    it, NaN/inf weights, or a vocabulary that is not this code's."""
+    ckpt = load_checkpoint(path, {"kind": "janus"}, keys=("config", "model", "vq_config", "vq", "vocab"),
+                           make=JANUS_MAKE, finite=True)
+    tok = TextTokenizer(shapes.WORDS)
+    if ckpt["vocab"] != tok.vocab:
+        raise ValueError(f"{path} was trained with another text vocabulary than this code's; {JANUS_MAKE} writes a good one")
+    model = Janus(build(JanusConfig, ckpt["config"], path, JANUS_MAKE))
+    vq = VQModel(build(VQConfig, ckpt["vq_config"], path, JANUS_MAKE))
+    load_weights(model, ckpt["model"], path, JANUS_MAKE)
+    load_weights(vq, ckpt["vq"], path, JANUS_MAKE)
+    return model.to(device).eval(), vq.to(device).eval(), tok, ckpt
 
 
 # -----------------------------------------------------------------------------
@@ -578,8 +656,7 @@ def main(argv=None):
                          "compiles first, once per batch size and cache length: see README, Speed)")
     args = ap.parse_args(argv)
 
-    import shapes
-    from common import load_janus, pick_device
+    from common import pick_device
     tmp = None
     try:
         if (args.prompt is None) == (args.edit is None):

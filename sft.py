@@ -33,12 +33,13 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, check_run_dir, digest, janus_checkpoint, load_checkpoint, load_janus, load_state,
-                    nonneg_int, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16, write_json)
+from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
+                    pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, write_json)
+from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
-from sample import (ASSISTANT, CUE, USER, Options, Seq, _forward, _new_cache, add_answer, add_reflection, collate,
-                    decode_text, embed_batch, generate, introspect, prompt_seq)
-from tokenizer import TextTokenizer, load_vq, reconstruct, to_tensor
+from sample import (Options, add_answer, after_rounds, collate, describe_seq, embed_batch, generate, janus_checkpoint,
+                    load_janus, next_turn, prompt_seq, question, selfcheck_seq)
+from tokenizer import TextTokenizer, load_vq, reconstruct
 from train import Plan, fit, make_optimizer, setup_distributed
 from vit import load_vit
 
@@ -89,47 +90,7 @@ SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
 # towards drawing. Toy, 150 steps of the paper's mix from the base, judging the base model's own
 # images (scratch): fixed AUC 0.58 on Task II's training images, 0.67 on held-out ones; trained 0.66 / 0.76.
 VIT_DEFAULT = {"base": "fixed", "sft": "train"}
-DESCRIBE = "Describe the image."
 PROMPT_DROPOUT = 0.1
-
-# -----------------------------------------------------------------------------
-# Sequences the base model learns (understanding as Janus does it: the image in the user's turn,
-# the question after it or before it)
-
-
-def vqa_seq(tok, image, question, n_tokens, before=False):
-    """`<bos><|User|>: <begin_of_image>[image, ViT path]<end_of_image>\\n{question}\\n\\n<|Assistant|>:`, or with
-    before=True `<bos><|User|>: {question}\\n<begin_of_image>[image]<end_of_image>\\n\\n<|Assistant|>:`."""
-    s = Seq().add([tok.bos]).text(tok, f"{USER} " + (question + "\n" if before else "") + "<begin_of_image>")
-    s.und_image(tok, image, n_tokens)
-    return s.text(tok, "<end_of_image>" + ("" if before else "\n" + question) + "\n\n" + ASSISTANT)
-
-
-def selfcheck_seq(tok, prompt_text, image, n_tokens, history=()):
-    """The self-check layout (SPEC.md section 3): `<bos><|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>`
-    [image, ViT path] `<end_of_image>\nLet me think Does this image match the prompt...`; the answer follows.
-    history: earlier failed rounds [(VQ codes, "No, reason")], each drawn and reflected on as the
-    loop does before a regeneration, so the judged image is the one drawn after them."""
-    return after_rounds(tok, prompt_text, history).und_image(tok, image, n_tokens).text(tok, CUE)
-
-
-def after_rounds(tok, prompt_text, history):
-    """The prompt, then each earlier failed round as the loop leaves it before the next image:
-    image (VQ path) + cue + "No, reason" + EOS + "Next, I will draw a new image<begin_of_image>"."""
-    s = prompt_seq(tok, prompt_text)
-    for codes, reason in history:
-        add_reflection(s.gen_image(tok, codes), tok, reason)
-    return s
-
-
-def question(prompt_text):
-    return f"Does this image match the prompt {prompt_text}"
-
-
-def next_turn(seq, tok, question_text):
-    """A further question about the same image, after an answer's EOS: `<|User|>: {q}\n\n<|Assistant|>:`."""
-    return seq.text(tok, f"{USER} {question_text}\n\n{ASSISTANT}")
-
 
 def train_prompt(rng, by_cat):
     # categories uniformly, then a text: the train split holds ~100x more compositional texts
@@ -195,7 +156,7 @@ def build_seq(ex, tok, n_tokens):
         s = s.uncond(tok, True) if ex["drop"] else s  # prompt dropout = the first image's CFG twin
         return s.gen_image(tok, ex["codes"], w=1.0)
     if t == "describe":
-        return add_answer(vqa_seq(tok, ex["image"], DESCRIBE, n_tokens), tok, ex["answer"], 1.0, 1.0, rest_mean=False)
+        return describe_seq(tok, ex["image"], ex["answer"], n_tokens)
     if t == "vqa":
         # per-token weights, as the base stage was tuned with (its steps mix describe and vqa per example)
         (q, a), *more = ex["qa"]
@@ -331,173 +292,6 @@ def finish_examples(exs, vq):
     for ex in exs:
         ex["history"] = [(c, r) for c, r, *_ in ex.get("history", [])]
     return exs
-
-
-# -----------------------------------------------------------------------------
-# Evaluation (used by this file, rl.py and run.py)
-
-
-def auc(scores, labels):
-    """Area under the ROC curve: P(score of a random positive > score of a random negative)."""
-    pos = [s for s, l in zip(scores, labels) if l]
-    neg = [s for s, l in zip(scores, labels) if not l]
-    if not pos or not neg:
-        return None  # undefined with one class only (JSON has no NaN)
-    s = np.array(scores)
-    ranks = s.argsort().argsort() + 1.0
-    for v in np.unique(s):  # ties share their mean rank
-        ranks[s == v] = ranks[s == v].mean()
-    r_pos = ranks[np.array(labels, bool)].sum()
-    return float((r_pos - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
-
-
-def balanced_accuracy(said, labels):
-    """The mean of the true-positive and true-negative rates of Yes/No answers against the checker:
-    a judge that always says No scores 0.5 however rare matches are (its agreement is the No rate).
-    None with one class only."""
-    said, labels = np.asarray(said, bool), np.asarray(labels, bool)
-    if labels.all() or not labels.any():
-        return None
-    return float((said[labels].mean() + (~said[~labels]).mean()) / 2)
-
-
-def auc_within_category(scores, labels, cats):
-    """AUC of P(yes) inside each prompt category, averaged over the categories where both classes
-    occur (None if none): across categories the prompt alone ranks images (hard ones fail more
-    often), inside one only what the judge reads from the image does."""
-    scores, labels, cats = np.asarray(scores), np.asarray(labels, bool), np.asarray(cats)
-    per = [auc(scores[cats == c], labels[cats == c]) for c in dict.fromkeys(cats.tolist())]
-    per = [a for a in per if a is not None]
-    return float(np.mean(per)) if per else None
-
-
-@torch.no_grad()
-def evaluate(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False):
-    """Sample every prompt once (seed + index) with the introspective loop and score with the
-    checker. Returns per-category accuracy of the first and of the final image, and the judge's
-    agreement with the checker, balanced accuracy, AUC of its P(yes) and AUC within category over
-    every image it judged."""
-    opt = Options(rounds=rounds)
-    first, final = {}, {}
-    said, truth, p_yes, cats = [], [], [], []
-    it = range(0, len(prompts), batch)
-    for i in tqdm(it, desc=f"evaluating {len(prompts)} prompts", disable=not progress, dynamic_ncols=True):
-        chunk = prompts[i:i + batch]
-        chains = introspect(model, vq, tok, [p.text for p in chunk], [seed + i + j for j in range(len(chunk))], opt)
-        for p, c in zip(chunk, chains):
-            checks = [shapes.check(im, p).verdict for im in c.images]
-            first.setdefault(p.category, []).append(checks[0])
-            final.setdefault(p.category, []).append(checks[-1])
-            said += [v == "yes" for v in c.verdicts]
-            truth += checks
-            p_yes += c.p_yes
-            cats += [p.category] * len(checks)
-    out = {}
-    for name, d in (("first", first), ("final", final)):
-        out[name] = {cat: float(np.mean(v)) for cat, v in d.items()}
-        out[name]["overall"] = float(np.mean([np.mean(v) for v in d.values()]))  # mean over categories
-    out["judge"] = {"agreement": float(np.mean(np.array(said) == np.array(truth))),
-                    "balanced_accuracy": balanced_accuracy(said, truth), "auc": auc(p_yes, truth),
-                    "auc_within_category": auc_within_category(p_yes, truth, cats),
-                    "n": len(truth), "checker_yes_rate": float(np.mean(truth))}
-    # per category: a judge can beat chance overall from the prompt alone (hard categories fail
-    # more often); inside one category only what it reads from the image helps
-    cats, p_yes = np.array(cats), np.array(p_yes)
-    out["judge"]["by_category"] = {c: dict(group_stats(said, truth, cats == c), auc=auc(p_yes[cats == c], np.array(truth)[cats == c]))
-                                   for c in dict.fromkeys(cats.tolist())}
-    out["mean_images"] = len(truth) / len(prompts)
-    return out
-
-
-def by_ink(images, said, labels, bins=4):
-    """The judge's answers binned by the amount of ink (the fraction of non-white pixels) into
-    quantile bins: per bin, its yes-rate, the true match rate and its agreement. A judge that reads
-    the prompt's facts agrees well within every bin; one that learned "more colour -> Yes" (what
-    negatives made by removing objects allow) tracks the match rate and sits near chance inside them."""
-    ink = np.array([(np.asarray(im) != 255).any(-1).mean() for im in images])
-    edges = np.quantile(ink, np.linspace(0, 1, bins + 1)[1:-1])
-    k = np.digitize(ink, edges)
-    return [group_stats(said, labels, k == b) for b in range(bins) if (k == b).any()]
-
-
-def group_stats(said, labels, sel):
-    """The judge's yes-rate, the true match rate and their agreement over the answers where sel."""
-    said, labels = np.asarray(said, bool)[sel], np.asarray(labels, bool)[sel]
-    return {"yes_rate": float(said.mean()), "match_rate": float(labels.mean()),
-            "agreement": float((said == labels).mean()), "n": int(sel.sum())}
-
-
-@torch.no_grad()
-def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="after"):
-    """The base model's VQA skill: rendered held-out scenes, half matching and half broken, asked
-    "Does this image match the prompt {prompt}" after the image (layout "after"), before it in the
-    user's turn ("before"), or as the self-check does ("selfcheck": prompt, image, cue) -> the
-    forced Yes/No at the first answer position. Returns the agreement of its Yes/No with the
-    checker, its balanced accuracy, the AUC of its P(yes) (overall and within category), and the
-    answers per ink quartile (by_ink)."""
-    rng = random.Random(f"und-eval-{seed}")
-    N = model.cfg.image_tokens
-    said, labels, p_yes, images, cats = [], [], [], [], []
-    for i in range(0, len(prompts), batch):
-        seqs = []
-        for p in prompts[i:i + batch]:
-            match = rng.random() < 0.5
-            im = shapes.render(shapes.sample_scene(rng, size, p, match=match))
-            seqs.append(selfcheck_seq(tok, p.text, im, N) if layout == "selfcheck"
-                        else vqa_seq(tok, im, question(p.text), N, layout == "before"))
-            labels.append(match)
-            images.append(im)
-            cats.append(p.category)
-        b = collate(seqs, tok, next(model.parameters()).device, left=True)
-        h = model(embed_batch(model, b), key_mask=b.key_mask)[:, -1]
-        two = model.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)
-        said += (two[:, 0] > two[:, 1]).tolist()
-        p_yes += two[:, 0].tolist()
-    return {"agreement": float(np.mean(np.array(said) == np.array(labels))), "balanced_accuracy": balanced_accuracy(said, labels),
-            "auc": auc(p_yes, labels), "auc_within_category": auc_within_category(p_yes, labels, cats), "n": len(labels),
-            "by_ink": by_ink(images, said, labels)}
-
-
-@torch.no_grad()
-def greedy_captions(model, tok, images, max_len=24):
-    """The base model's descriptions of uint8 images: greedy text after the describe question,
-    until EOS or max_len tokens (KV-cached, one batch)."""
-    dev = next(model.parameters()).device
-    b = collate([vqa_seq(tok, im, DESCRIBE, model.cfg.image_tokens) for im in images], tok, dev, left=True)
-    P = b.idx.size(1)
-    cache = _new_cache(model, len(images), P + max_len)
-    km = torch.ones(len(images), P + max_len, dtype=torch.bool, device=dev)
-    km[:, :P] = b.key_mask
-    h = _forward(model, embed_batch(model, b), cache, 0, km)[:, -1]
-    u = torch.zeros(len(images), max_len, device=dev)  # unused by greedy decoding
-    return [tok.decode(ids) for ids in decode_text(model, tok, cache, km, h, P, u, temperature=0)]
-
-
-@torch.no_grad()
-def evaluate_describing(model, tok, prompts, size, seed=0, batch=64):
-    """The base model's describing skill on one rendered held-out scene per prompt:
-    - nats: teacher-forced loss per token of the canonical caption (+ EOS); it falls long before
-      VQA leaves chance;
-    - exact: per prompt category (and overall, the mean over categories) the share of scenes whose
-      greedy description is exactly the canonical caption, i.e. names every object with its
-      colour and count and nothing else: understanding scored by the same world as generation."""
-    rng = random.Random(f"describe-eval-{seed}")
-    dev = next(model.parameters()).device
-    total, count, exact = 0.0, 0, {}
-    for i in range(0, len(prompts), batch):
-        chunk = prompts[i:i + batch]
-        scenes = [shapes.sample_scene(rng, size, p) for p in chunk]
-        exs = [dict(task="describe", image=shapes.render(sc), answer=shapes.describe(sc)) for sc in scenes]
-        b = collate([build_seq(ex, tok, model.cfg.image_tokens) for ex in exs], tok, dev)
-        losses = model.token_losses(model(embed_batch(model, b)), b.text_targets)  # (B, T)
-        total += (losses * b.weights).sum().item()  # every answer token weighs 1, the rest 0
-        count += int((b.weights > 0).sum())
-        said = greedy_captions(model, tok, [ex["image"] for ex in exs])
-        for p, ex, s in zip(chunk, exs, said):
-            exact.setdefault(p.category, []).append(s == ex["answer"])
-    exact = {c: float(np.mean(v)) for c, v in exact.items()}
-    exact["overall"] = float(np.mean(list(exact.values())))
-    return {"nats": total / count, "exact": exact}
 
 
 # -----------------------------------------------------------------------------
@@ -657,7 +451,7 @@ def run(args):
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = [p for cat in shapes.CATEGORIES for p in [q for q in splits["val"] if q.category == cat][:per_cat]]
 
-    def evaluate(step):
+    def validate(step):
         model.eval()
         r = quick_eval(model, vq, tok, val, args.stage, cfg.image_size)
         model.train()
@@ -668,7 +462,7 @@ def run(args):
                 desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
     model.train()
     step, seconds, _ = fit(batch_fn, lambda b: step_loss(model, b, world), optimizer, model.parameters(),
-                           {"model": model}, plan, state_path, f"{args.stage}_state", settings, state=st, evaluate=evaluate)
+                           {"model": model}, plan, state_path, f"{args.stage}_state", settings, state=st, evaluate=validate)
     if master:
         finish_stage(args, model, vq, tok, settings, inputs, step, seconds, splits["test"])
     if world > 1:
@@ -688,34 +482,6 @@ def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test):
                       made=stage_receipt(args.out, args.config, settings, inputs), ckpt=digest(ckpt_path))
         write_json(result, os.path.join(args.out, f"{args.stage}_eval.json"))
         print(json.dumps(result))
-
-
-def quick_eval(model, vq, tok, prompts, stage, size):
-    if stage == "base":
-        r = evaluate(model, vq, tok, prompts, rounds=1)
-        u = evaluate_understanding(model, tok, prompts, size)
-        sc = evaluate_understanding(model, tok, prompts, size, layout="selfcheck")
-        d = evaluate_describing(model, tok, prompts, size)
-        return {"first": round(r["first"]["overall"], 3), "describe_nats": round(d["nats"], 3),
-                "describe_exact": round(d["exact"]["overall"], 3),
-                "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3),
-                "selfcheck": round(sc["agreement"], 3), "selfcheck_auc": sc["auc"] and round(sc["auc"], 3)}
-    r = evaluate(model, vq, tok, prompts, rounds=3)
-    return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
-            "judge": round(r["judge"]["agreement"], 3)}
-
-
-def final_eval(model, vq, tok, prompts, stage, size):
-    """On the test split: the base model's first images, its VQA and its describing; the SFT model's
-    introspective loop (first and final images) and its judging."""
-    if stage == "base":
-        r = evaluate(model, vq, tok, prompts, rounds=1, progress=True)
-        d = evaluate_describing(model, tok, prompts, size)
-        return {"first": r["first"], "understanding": evaluate_understanding(model, tok, prompts, size),
-                "selfcheck": evaluate_understanding(model, tok, prompts, size, layout="selfcheck"),
-                "describe_nats": d["nats"], "describe_exact": d["exact"]}
-    r = evaluate(model, vq, tok, prompts, rounds=3, progress=True)
-    return r
 
 
 def save_pool(pool, base_digest, path):

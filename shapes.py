@@ -23,7 +23,9 @@ Run `python shapes.py --out out/shapes` to see the world: example grids per cate
 verdicts on deliberately wrong images, and edits.
 """
 
+import argparse
 import json
+import math
 import os
 import random
 import sys
@@ -407,7 +409,7 @@ def corrupt(rng, scene, prompt, kind=None):
     becomes another shape in the same box rather than being deleted, and "one more" turns a spare
     object into one more of the counted kind before it adds one. Negatives made by deleting had
     less ink than positives (fewer objects), and a judge could answer from the amount of colour
-    without reading the prompt (sft.by_ink measures that). Ink is now equal on average, not per
+    without reading the prompt (evaluate.by_ink measures that). Ink is now equal on average, not per
     scene: a square fills its box, a circle ~0.79 of it, a triangle ~half."""
     kind = kind or rng.choice(failure_kinds(prompt))
     W = scene.size
@@ -1057,8 +1059,45 @@ def load_image(path):
         raise ValueError(f"cannot read image {path!r}: {e}") from None
 
 
+# -----------------------------------------------------------------------------
+# Command lines: one-line errors, numeric flags checked when they are parsed (every script's CLI;
+# here, at the bottom of the import order, so that shapes.py needs nothing above it)
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is ONE line on stderr (no usage block) and exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def bounded(kind, low=None, high=None, low_open=False):
+    """An argparse type: a finite int/float within [low, high] (or (low, high] when low_open)."""
+    def parse(text):
+        try:
+            x = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+        if low is not None and (x <= low if low_open else x < low):
+            raise argparse.ArgumentTypeError(f"must be {'above' if low_open else 'at least'} {low}, got {text}")
+        if high is not None and x > high:
+            raise argparse.ArgumentTypeError(f"must be at most {high}, got {text}")
+        return x
+    parse.__name__ = kind.__name__  # argparse names the type in its messages
+    return parse
+
+
+pos_int = bounded(int, 1)                   # counts: steps, batch sizes, prompts
+nonneg_int = bounded(int, 0)                # 0 means "none" / "off" where the help says so
+pos_float = bounded(float, 0, low_open=True)  # learning rates
+nonneg_float = bounded(float, 0)            # guidance weight, temperature (0 = greedy)
+fraction = bounded(float, 0, 1, low_open=True)  # top-p: (0, 1]
+
+
+
 def main(argv=None):
-    from common import Parser, bounded, pos_int
     ap = Parser(description="ShapeWorld: look at the toy world, draw one scene, or check one image.")
     ap.add_argument("--out", help="write example grids (examples.png, wrong.png, edits.png) to this folder")
     ap.add_argument("--size", type=bounded(int, 16, 1024), default=64, help="image side in pixels, 16-1024 (toy 64, tiny 32)")

@@ -14,7 +14,7 @@ ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held
 (PSNR, codebook usage, and whether the ShapeWorld checker still gives the same verdict). Then:
 
     vq = load_vq("out/toy/vq.pt")
-    codes = vq.encode(to_tensor(images))      # uint8 (B, 64, 64, 3) -> long (B, 64), ids in [0, 1024)
+    codes = vq.encode(to_tensor(images))      # (common.to_tensor) uint8 (B, 64, 64, 3) -> long (B, 64), ids in [0, 1024)
     images = to_uint8(vq.decode(codes))       # and back
     tok = TextTokenizer(shapes.WORDS)
     ids = tok.encode("<|User|>: a red circle\n\n<|Assistant|>:<begin_of_image>")
@@ -36,25 +36,8 @@ from PIL import Image
 
 import shapes
 from common import (DTYPE_HELP, Parser, build, check_run_dir, digest, load_checkpoint, load_state, load_weights, pick_device,
-                    pos_float, pos_int, save_checkpoint, stage_receipt, use_bf16, write_json)
+                    pos_float, pos_int, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, write_json)
 from train import Plan, fit, make_optimizer
-
-# -----------------------------------------------------------------------------
-# Pixels: uint8 HWC images (what the renderer and PNG files hold) <-> float tensors in [-1, 1]
-
-
-def to_tensor(images):
-    """uint8 (H, W, 3) or (B, H, W, 3) numpy -> float (B, 3, H, W) in [-1, 1]."""
-    x = torch.tensor(np.asarray(images, dtype=np.uint8))  # a copy: rendered arrays are read-only
-    x = x.unsqueeze(0) if x.ndim == 3 else x
-    return x.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def to_uint8(pixels):
-    """float (B, 3, H, W), roughly [-1, 1] -> uint8 (B, H, W, 3) numpy (Janus: clip((x + 1) / 2 * 255))."""
-    x = ((pixels.detach().float() + 1.0) * 127.5).round().clamp(0, 255)
-    return x.to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-
 
 # -----------------------------------------------------------------------------
 # Config: one dataclass spans the tiny test tokenizer up to the real VQ-16
@@ -101,7 +84,7 @@ VQ_PRESETS = {
     # checker's verdict survived the round trip for 95% of (image, prompt) pairs; with 1024, 99.6%
     # The toy encoder is patch-local (local_encoder=True): each 8x8 patch is encoded on its own. With
     # LlamaGen's encoder (GroupNorm over the whole image, attention) a code also depended on the rest
-    # of the image: on the 1,400 held-out scenes of `evaluate`, the white background took 545
+    # of the image: on the 1,400 held-out scenes of `vq_metrics`, the white background took 545
     # different codes and the codes' entropy was 6.16 nats, noise the language model then had to
     # predict (the base stage's text-to-image loss ended at 5.27 nats). Patch-local (then with two
     # decoder blocks per level): one background code, entropy 2.53 nats, that loss 1.90, the same
@@ -501,7 +484,7 @@ def reconstruct(model, images, batch_size=256):  # uint8 (N, H, W, 3) -> codes (
     return codes, recon
 
 
-def evaluate(model, n, size):
+def vq_metrics(model, n, size):
     """PSNR, codebook usage, checker agreement of the reconstructions, and the codes' entropy and
     number of background codes, on held-out scenes."""
     prompts, images, matches = eval_set(n, size)
@@ -615,7 +598,7 @@ def train(args):
     model.cpu()
     vq_path = os.path.join(args.out, "vq.pt")
     save_checkpoint(dict(model=model.state_dict(), config=asdict(cfg), step=step), vq_path)
-    result, images, recon = evaluate(model, pick("eval_prompts"), cfg.image_size)
+    result, images, recon = vq_metrics(model, pick("eval_prompts"), cfg.image_size)
     # the receipt run.py checks before reusing this stage: which config made which vq.pt
     result.update(config=args.config, step=step, train_seconds=round(seconds, 1),
                   made=stage_receipt(args.out, args.config, run), ckpt=digest(vq_path))

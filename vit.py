@@ -31,9 +31,8 @@ import torch.nn.functional as F
 
 import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, load_weights,
-                    pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, use_bf16, write_json)
+                    pick_device, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, write_json)
 from model import PRESETS, JanusConfig, VisionTransformer
-from tokenizer import to_tensor
 from train import Plan, fit
 
 TRAIN = {
@@ -89,7 +88,7 @@ def losses(head_out, shape, colour, centre):
 
 
 @torch.no_grad()
-def evaluate(vit, head, n, size, patch, device):
+def patch_metrics(vit, head, n, size, patch, device):
     """On held-out random scenes (seed space "vit-eval"): per-patch shape and colour accuracy on the
     patches an object owns, background accuracy, and the share of scenes whose number of predicted
     centres equals the number of objects."""
@@ -162,7 +161,7 @@ def run(args):
                            "vit_state", settings, state)
     vit_path = os.path.join(args.out, "vit.pt")
     save_checkpoint({"kind": "vit", "config": settings["config"], "model": vit.state_dict(), "step": step}, vit_path)
-    result = evaluate(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)
+    result = patch_metrics(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)
     # the receipt run.py checks before reusing this stage
     result.update(config=args.config, steps=step, train_seconds=round(seconds, 1),
                   made=stage_receipt(args.out, args.config, settings), ckpt=digest(vit_path))

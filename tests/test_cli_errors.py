@@ -6,7 +6,6 @@ Run: python -m pytest -q tests/test_cli_errors.py   (CPU, about a minute: 2 comm
 import hashlib
 import json
 import os
-import pickle
 import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,7 @@ import torch
 import sft
 import tokenizer
 import vit
-from common import janus_checkpoint, load_janus
+from sample import janus_checkpoint, load_janus
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

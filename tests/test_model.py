@@ -14,8 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from bench import copy_to_hf, hf_janus, hf_loss, make_batch, ours_loss
-from model import PRESETS, Janus, JanusConfig, from_official, load_official, to_official
+from model import (PRESETS, Janus, JanusConfig, copy_to_hf, from_official, hf_janus, hf_loss, load_official, make_batch,
+                   ours_loss, to_official)
 
 # a copy of shared/reference/janus_pro_state_dict_shapes.json, kept in the repo so CI always has it
 SHAPES = Path(__file__).resolve().parent / "data" / "janus_pro_state_dict_shapes.json"

@@ -11,7 +11,7 @@ import torch
 
 import sample as S
 import shapes
-from common import janus_checkpoint, save_checkpoint
+from common import save_checkpoint
 from model import PRESETS, Janus, JanusConfig
 from tokenizer import VQ_PRESETS, TextTokenizer, VQModel
 
@@ -221,7 +221,7 @@ def test_loop_stops_at_yes_and_respects_rounds(bundle):
 def ckpt(bundle, tmp_path_factory):
     model, vq, tok = bundle
     path = str(tmp_path_factory.mktemp("ckpt") / "tiny.pt")
-    save_checkpoint(janus_checkpoint(model, vq, tok, stage="test"), path)
+    save_checkpoint(S.janus_checkpoint(model, vq, tok, stage="test"), path)
     return path
 
 

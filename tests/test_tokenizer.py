@@ -14,8 +14,9 @@ import torch.nn.functional as F
 
 import shapes
 import tokenizer
+from common import to_tensor, to_uint8
 from tokenizer import (VQ_PRESETS, TextTokenizer, VQConfig, VQModel, codebook_usage, load_vq, main,
-                       restart_dead_codes, to_tensor, to_uint8)
+                       restart_dead_codes)
 
 # a copy of shared/reference/janus_pro_state_dict_shapes.json, kept in the repo so CI always has it
 SHAPES_JSON = os.path.join(os.path.dirname(__file__), "data", "janus_pro_state_dict_shapes.json")
@@ -77,7 +78,7 @@ def test_toy_encoder_is_patch_local():
     assert not VQ_PRESETS["vq16"].local_encoder  # the real VQ-16 keeps LlamaGen's encoder
     # so even an untrained patch-local tokenizer gives the white background exactly one code
     torch.manual_seed(0)
-    ev, _, _ = tokenizer.evaluate(VQModel(VQ_PRESETS["tiny"]), 10, 32)
+    ev, _, _ = tokenizer.vq_metrics(VQModel(VQ_PRESETS["tiny"]), 10, 32)
     assert ev["background_codes"] == 1
     assert 0 <= ev["code_entropy"] <= math.log(ev["usage"] * 256) + 1e-9  # at most log(codes used)
 

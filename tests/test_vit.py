@@ -56,7 +56,7 @@ def test_pretraining_learns_colours_and_shapes(tmp_path):
     colour 0.07 -> 0.99, shape 0.18 -> 0.51 when written."""
     cfg = JanusConfig(**PRESETS["tiny"])
     torch.manual_seed(0)
-    before = vit.evaluate(vit.VisionTransformer(cfg), vit.PatchHead(cfg.vit_width), 64, 32, 8, "cpu")
+    before = vit.patch_metrics(vit.VisionTransformer(cfg), vit.PatchHead(cfg.vit_width), 64, 32, 8, "cpu")
     vit.main(["--config", "tiny", "--out", str(tmp_path)])
     after = json.load(open(tmp_path / "vit_eval.json"))
     assert after["colour"] > 0.9 > before["colour"] and after["shape"] > before["shape"] + 0.1
