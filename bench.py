@@ -168,7 +168,7 @@ def train_step(model, loss_fn, batch, amp):
     return step
 
 
-def main():
+def parse_args():
     p = Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     # what to measure
     p.add_argument("--config", default="toy", choices=[k for k in PRESETS if not k.startswith("janus")],
@@ -192,12 +192,11 @@ def main():
     args = p.parse_args()
     if args.dtype == "auto":
         args.dtype = "bf16" if bf16_pays("cpu") else "fp32"
+    return args
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    cfg = JanusConfig(**PRESETS[args.config])
-    T = args.seq or 2 * cfg.image_tokens + 64
+
+def bench_training(args, cfg, T):
+    """Training tokens/s of both models (identical weights and batch), and the FLOPs of one step."""
     amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     b = make_batch(cfg, args.batch, T, args.seed)
     ours = Janus(cfg)
@@ -210,8 +209,6 @@ def main():
                  + count(ours.vision_model, ours.aligner) * b["und_mask"].sum().item()
                  + count(ours.gen_aligner) * b["gen_mask"].sum().item()
                  + count(ours.lm_head) * n_text + count(ours.gen_head) * n_img)
-    # decoding: 2 FLOPs per parameter per row and image token, two rows (cond, uncond) per image
-    dflops = 2 * 2 * count(ours.layers, ours.gen_aligner, ours.gen_head)
     print(f"config {args.config}: {count(ours):,} params (HF: {count(hf) - count(hf.model.vqmodel):,} "
           f"without its VQ); batch {args.batch} x seq {T}; dtype {args.dtype}; {torch.get_num_threads()} threads")
 
@@ -233,10 +230,13 @@ def main():
             t0 = time.perf_counter()
             fn()  # compiles forward and backward
             print(f"compiled in {time.perf_counter() - t0:.1f} s")
-    train = {k: args.batch * T / sec for k, sec in timed(steps, args.warmup, args.steps).items()}
+    return {k: args.batch * T / sec for k, sec in timed(steps, args.warmup, args.steps).items()}, flops
 
-    # decoding: fresh identical weights, cast to the dtype (inference runs on bf16 weights, as the
-    # official sampler does, rather than under autocast)
+
+def bench_decoding(args, cfg):
+    """Image tokens/s of the plain CFG decode loop and of sampling as users run it, both models."""
+    # fresh identical weights, cast to the dtype (inference runs on bf16 weights, as the official
+    # sampler does, rather than under autocast)
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     ours = Janus(cfg).eval()
     hf = copy_to_hf(ours, hf_janus(cfg)).to(dtype)
@@ -251,8 +251,20 @@ def main():
     # sampling as users run it: sample.py's CFG sampler (per-sample seeds, temperature 1, the
     # first image's uncond rows) against transformers' generate(generation_mode="image"), same
     # weights, batch and prompt length; VQ decoding excluded on both sides
-    sampling = bench_sampling(ours, hf, cfg, args.batch, args.decode_runs)
+    return decode, bench_sampling(ours, hf, cfg, args.batch, args.decode_runs), ours
 
+
+def main():
+    args = parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    cfg = JanusConfig(**PRESETS[args.config])
+    T = args.seq or 2 * cfg.image_tokens + 64
+    train, flops = bench_training(args, cfg, T)
+    decode, sampling, ours = bench_decoding(args, cfg)
+    # decoding: 2 FLOPs per parameter per row and image token, two rows (cond, uncond) per image
+    dflops = 2 * 2 * sum(p.numel() for m in (ours.layers, ours.gen_aligner, ours.gen_head) for p in m.parameters())
     print(f"training FLOPs per step (6 N T): {flops / 1e9:.2f} GFLOP; decoding: {dflops / 1e6:.1f} MFLOP per image token")
     print(f"{'':34s}{'ours':>10s}{'hf':>10s}{'ours/hf':>9s}")
     rows = [("train tokens/s", train["ours"], train["hf"]),
@@ -268,7 +280,10 @@ def main():
              ("  ... both compiled, same options", sampling["ours compiled"], sampling["hf compiled"])]
     for name, a, c in rows:
         print(f"{name:34s}{a:10.1f}{c:10.1f}{a / c:9.2f}")
+    print_floors(args, ours, T, train, sampling, dflops)
 
+
+def print_floors(args, ours, T, train, sampling, dflops):
     # how far from the floors (DESIGN.md, "Performance method"): the LM's matmuls alone, timed
     # one by one with hot weights (a training step runs each 3 times: forward, and two in backward)
     lm = linears(ours.layers)
@@ -276,6 +291,7 @@ def main():
     wdt = torch.bfloat16 if args.dtype == "bf16" else torch.float32
     t_train = 3 * gemm_seconds(lm, args.batch * T, wdt)
     peak = 3 * sum(2 * l.in_features * l.out_features for l in lm) * args.batch * T / t_train  # FLOP/s
+    dtype = wdt
     t_dec = gemm_seconds(head, 2 * args.batch, dtype)  # one image token: cond + uncond rows
     wbytes = sum(lin.weight.numel() for lin in head) * torch.finfo(dtype).bits // 8
     bw = copy_bandwidth()

@@ -159,7 +159,16 @@ def always_no(j):
 
 
 def report(args, seconds):
-    cats = list(shapes.CATEGORIES) + ["overall"]
+    """report.json (every number, from the stages' evaluations and this file's) and report.md."""
+    rep = gather(args, seconds)
+    write_json(rep, os.path.join(args.out, "report.json"))
+    lines = report_lines(args, rep, seconds)
+    write_text("\n".join(lines) + "\n", os.path.join(args.out, "report.md"))
+    print("\n".join(lines[:40]))
+    print(f"wrote {args.out}/report.json and {args.out}/report.md")
+
+
+def gather(args, seconds):
     rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {},
            "seconds": seconds, "examples": {}}
     vq = read_json(os.path.join(args.out, "vq_eval.json"))
@@ -184,7 +193,12 @@ def report(args, seconds):
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
-    write_json(rep, os.path.join(args.out, "report.json"))
+    return rep
+
+
+def report_lines(args, rep, seconds):
+    """report.md, line by line: the tables, then the example chains."""
+    cats = list(shapes.CATEGORIES) + ["overall"]
     lines = [f"# Report: config `{args.config}`", "",
              "Every number below was produced by `python run.py --config " + args.config + "`.", "",
              "## GenEval-style accuracy on the test split (checker verdicts)", "",
@@ -249,9 +263,7 @@ def report(args, seconds):
             for f, v, r, ck in zip(c["files"], c["verdicts"], c["reasons"], c["checker"]):
                 lines.append(f"![]({f}) model: {r} / checker: {ck}  ")
             lines.append("")
-    write_text("\n".join(lines) + "\n", os.path.join(args.out, "report.md"))
-    print("\n".join(lines[:40]))
-    print(f"wrote {args.out}/report.json and {args.out}/report.md")
+    return lines
 
 
 def main(argv=None):

@@ -291,55 +291,6 @@ def _image_code(model, h_last, u, n_cond, opt):
     return pick(guided, u, opt.temperature, opt.top_k, opt.top_p)  # (n_cond,)
 
 
-def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
-    """One image token with static shapes: pick the code, feed it (both rows) at cache slot `slot`,
-    a 0-d tensor, attending over the whole cache. The unit that --compile compiles."""
-    code = _image_code(model, h_last, u, n_cond, opt)
-    x = model.embed_image_ids(code.repeat(2))[:, None]  # (2 n_cond, 1, D)
-    return code, model(x, cache=cache, start_pos=slot, key_mask=key_mask)[:, -1]
-
-
-# Inductor options for the compiled step on a CPU. The weights are frozen into the graph as
-# constants, which lets max-autotune time its C++ GEMM template, each weight prepacked for decoding's
-# few rows (2 per image), against ATen's matmul and keep the faster. bench.py, batch 8, 2-core AVX2
-# CPU: 2.5-2.8x transformers' generate with them, 1.5-2.0x without; freezing alone, or max-autotune
-# alone, measured no faster (README, "Speed"). The price: frozen weights go stale when the model
-# is written in place, so compiled_token() checks them at every image. On a GPU (not measured with
-# these options) the step compiles as it did before them, reading the live weights.
-CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
-                       # and no table of timings, or stats line, on stderr per GEMM
-                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-_compiled = None  # (weakref to the model, its weights' stamp, the compiled step)
-
-
-def _weights_stamp(model):
-    # every in-place write on a parameter or buffer (optimizer step, load_state_dict, .mul_ under
-    # no_grad) bumps its _version, and replacing one moves its data_ptr. Writes through `.data`
-    # (p.data.copy_(...)) bump nothing: they are not seen, so write weights in place under no_grad
-    tensors = list(model.parameters()) + list(model.buffers())
-    return tuple((t.data_ptr(), t._version) for t in tensors)
-
-
-def compiled_token(model):
-    """_static_token compiled by inductor for this model, and the inductor options to compile it
-    under: CPU_COMPILE_OPTIONS on a CPU (the weights frozen in), none elsewhere. The first call
-    compiles for its batch size and cache length; the first call with other sizes compiles once
-    more, with those sizes symbolic (dynamo's automatic dynamic shapes), and every later size
-    reuses that graph, except a single chain (dynamo fixes sizes 0 and 1): that compiles once more.
-    Another model, or on a CPU this one with weights written since (training), drops every graph
-    dynamo holds and compiles afresh: the old ones have the old weights baked in. A new sampling
-    option compiles again too; past dynamo's limit of 8 versions it runs eagerly, with a warning
-    (no fullgraph=True: that would make the limit an error)."""
-    global _compiled
-    frozen = model.lm_head.weight.device.type == "cpu"
-    stamp = _weights_stamp(model) if frozen else None
-    if _compiled is None or _compiled[0]() is not model or _compiled[1] != stamp:
-        if _compiled is not None:
-            torch._dynamo.reset()
-        _compiled = (weakref.ref(model), stamp, torch.compile(_static_token, dynamic=None))
-    return _compiled[2], CPU_COMPILE_OPTIONS if frozen else {}
-
-
 @torch.no_grad()
 def draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     """Sample one image's codes for n_cond chains whose cond rows are cache rows [0, n_cond) and
@@ -349,26 +300,8 @@ def draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
     continues). key_mask: (2 n_cond, cache length) or None when nothing is padded."""
     N, dev = model.cfg.image_tokens, h_last.device
     codes = torch.empty(n_cond, N, dtype=torch.long, device=dev)
-    if opt.compile:
-        # the same tokens by the static path: one compiled graph for every step (model.forward)
-        km = key_mask if key_mask is not None else torch.ones(2 * n_cond, cache.k[0].size(2), dtype=torch.bool, device=dev)
-        step, options = compiled_token(model)
-        slots = torch.arange(start, start + N - 1, device=dev)
-        h_last = h_last.contiguous()  # as the step returns it: one graph for every call
-        def token(i):
-            codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
-            return h
-
-        # checked: finds (or compiles) the graph for these inputs. The options go in as a patch:
-        # given as torch.compile(options=...) they measured no faster (freezing did not apply)
-        with torch._inductor.config.patch(options):
-            h_last = token(0)
-        # later calls change only tensor values, so dynamo's guard checks (~0.3 ms a call on toy) are skipped
-        with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
-            for i in range(1, N - 1):
-                h_last = token(i)
-        codes[:, N - 1] = _image_code(model, h_last, uniforms[:, N - 1], n_cond, opt)
-        return codes, start + N - 1
+    if opt.compile:  # the same tokens by one compiled static-shape step (end of this file)
+        return _draw_compiled(model, cache, key_mask, h_last, start, n_cond, opt, uniforms, codes)
     padded = key_mask is not None and not bool(key_mask.all())  # checked once, not per token
     for i in range(N):
         codes[:, i] = _image_code(model, h_last, uniforms[:, i], n_cond, opt)
@@ -591,6 +524,85 @@ def load_janus(path, device="cpu"):
     load_weights(model, ckpt["model"], path, JANUS_MAKE)
     load_weights(vq, ckpt["vq"], path, JANUS_MAKE)
     return model.to(device).eval(), vq.to(device).eval(), tok, ckpt
+
+
+# -----------------------------------------------------------------------------
+# Optional: the compiled decoding step (--compile, Options(compile=True))
+#
+# Everything above samples eagerly and is all a reader needs. This section draws the same tokens
+# with one static-shape step (a new token per row written at a cache slot given as a tensor,
+# attention over the whole preallocated cache under a mask), compiled once by inductor. It pays
+# per token (bench.py) but compiles first; README, Speed, has the measurements.
+
+
+def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
+    """One image token with static shapes: pick the code, feed it (both rows) at cache slot `slot`,
+    a 0-d tensor, attending over the whole cache. The unit that --compile compiles."""
+    code = _image_code(model, h_last, u, n_cond, opt)
+    x = model.embed_image_ids(code.repeat(2))[:, None]  # (2 n_cond, 1, D)
+    return code, model(x, cache=cache, start_pos=slot, key_mask=key_mask)[:, -1]
+
+
+# On a CPU the weights are frozen into the graph as constants, so that max-autotune can time
+# inductor's C++ GEMM template (each weight prepacked for decoding's few rows) against ATen's matmul
+# and keep the faster (figures: docs/experiments.md). Frozen weights go stale when the model is
+# written in place: compiled_token() checks a stamp of them at every image. A GPU reads live weights.
+CPU_COMPILE_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN",
+                       # and no table of timings, or stats line, on stderr per GEMM
+                       "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
+_compiled = None  # (weakref to the model, its weights' stamp, the compiled step)
+
+
+def _weights_stamp(model):
+    # every in-place write on a parameter or buffer (optimizer step, load_state_dict, .mul_ under
+    # no_grad) bumps its _version, and replacing one moves its data_ptr. Writes through `.data`
+    # (p.data.copy_(...)) bump nothing: they are not seen, so write weights in place under no_grad
+    tensors = list(model.parameters()) + list(model.buffers())
+    return tuple((t.data_ptr(), t._version) for t in tensors)
+
+
+def compiled_token(model):
+    """_static_token compiled by inductor for this model, and the inductor options to compile it
+    under: CPU_COMPILE_OPTIONS on a CPU (the weights frozen in), none elsewhere. The first call
+    compiles for its batch size and cache length; the first call with other sizes compiles once
+    more, with those sizes symbolic (dynamo's automatic dynamic shapes), and every later size
+    reuses that graph, except a single chain (dynamo fixes sizes 0 and 1): that compiles once more.
+    Another model, or on a CPU this one with weights written since (training), drops every graph
+    dynamo holds and compiles afresh: the old ones have the old weights baked in. A new sampling
+    option compiles again too; past dynamo's limit of 8 versions it runs eagerly, with a warning
+    (no fullgraph=True: that would make the limit an error)."""
+    global _compiled
+    frozen = model.lm_head.weight.device.type == "cpu"
+    stamp = _weights_stamp(model) if frozen else None
+    if _compiled is None or _compiled[0]() is not model or _compiled[1] != stamp:
+        if _compiled is not None:
+            torch._dynamo.reset()
+        _compiled = (weakref.ref(model), stamp, torch.compile(_static_token, dynamic=None))
+    return _compiled[2], CPU_COMPILE_OPTIONS if frozen else {}
+
+
+@torch.no_grad()
+def _draw_compiled(model, cache, key_mask, h_last, start, n_cond, opt, uniforms, codes):
+    """draw_image's tokens by the compiled static step: one graph for every token (model.forward)."""
+    N, dev = model.cfg.image_tokens, h_last.device
+    km = key_mask if key_mask is not None else torch.ones(2 * n_cond, cache.k[0].size(2), dtype=torch.bool, device=dev)
+    step, options = compiled_token(model)
+    slots = torch.arange(start, start + N - 1, device=dev)
+    h_last = h_last.contiguous()  # as the step returns it: one graph for every call
+    def token(i):
+        codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
+        return h
+
+    # checked: finds (or compiles) the graph for these inputs. The options go in as a patch:
+    # given as torch.compile(options=...) they measured no faster (freezing did not apply)
+    with torch._inductor.config.patch(options):
+        h_last = token(0)
+    # later calls change only tensor values, so dynamo's guard checks (~0.3 ms a call on toy) are skipped
+    with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
+        for i in range(1, N - 1):
+            h_last = token(i)
+    codes[:, N - 1] = _image_code(model, h_last, uniforms[:, N - 1], n_cond, opt)
+    return codes, start + N - 1
 
 
 # -----------------------------------------------------------------------------
