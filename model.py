@@ -123,8 +123,8 @@ def attend(q, k, v, mask=None, causal=False, sdpa=True):
     """softmax(q k^T / sqrt(hs)) v.  q (B, nh, T, hs), k v (B, nkv, Tk, hs) -> (B, nh, T, hs).
     mask: bool, broadcastable to (B, nh, T, Tk), True = may attend. causal: lower triangle (T == Tk)."""
     if q.requires_grad and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
-        # PyTorch's CPU flash-attention backward is 1.5-8x slower in bf16 than in fp32 (measured on
-        # the toy shapes), so training under CPU autocast runs attention in fp32 (also more exact)
+        # PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32
+        # (docs/experiments.md), so training under CPU autocast runs attention in fp32 (also more exact)
         with torch.autocast("cpu", enabled=False):
             return attend(q.float(), k.float(), v.float(), mask, causal, sdpa).type_as(q)
     if sdpa:

@@ -45,12 +45,9 @@ from vit import load_vit
 
 # -----------------------------------------------------------------------------
 # Run settings per config (flags override). Learning rates are the toy's: these models start
-# from scratch, so they need far more than the paper's 2e-5 for fine-tuning a 7B model.
-# Toy SFT steps: 600 left it under-trained. `sft.py --stage sft --steps N [--seed S] --dtype fp32` from one
-# toy base, paper's mix, sft_eval.json on the test split (first image / final image / judge AUC in the
-# loop; run on an H200):
-# 600 steps 0.16 / 0.19 / 0.48; 1200 steps, seeds 0-2, 0.22-0.23 / 0.24-0.25 / 0.53-0.59; 2000 steps
-# 0.31 / 0.35 / 0.71. On the 2-core AVX2 CPU, fp32, the 2000 steps took 4,270 s (README "Results").
+# from scratch, so they need far more than the paper's 2e-5 for fine-tuning a 7B model (at 1e-3 the
+# toy's Yes/No answer collapsed). Toy SFT takes 2000 steps: drawing and judging both still improve
+# there (docs/experiments.md, "SFT: steps, seeds and task mix").
 
 TRAIN = {
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
@@ -60,35 +57,21 @@ TRAIN = {
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
 }
-# The base model: draw, describe, answer. With the pretrained ViT (vit.py) describing is learned
-# quickly (toy, 900 steps: 0.55-0.69 of held-out scenes described exactly at 8-20% of the examples)
-# and the Yes/No answers are the slow skill, so they get most understanding examples.
-# Learning rates: at 1e-3 the Yes/No answer collapsed to 50/50 for good (VQA only, one-object
-# prompts, pretrained ViT: agreement 0.48-0.52 through 3000 steps), at 3e-4 it was 0.99 by step
-# 250 and 1.00 by step 1250 (README "Results").
-# Drawing is the skill the toy base model lacks most: at 900 steps with half of them text-to-image its
-# t2i loss sat at ~2.15 nats per code and 0.12 of its first images passed the checker, and 300 more
-# t2i-only steps from there took the loss to 1.74 and the accuracy to 0.18 (scratch). A t2i step
-# costs ~1.0 s on the 2-core CPU, an understanding step ~2.3 s (the ViT, four answers), so drawing
-# gets 5/8 of the steps: toy's 1200 steps keep the 450 understanding steps of the earlier 900.
+# The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
+# steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
+# examples (docs/experiments.md, "Base stage: the share of drawing steps").
 BASE_MIX = {"t2i": 0.625, "describe": 0.1125, "vqa": 0.2625}
 # Questions per VQA image: a conversation, as VLM instruction data has, so that each pass through the
-# ViT teaches several answers. All categories, frozen pretrained ViT, lr 3e-4, 400 VQA-only steps:
-# one question per image reached 0.77 agreement (AUC 0.82) in 258 s, four reached 0.83 (AUC 0.90) in 272 s.
+# ViT teaches several answers for little more time (docs/experiments.md, "questions per VQA image").
 VQA_QUESTIONS = 4
-# The first question of every VQA conversation is asked in the self-check's own layout (prompt,
-# image, cue), the one the judge needs, and for the first `easy_steps` base steps its prompt comes
-# from these categories only. The toy LM does not find that layout by itself: VQA only, all
-# categories, 400 steps, it stayed at chance (agreement 0.60, AUC 0.64); with 150 steps on these
-# categories first it reached 0.81 / 0.87 by step 450 (scratch runs, README "Results"). The answer
-# must join the prompt read before the image with the image: two hops, where the question after
-# the image needs one; on one-object prompts the model finds the two hops, then keeps them.
+# The first question of every VQA conversation is asked in the self-check layout (prompt, image, cue),
+# which the judge needs; for the first `easy_steps` base steps its prompt comes from these categories,
+# where the toy LM first learns to join the prompt with the image after it (docs/experiments.md).
 EASY_CATEGORIES = ("single", "colour")
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
 # The ViT: base keeps vit.py's pretraining (the SigLIP stand-in). SFT trains it: only Task II reaches
 # it, so it can learn to read the model's own images while Tasks I and III pull the shared LM
-# towards drawing. Toy, 150 steps of the paper's mix from the base, judging the base model's own
-# images (scratch): fixed AUC 0.58 on Task II's training images, 0.67 on held-out ones; trained 0.66 / 0.76.
+# towards drawing (docs/experiments.md, "SFT: the ViT fixed or trained").
 VIT_DEFAULT = {"base": "fixed", "sft": "train"}
 PROMPT_DROPOUT = 0.1
 
@@ -139,8 +122,7 @@ def base_batch(rng, mix, n, by_cat, size, easy=False):
     """One base-stage step -> (task, n examples): a text-to-image step with probability mix["t2i"],
     otherwise an understanding step ("und") whose examples are describe or vqa, drawn per example
     in the proportion mix["describe"] : mix["vqa"]. Mixed per example because alternating whole
-    describe and VQA steps let every VQA step undo describe's progress (600 understanding steps,
-    0.4/0.6: 0.73 nats per held-out caption token alternating, 0.35 mixed; README "Results")."""
+    describe and VQA steps let every VQA step undo describe's progress (docs/experiments.md)."""
     task = rng.choices(list(mix), weights=list(mix.values()))[0]
     if task not in UND_TASKS:
         return task, [base_example(task, rng, by_cat, size) for _ in range(n)]
@@ -200,16 +182,13 @@ def build_sft_pool(model, vq, tok, prompts, k, size, seed, batch=64, opt=Options
 
 
 # Task II: share of answers shown on the base model's own images, where a prompt has both kinds.
-# The judge reads rendered scenes already (the base's VQA); its own images are what it misreads.
-# Toy, 300 SFT steps: at 0.7 its AUC on its own test images was 0.44, at 1.0 0.40 (one seed each), with
-# final-image accuracy 0.15 and 0.19; at 1.0 and 600 steps 0.47 and 0.19 (scratch).
+# The judge reads rendered scenes already (the base's VQA); its own images are what it misreads
+# (docs/experiments.md, "OWN_SHARE").
 OWN_SHARE = 1.0
 # Tasks I and III: for a prompt with a correct own sample, the chance that its target (positive)
-# image is one of them rather than a rendered scene. 0: training the toy base on its own
-# checker-approved samples taught it their mess (scratch, 150 Task I steps from the 1200-step base,
-# first-image accuracy on the test split: 0.129 at 0.5, as before; 0.179 at 0; the base 0.17).
-# The renderer is the toy's strong external generator, and a perfect one; own images still teach
-# the judge (Task II) and are what Task III corrects.
+# image is one of them rather than a rendered scene. 0: training on its own checker-approved
+# samples taught the toy model their mess (docs/experiments.md, "OWN_POSITIVE"). The renderer is the
+# toy's strong (and perfect) external generator; own images still feed Task II and Task III's inputs.
 OWN_POSITIVE = 0.0
 
 
@@ -218,7 +197,7 @@ def sft_example(task, rng, by_cat, pool, size, depth=1):
     rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
     or, when a prompt has none, a rendered near-miss (a deliberately broken scene).
     by_cat: the SFT prompts by category (group); a category uniformly, then a prompt, as the base
-    stage draws (uniform over texts gave toy SFT 38% compositional prompts and 2% single ones)."""
+    stage draws (uniform over texts would be mostly compositional prompts)."""
     p = train_prompt(rng, by_cat)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
@@ -243,11 +222,10 @@ def sft_example(task, rng, by_cat, pool, size, depth=1):
         # Yes or No with even odds for every prompt, and on the base model's own images as often
         # behind Yes as behind No: own images look unlike rendered ones, and a prompt the base model
         # usually fails must not mean "No" either. Otherwise the judge learns the look or the
-        # prompt, not to read the image (measured: it did both).
+        # prompt, not to read the image (it did both).
         # The paper's deeper context: 0 to `depth` earlier failed rounds before the judged image,
-        # with even odds, as the loop judges every image after the first. Trained without them, the
-        # judge said No to 95% of second images and 99.7% of third ones: the only answers it had seen
-        # after a reflection were No (scratch, toy; second images were right 25% of the time).
+        # with even odds, as the loop judges every image after the first; without them the judge
+        # says No after any reflection (docs/experiments.md, "earlier rounds in Task II's context").
         yes = rng.random() < 0.5
         history = [_hist(negative()) for _ in range(rng.randint(0, depth))]
         if pos and neg and rng.random() < OWN_SHARE:

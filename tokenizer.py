@@ -72,27 +72,14 @@ class VQConfig:
 
 
 VQ_PRESETS = {
-    # Our two small tokenizers use ONE GroupNorm group (a LayerNorm over C, H, W). With 16 channels
-    # split into 8 groups of 2, each group is normalised on its own, like instance norm: a "how red"
-    # channel is rescaled to the same spread whether the image holds a red object or none, and the
-    # network learned colour far more slowly (measured: shapes came out in one average brown).
+    # Our small tokenizers use ONE GroupNorm group (a LayerNorm over C, H, W): in groups of 2 channels
+    # a "how red" channel is rescaled alike with or without a red object, and colour learns slowly.
     # the tests' tokenizer: 32x32 -> 4x4 codes, trains in seconds
     "tiny": VQConfig(image_size=32, ch=16, ch_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=1,
                      z_channels=32, codebook_size=256, norm_groups=1, local_encoder=True),
-    # ShapeWorld's tokenizer: 64x64 -> 8x8 codes. 1024 codes, not 512: with 512, yellow and orange
-    # (the closest pair of palette colours) shared codes and came back as their average, and the
-    # checker's verdict survived the round trip for 95% of (image, prompt) pairs; with 1024, 99.6%
-    # The toy encoder is patch-local (local_encoder=True): each 8x8 patch is encoded on its own. With
-    # LlamaGen's encoder (GroupNorm over the whole image, attention) a code also depended on the rest
-    # of the image: on the 1,400 held-out scenes of `vq_metrics`, the white background took 545
-    # different codes and the codes' entropy was 6.16 nats, noise the language model then had to
-    # predict (the base stage's text-to-image loss ended at 5.27 nats). Patch-local (then with two
-    # decoder blocks per level): one background code, entropy 2.53 nats, that loss 1.90, the same
-    # checker agreement (0.996). vq_eval.json has the current preset's figures.
-    # One decoder block per level, not LlamaGen's encoder + 1: convolution backward is most of a
-    # step. 1,400 steps in 163.8 s against ~200 s with two, and agreement 0.996 either way
-    # (2026-11-26; halving the 32x32 level's channels instead was faster, 172 s on a busier machine,
-    # but lost the target: 0.989).
+    # ShapeWorld's tokenizer: 64x64 -> 8x8 codes. 1024 codes keep yellow and orange apart; the
+    # patch-local encoder gives the same pixels the same code (less for the LM to predict); one decoder
+    # block per level, as convolution backward dominates a step. See docs/experiments.md, VQ tokenizer.
     "toy": VQConfig(image_size=64, ch=16, ch_mult=(1, 2, 2, 4), enc_blocks=1, dec_blocks=1,
                     z_channels=64, codebook_size=1024, norm_groups=1, local_encoder=True),
     # Janus-Pro's VQ-16 exactly: 384x384 -> 24x24 codes, 16384 codes of dim 8 (janus_pro_facts.md)
@@ -557,7 +544,7 @@ def train(args):
                warmup=preset["warmup"], window=preset["window"], bf16=use_bf16(args.dtype, dev))
 
     torch.manual_seed(args.seed)  # the only use of the global RNG: the init
-    # channels-last: CPU convolutions run faster on NHWC (measured ~1.3x per step on the toy)
+    # channels-last: CPU convolutions run faster on NHWC
     model = VQModel(cfg).to(dev, memory_format=torch.channels_last)
     optimizer = make_optimizer(model, run["lr"])  # LlamaGen's betas, no weight decay
     # the codebook's health: code hits in the current window, the usage of the last one

@@ -3,11 +3,9 @@ Pretraining the understanding encoder: our stand-in for SigLIP.
 
 Janus-Pro reads images through a SigLIP ViT that was pretrained on billions of image-text pairs
 before Janus ever saw it. Our toy ViT has no such past, and trained from scratch inside the base
-stage it does not learn to see shapes in time: a linear probe on its mean-pooled features stayed
-at chance on "is there a circle?" after 1,600 steps (51,200 images), while a 3-layer CNN got it
-right in 100 steps. Below the base stage, Yes/No questions then stay at chance too (README "Results").
-So, like the VQ tokenizer, the ViT gets its own short pretraining on ShapeWorld: every patch learns
-what it shows, from the scene graph:
+stage it does not learn to see shapes in time, so Yes/No questions stay at chance too
+(docs/experiments.md, "ViT pretraining"). So, like the VQ tokenizer, the ViT gets its own short
+pretraining on ShapeWorld: every patch learns what it shows, from the scene graph:
 
     shape of the object that covers the patch (circle / square / triangle / background)
     colour of that object (6 colours / background)
