@@ -593,11 +593,11 @@ def _draw_compiled(model, cache, key_mask, h_last, start, n_cond, opt, uniforms,
         codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
         return h
 
-    # checked: finds (or compiles) the graph for these inputs. The options go in as a patch:
-    # given as torch.compile(options=...) they measured no faster (freezing did not apply)
+    # checked: finds (or compiles) the graph; the options go in as a patch, since through
+    # torch.compile(options=...) freezing does not apply
     with torch._inductor.config.patch(options):
         h_last = token(0)
-    # later calls change only tensor values, so dynamo's guard checks (~0.3 ms a call on toy) are skipped
+    # later calls change only tensor values, so dynamo's guard checks are skipped
     with torch.compiler.set_stance("default", skip_guard_eval_unsafe=True):
         for i in range(1, N - 1):
             h_last = token(i)

@@ -526,8 +526,8 @@ def evaluate(objs, prompt, W):
         reason = reason or why
     if len(objs) > MAX_OBJECTS:
         # Not a ShapeWorld scene: without this rule an image strewn with coloured blobs "shows a
-        # triangle" by luck, and an untrained generator scored 0.19 overall on the test split (a
-        # trained one 0.18). The scene rule counts as one more condition in the soft score.
+        # triangle" by luck (docs/experiments.md, "Checker: too many shapes"). The scene rule
+        # counts as one more condition in the soft score.
         return Check(False, sum(holds) / (len(holds) + 1), "No, there are too many shapes.", holds)
     if all(holds):
         return Check(True, 1.0, f"Yes, the image shows {prompt.text}.", holds)
