@@ -1,0 +1,363 @@
+"""
+Stage 2 of the method (SPEC.md section 5): GRPO over the introspective chain.
+
+Per prompt, G chains are sampled from the current policy (sample.introspect, two rounds):
+    image 1 (CFG, temperature 1) -> forced Yes/No + reason (temperature 1) -> on No, image 2
+    drawn with the reflection in context. The final image is image 1 on Yes, image 2 on No.
+Each chain earns three rewards from a judge R(image, prompt) in [0, 1] (default: the ShapeWorld
+checker's soft score, the fraction of the prompt's facts that hold; --reward judge: a trained
+model's P(yes), the paper's model-as-reward-model):
+    segment 0, image 1's tokens:            r0 = R(I1)
+    segment 1, the verdict + reason tokens: r1 = 1 - |R(I1) - SE|   (SE = 1 if the model said Yes)
+    segment 2, the final image's tokens:    r2 = R(final); on Yes that is image 1 again, credited
+                                            in its own context
+Each segment's rewards are normalised within the group, A = (r - mean) / (std + 1e-4), and
+broadcast to that segment's tokens. Loss per token: the PPO-clipped ratio times A, plus beta times
+the k3 estimate of KL to the frozen SFT model; a mean over a segment's tokens, then over chains,
+then over segments. With one update per rollout the ratio is 1: REINFORCE with a group baseline.
+
+Image log-probs come from the CFG-combined logits at temperature 1, w * l_c + (1 - w) * l_u: the
+distribution the tokens were drawn from. (The released code uses l_c - ((w-1)/w) l_u, the same
+logits divided by w, i.e. the guided distribution at temperature w: not the one it samples from.)
+Text log-probs come from the text head, the verdict's over {Yes, No} only, as it was sampled.
+
+    python rl.py --config toy --out out/toy          # reads sft.pt, writes rl.pt and rl_eval.json
+    python rl.py --config tiny --out out/tiny --segments 0   # ablation: T2I GRPO on image 1 only
+"""
+
+import json
+import os
+import random
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+import shapes
+from common import (DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
+                    run_cli, save_checkpoint, stage_receipt, to_uint8, use_bf16, write_json)
+from evaluate import final_eval
+from sample import (Options, add_reflection, cfg_logits, collate, embed_batch, introspect, janus_checkpoint, load_janus,
+                    prompt_seq, selfcheck_seq)
+from sft import group, train_prompt
+from train import Plan, fit, make_optimizer, setup_distributed
+
+TRAIN = {
+    # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included)
+    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4),
+    "toy": dict(steps=150, prompts=8, group=8, lr=1e-5, warmup=10, beta=0.04, reason=24, eval_prompts=20),
+    "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=0.04, reason=24, eval_prompts=50),
+}
+SEGMENTS = ("image 1", "verdict + reason", "final image")
+
+# -----------------------------------------------------------------------------
+# Rewards and advantages (the quantities of SPEC.md section 5, as plain tensors)
+
+
+def chain_rewards(r1, yes, r_final):
+    """(C,) judge scores of image 1, verdicts (bool) and judge scores of the final image -> (C, 3).
+
+    >>> chain_rewards(torch.tensor([0.5, 1.0]), torch.tensor([False, True]), torch.tensor([1.0, 1.0]))
+    tensor([[0.5000, 0.5000, 1.0000],
+            [1.0000, 1.0000, 1.0000]])
+    """
+    return torch.stack([r1, 1 - (r1 - yes.float()).abs(), r_final], 1)
+
+
+def group_advantages(rewards, group):
+    """rewards (C, S), C = prompts x group chains in prompt order -> advantages (C, S): each
+    segment normalised within its group, (r - mean) / (std + 1e-4) (std over the group, not
+    unbiased). A group whose chains all earned the same reward gives 0: it teaches nothing.
+
+    >>> group_advantages(torch.tensor([[1.0], [0.0], [0.5], [0.5]]), 2)
+    tensor([[ 0.9998],
+            [-0.9998],
+            [ 0.0000],
+            [ 0.0000]])
+    """
+    r = rewards.reshape(-1, group, rewards.size(-1))  # (P, G, S)
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, unbiased=False, keepdim=True) + 1e-4)
+    return a.reshape(rewards.shape)
+
+
+def grpo_loss(logp, old, ref, adv, mask, eps=0.2, beta=0.04):
+    """The GRPO objective. logp, old, ref: (C, S, L) per-token log-probs of the sampled tokens under
+    the policy, the policy that sampled them and the frozen reference; adv (C, S); mask (C, S, L)
+    True on real tokens (masked tokens add nothing). Returns the loss and, per segment, the mean
+    k3 KL (C, S) -> (S,).
+    Per token: -min(ratio A, clip(ratio, 1 - eps, 1 + eps) A) + beta (exp(ref - logp) - (ref - logp) - 1);
+    a mean over a segment's tokens, then over chains, then over segments."""
+    ratio = (logp - old).exp()
+    a = adv[..., None]
+    pg = -torch.minimum(ratio * a, ratio.clamp(1 - eps, 1 + eps) * a)
+    d = ref - logp
+    kl = d.exp() - d - 1  # k3: unbiased for KL(policy || ref), never negative
+    m = mask.float()
+    n = m.sum(-1).clamp(min=1)  # (C, S)
+    per_seg = ((pg + beta * kl) * m).sum(-1) / n  # (C, S)
+    return per_seg.mean(0).mean(), ((kl * m).sum(-1) / n).mean(0).detach()
+
+
+# -----------------------------------------------------------------------------
+# Rollouts: chains from sample.py, their training sequences from sample.py's layouts
+
+
+def checker_reward(images, prompts):
+    return torch.tensor([shapes.check(im, p).score for im, p in zip(images, prompts)])
+
+
+@torch.no_grad()
+def judge_reward(judge, tok, images, prompts):
+    """A trained model's P(yes) for (image, prompt) in the self-check layout (the paper's reward model)."""
+    seqs = [selfcheck_seq(tok, p, im, judge.cfg.image_tokens) for im, p in zip(images, prompts)]
+    b = collate(seqs, tok, next(judge.parameters()).device, left=True)
+    h = judge(embed_batch(judge, b), key_mask=b.key_mask)[:, -1]
+    return judge.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)[:, 0].cpu()
+
+
+@torch.no_grad()
+def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect"):
+    """Chains for prompts (each repeated G times by the caller) -> a plain dict of lists and tensors
+    (what the loss needs, and what a resumed run reloads): codes of image 1 and of the final image,
+    the answer ids (verdict first, and whether its EOS was sampled), verdicts, rewards (C, 3).
+    regen="plain": after a No, image 2 is a fresh sample from the prompt alone (the loop without
+    reflection: the ablation that separates reflection from judge-guided resampling)."""
+    model.eval()
+    chains = introspect(model, vq, tok, prompts, seeds, Options(cfg=opt.cfg, rounds=1 if regen == "plain" else 2,
+                                                              text_temperature=1.0, max_reason=opt.max_reason))
+    yes = torch.tensor([c.verdicts[0] == "yes" for c in chains])
+    if regen == "plain":  # image 2 from the prompt alone, with its own seed
+        redo = [i for i, c in enumerate(chains) if not yes[i]]
+        if redo:
+            again = introspect(model, vq, tok, [prompts[i] for i in redo], [seeds[i] + 7919 for i in redo],
+                               Options(cfg=opt.cfg, rounds=1, text_temperature=1.0, max_reason=opt.max_reason))
+            for i, c in zip(redo, again):
+                chains[i].images.append(c.images[0])
+                chains[i].codes.append(c.codes[0])
+    first = [c.images[0] for c in chains]
+    final = [c.images[-1] for c in chains]
+    r1 = reward(first, prompts)
+    r_final = torch.where(yes, r1, reward(final, prompts))
+    model.train()
+    return {"prompts": list(prompts), "codes1": [c.codes[0] for c in chains], "codes2": [c.codes[-1] for c in chains],
+            "answers": [c.reason_ids[0] for c in chains],
+            "eos": [len(c.reason_ids[0]) - 1 < opt.max_reason for c in chains],  # cut at the limit: no EOS drawn
+            "yes": yes, "rewards": chain_rewards(r1, yes, r_final), "regen": regen}
+
+
+def chain_seqs(ro, tok, vq, n_tokens):
+    """The training sequences of a rollout, built by sample.py's layout functions, so the loss reads
+    every token in exactly the context it was drawn in. Returns (cond rows, uncond twins of the image
+    rows, which row scores which segment of which chain)."""
+    images1 = _decode(vq, ro["codes1"])
+    rows, twins, where = [], [], []  # where: (chain, segment, row index, kind)
+    for c, (p, c1, ans) in enumerate(zip(ro["prompts"], ro["codes1"], ro["answers"])):
+        s0 = prompt_seq(tok, p).gen_image(tok, c1, w=1.0)
+        where.append((c, 0, len(rows), "image"))
+        rows.append(s0)
+        twins.append(s0.uncond(tok, True))
+        s1 = selfcheck_seq(tok, p, images1[c], n_tokens).add(ans + ([tok.eos] if ro["eos"][c] else []), w=1.0)
+        where.append((c, 1, len(rows), "text"))
+        rows.append(s1)
+        twins.append(None)
+        if ro["yes"][c]:  # the final image is image 1: its tokens again, in their own context
+            where.append((c, 2, where[-2][2], "image"))
+            continue
+        if ro["regen"] == "plain":
+            s2 = prompt_seq(tok, p).gen_image(tok, ro["codes2"][c], w=1.0)
+            twin = s2.uncond(tok, True)
+        else:
+            s2 = add_reflection(prompt_seq(tok, p).gen_image(tok, c1), tok, ans).gen_image(tok, ro["codes2"][c], w=1.0)
+            twin = s2.uncond(tok, False)  # a regeneration pads only the user's words
+        where.append((c, 2, len(rows), "image"))
+        rows.append(s2)
+        twins.append(twin)
+    return rows, twins, where
+
+
+def _decode(vq, codes):
+    dev = next(vq.parameters()).device
+    return list(to_uint8(vq.decode(torch.tensor(codes, device=dev))))
+
+
+def token_logps(model, tok, rows, twins, where, cfg_w, n_seg):
+    """Per-token log-probs of the sampled tokens, (C, S, L) with a mask, in one forward over all
+    rows (cond rows, then the uncond twins of image rows). Images: log_softmax of the CFG-combined
+    logits; text: the text head over the tokenizer's vocabulary, the verdict over {Yes, No}."""
+    img_rows = [i for i, t in enumerate(twins) if t is not None]
+    b = collate(rows + [twins[i] for i in img_rows], tok, next(model.parameters()).device)
+    h = model(embed_batch(model, b))  # (R + R_img, T, D)
+    R, out = len(rows), {}
+    for k, i in enumerate(img_rows):
+        sel = b.image_targets[i] >= 0  # the uncond twin has the same length: the same positions
+        g = cfg_logits(model.image_logits(h[i][sel]), model.image_logits(h[R + k][sel]), cfg_w)
+        out[i] = F.log_softmax(g, -1).gather(-1, b.image_targets[i][sel][:, None])[:, 0]
+    for i, t in enumerate(twins):
+        if t is None:
+            sel = b.text_targets[i] >= 0
+            logits = model.text_logits(h[i][sel])
+            logits[:, len(tok):] = float("-inf")  # as decode_text samples
+            lp = F.log_softmax(logits, -1).gather(-1, b.text_targets[i][sel][:, None])[:, 0]
+            verdict = F.log_softmax(logits[:1, [tok.yes, tok.no]], -1)  # the first answer token: Yes or No only
+            first = b.text_targets[i][sel][0]
+            out[i] = torch.cat([verdict[0, 0 if first == tok.yes else 1].reshape(1), lp[1:]])
+    C = 1 + max(c for c, _, _, _ in where)
+    L = max(len(v) for v in out.values())
+    logp = torch.zeros(C, n_seg, L, device=h.device)
+    mask = torch.zeros(C, n_seg, L, dtype=torch.bool, device=h.device)
+    for c, s, i, _ in where:
+        if s < n_seg:
+            logp[c, s, :len(out[i])] = out[i]
+            mask[c, s, :len(out[i])] = True
+    return logp, mask
+
+
+# -----------------------------------------------------------------------------
+# The stage: rollouts -> rewards -> advantages -> updates, through train.fit
+
+
+def step_stats(ro, adv, kl, group):
+    """What a researcher watches: mean reward per segment, the Yes rate, how often image 2 beat
+    image 1 (among the chains that redrew), the KL per segment, the share of groups with nothing
+    to learn (every chain the same reward in every segment)."""
+    r = ro["rewards"]
+    redrew = ~ro["yes"]
+    flat = (adv.reshape(-1, group, adv.size(-1)).abs().sum((1, 2)) == 0).float().mean().item()
+    return {"reward": [round(v, 4) for v in r.mean(0).tolist()], "yes": round(ro["yes"].float().mean().item(), 3),
+            "better": round(((r[:, 2] > r[:, 0]) & redrew).float().sum().item() / max(1, int(redrew.sum())), 3),
+            "kl": [round(v, 5) for v in kl.tolist()], "flat_groups": round(flat, 3)}
+
+
+def main(argv=None):
+    ap = Parser(description="GRPO over the introspective chain (SPEC.md section 5), from OUT/sft.pt.")
+    ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset and run settings")
+    ap.add_argument("--out", required=True, help="run folder: reads sft.pt, writes rl.pt, rl_eval.json (rl_state.pt while training)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and of every rollout")
+    # optimisation (defaults from TRAIN[config])
+    ap.add_argument("--steps", type=pos_int, help="optimizer steps")
+    ap.add_argument("--prompts", type=pos_int, help="prompts per rollout, over all processes")
+    ap.add_argument("--group", type=pos_int, help="chains per prompt (G)")
+    ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
+    ap.add_argument("--beta", type=nonneg_float, help="weight of the k3 KL to the SFT model (0 allowed)")
+    ap.add_argument("--clip-eps", type=fraction, default=0.2, help="PPO clip range of the ratio")
+    ap.add_argument("--updates-per-batch", type=pos_int, default=1, help="optimizer steps per rollout batch (1: ratio 1, REINFORCE)")
+    ap.add_argument("--cfg", type=nonneg_float, default=5.0, help="guidance weight of the rollouts' images")
+    ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
+    # what is rewarded
+    ap.add_argument("--reward", choices=["checker", "judge"], default="checker",
+                    help="checker: the ShapeWorld checker's soft score; judge: --judge-ckpt's P(yes)")
+    ap.add_argument("--judge-ckpt", help="a Janus checkpoint whose P(yes) is the reward (with --reward judge)")
+    ap.add_argument("--segments", type=int, choices=[0, 3], default=3,
+                    help="3: the whole chain; 0: image 1 only (plain text-to-image GRPO, the ablation)")
+    ap.add_argument("--regen", choices=["reflect", "plain"], default="reflect",
+                    help="after a No, draw image 2 with the verdict and reason in context, or afresh from the prompt")
+    # monitoring
+    ap.add_argument("--eval-prompts", type=pos_int, help="test prompts per category for the final evaluation")
+    ap.add_argument("--ckpt-every", type=pos_int, default=10, help="save the resumable state every N steps")
+    ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    run_cli(ap, argv, run)
+
+
+def rl_settings(args, preset):
+    pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else preset[flag]
+    if (args.reward == "judge") != (args.judge_ckpt is not None):
+        raise ValueError("--reward judge and --judge-ckpt CKPT go together")
+    return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
+                lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
+                updates=args.updates_per_batch, cfg=args.cfg, reason=preset["reason"], reward=args.reward,
+                segments=args.segments, regen=args.regen, bf16=None)
+
+
+def run(args):
+    preset = TRAIN[args.config]
+    settings = rl_settings(args, preset)
+    dev, rank, world = setup_distributed(args.device)
+    settings["bf16"] = use_bf16(args.dtype, dev)
+    if settings["prompts"] % world:
+        raise ValueError(f"--prompts {settings['prompts']} does not split over {world} processes")
+    sft_path = os.path.join(args.out, "sft.pt")
+    if not os.path.isfile(sft_path):
+        raise ValueError(f"{sft_path} not found: run SFT first (python sft.py --stage sft --config {args.config} --out {args.out})")
+    inputs = {"sft.pt": digest(sft_path)}
+    if args.judge_ckpt:
+        inputs["judge"] = digest(args.judge_ckpt)
+    settings["inputs"] = inputs
+    check_run_dir(args.out)
+    state_path = os.path.join(args.out, "rl_state.pt")
+    st = load_state(state_path, "rl_state", settings, ignore=("steps", "bf16"))
+
+    model, vq, tok, _ = load_janus(sft_path, dev)
+    ref, _, _, _ = load_janus(sft_path, dev)  # the frozen SFT model of the KL term
+    ref.requires_grad_(False)
+    vq.requires_grad_(False)
+    model.vision_model.requires_grad_(False)  # the released code keeps the ViT (and the VQ) frozen
+    if args.reward == "judge":
+        judge, _, _, _ = load_janus(args.judge_ckpt, dev)
+        reward = lambda images, prompts: judge_reward(judge, tok, images, prompts)
+    else:
+        reward = checker_reward
+    by_cat = group(shapes.make_splits(seed=0)["train"])
+    opt = SimpleNamespace(cfg=settings["cfg"], max_reason=settings["reason"])
+    n_seg = 1 if settings["segments"] == 0 else 3
+    local = settings["prompts"] // world
+    G, N = settings["group"], model.cfg.image_tokens
+    held = {"rollout": None, "stats": []}  # the current rollout batch (saved in the state) and the curve
+
+    def batch_fn(step, micro):
+        k = step // settings["updates"]  # rollout k serves updates k*U .. k*U + U - 1
+        if held["rollout"] is None or held["rollout"]["k"] != k:
+            rng = random.Random(f"rl-{args.seed}-{k}")
+            prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
+            prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
+            seeds = [(args.seed * 1_000_003 + k * 10_007 + rank * len(prompts) + i) % 2**31 for i in range(len(prompts))]
+            ro = rollout(model, vq, tok, prompts, seeds, opt, reward, settings["regen"])
+            ro["adv"] = group_advantages(ro["rewards"][:, :n_seg], G)
+            with torch.no_grad():
+                rows = chain_seqs(ro, tok, vq, N)
+                ro["old"], ro["mask"] = token_logps(model, tok, *rows, settings["cfg"], n_seg)
+                ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
+            ro["k"] = k
+            held["rollout"] = ro
+        return held["rollout"], "loss"
+
+    def loss_fn(ro):
+        logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg)
+        loss, kl = grpo_loss(logp, ro["old"], ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
+        held["kl"] = kl
+        return loss / world  # this process's share: every process holds as many chains
+
+    def after_step(step):
+        s = step_stats(held["rollout"], held["rollout"]["adv"], held["kl"], G)
+        held["stats"].append(dict(step=step, **s))
+        return {"r0": s["reward"][0], "r1": s["reward"][1], "r2": s["reward"][2], "yes": s["yes"]}
+
+    def set_held(saved):
+        held.update(saved)
+
+    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.0)
+    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
+                world=world, rank=rank, desc=f"rl {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+    model.train()
+    step, seconds, _ = fit(batch_fn, loss_fn, optimizer, model.parameters(), {"model": model}, plan, state_path,
+                           "rl_state", settings, st, after_step=after_step,
+                           extra_state=(lambda: {"rollout": held["rollout"], "stats": held["stats"]}, set_held))
+    if rank == 0:
+        model.eval()
+        path = os.path.join(args.out, "rl.pt")
+        save_checkpoint(janus_checkpoint(model, vq, tok, stage="rl", settings=settings, step=step), path)
+        print(f"wrote {path} ({seconds:.0f} s of training)")
+        splits = shapes.make_splits(seed=0)
+        per_cat = args.eval_prompts or preset["eval_prompts"]
+        test = [p for c in shapes.CATEGORIES for p in [q for q in splits["test"] if q.category == c][:per_cat]]
+        result = final_eval(model, vq, tok, test, "sft", model.cfg.image_size)
+        result.update(stage="rl", config=args.config, steps=step, train_seconds=round(seconds, 1), curve=held["stats"],
+                      made=stage_receipt(args.out, args.config, settings, ("sft.pt",)), ckpt=digest(path))
+        write_json(result, os.path.join(args.out, "rl_eval.json"))
+        print(json.dumps({k: result[k] for k in ("first", "final", "judge")}))
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,167 @@
+"""GRPO (rl.py): advantages and the loss on hand-made tensors, log-probs equal to the sampler's,
+a reward the tiny model learns in a few steps, resume after a kill.
+Run: python -m pytest -q tests/test_rl.py   (CPU, about a minute)"""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import rl
+import sample as S
+import shapes
+from common import load_checkpoint, save_checkpoint
+from model import PRESETS, Janus, JanusConfig
+from sample import janus_checkpoint
+from tokenizer import VQ_PRESETS, TextTokenizer, VQModel
+
+TOK = TextTokenizer(shapes.WORDS)
+
+
+# -----------------------------------------------------------------------------
+# The quantities, by hand
+
+
+def test_group_advantages_by_hand():
+    r = torch.tensor([[1.0, 0.0], [0.0, 0.0], [0.5, 0.2], [0.5, 0.2]])  # two groups of 2 chains
+    a = rl.group_advantages(r, 2)
+    # group 1, segment 0: mean 0.5, std 0.5 -> +-0.5 / (0.5 + 1e-4); segment 1 and group 2: no variance -> 0
+    assert a[:2, 0].tolist() == pytest.approx([0.5 / 0.5001, -0.5 / 0.5001])
+    assert a[:, 1].abs().sum() == 0 and a[2:].abs().sum() == 0
+
+
+def test_chain_rewards_by_hand():
+    r = rl.chain_rewards(torch.tensor([0.25, 1.0, 0.0]), torch.tensor([True, False, False]), torch.tensor([0.25, 0.5, 1.0]))
+    # r1 = 1 - |R(I1) - SE|: a Yes on a bad image, a No on a good one, a No on a bad one
+    assert r.tolist() == [[0.25, 0.25, 0.25], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0]]
+
+
+def test_loss_at_ratio_one_is_reinforce_with_a_baseline():
+    torch.manual_seed(0)
+    C, Sg, L = 3, 3, 4
+    logp = torch.randn(C, Sg, L).clamp(max=-0.1).requires_grad_()
+    adv = torch.randn(C, Sg)
+    mask = torch.ones(C, Sg, L, dtype=torch.bool)
+    mask[0, 1, 2:] = False  # a short segment: two tokens
+    loss, kl = rl.grpo_loss(logp, logp.detach(), logp.detach(), adv, mask, beta=0.04)
+    # ratio 1 and policy == reference: the value is -mean(A), the KL is 0
+    assert loss.item() == pytest.approx(-adv.mean().item(), abs=1e-6) and kl.abs().max() == 0
+    loss.backward()
+    # d/d logp = -A / (tokens of the segment) / C / S on real tokens, 0 on masked ones
+    n = mask.sum(-1, keepdim=True).float()
+    want = (-adv[..., None] / n / C / Sg) * mask
+    assert torch.allclose(logp.grad, want, atol=1e-7)
+
+
+def test_loss_clips_and_kl_by_hand():
+    mask = torch.ones(1, 1, 2, dtype=torch.bool)
+    old = torch.zeros(1, 1, 2)
+    logp = torch.log(torch.tensor([[[1.5, 0.5]]]))  # ratios 1.5 and 0.5
+    ref = torch.log(torch.tensor([[[0.75, 1.0]]]))
+    loss, kl = rl.grpo_loss(logp, old, ref, torch.tensor([[1.0]]), mask, eps=0.2, beta=0.1)
+    # A = 1: min(1.5, 1.2) = 1.2 and min(0.5, 0.8) = 0.5 -> pg = -(1.2 + 0.5) / 2
+    # k3 with d = ref - logp: d = log(0.5), log(2): exp(d) - d - 1 = 0.5 + log 2 - 1, 2 - log 2 - 1
+    k3 = [0.5 + np.log(2) - 1, 2 - np.log(2) - 1]
+    assert loss.item() == pytest.approx(-(1.2 + 0.5) / 2 + 0.1 * sum(k3) / 2, abs=1e-6)
+    assert kl.item() == pytest.approx(sum(k3) / 2, abs=1e-6)
+    # a negative advantage takes the other side of the clip: max(1.5, 1.2) = 1.5 and max(0.5, 0.8) = 0.8
+    loss, _ = rl.grpo_loss(logp, old, ref, torch.tensor([[-1.0]]), mask, eps=0.2, beta=0.0)
+    assert loss.item() == pytest.approx((1.5 + 0.8) / 2, abs=1e-6)
+
+
+# -----------------------------------------------------------------------------
+# The sequences the loss reads are the ones the sampler drew
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    torch.manual_seed(0)
+    model = Janus(JanusConfig(**PRESETS["tiny"])).eval()
+    vq = VQModel(VQ_PRESETS["tiny"]).eval()
+    return model, vq
+
+
+@torch.no_grad()
+def sampler_logps(model, tok, prompt, codes, w):
+    """log p of each drawn code as the sampler computes it: KV cache, cond + uncond rows, CFG."""
+    seq = S.prompt_seq(tok, prompt)
+    N = model.cfg.image_tokens
+    cache, km, h, pos = S.prefill_pair(model, [seq], [seq.uncond(tok, True)], tok, len(seq) + N, "cpu")
+    out = []
+    for i, c in enumerate(codes):
+        g = S.cfg_logits(*model.image_logits(h).split(1), w)
+        out.append(F.log_softmax(g, -1)[0, c])
+        x = model.embed_image_ids(torch.tensor([c, c]))[:, None]
+        h = model(x, cache=cache, start_pos=pos + i, key_mask=km[:, :pos + i + 1])[:, -1]
+    return torch.stack(out)
+
+
+def test_logps_recomputed_equal_the_samplers(bundle):
+    model, vq = bundle
+    prompts = ["a red circle", "two squares", "a circle to the left of a square"]
+    ro = rl.rollout(model, vq, TOK, prompts, [3, 4, 5], rl.SimpleNamespace(cfg=5.0, max_reason=6), rl.checker_reward)
+    assert len(ro["answers"]) == 3 and ro["rewards"].shape == (3, 3)
+    logp, mask = rl.token_logps(model, TOK, *rl.chain_seqs(ro, TOK, vq, model.cfg.image_tokens), 5.0, 3)
+    chains = S.introspect(model, vq, TOK, prompts, [3, 4, 5], S.Options(rounds=2, text_temperature=1.0, max_reason=6))
+    for c, p in enumerate(prompts):
+        # image 1: the CFG-combined distribution at temperature 1, step by step through the KV cache
+        want = sampler_logps(model, TOK, p, ro["codes1"][c], 5.0)
+        assert torch.allclose(logp[c, 0, :mask[c, 0].sum()], want, atol=1e-5)
+        # the verdict: log P(Yes) or log P(No) of the sampler's two-way choice
+        p_yes = chains[c].p_yes[0]
+        assert logp[c, 1, 0].exp().item() == pytest.approx(p_yes if ro["yes"][c] else 1 - p_yes, abs=1e-5)
+        assert mask[c, 1].sum() == len(ro["answers"][c]) + ro["eos"][c]
+        if ro["yes"][c]:  # the final image is image 1 again
+            assert torch.equal(logp[c, 2], logp[c, 0])
+
+
+# -----------------------------------------------------------------------------
+# The stage
+
+
+def _run_dir(bundle, tmp_path, name):
+    model, vq = bundle
+    out = tmp_path / name
+    out.mkdir()
+    save_checkpoint(janus_checkpoint(model, vq, TOK, stage="sft"), str(out / "sft.pt"))
+    return str(out)
+
+
+def test_a_learnable_reward_rises(bundle, tmp_path, monkeypatch):
+    """The tiny random model, rewarded for red ink in its first image: GRPO raises the reward."""
+    def red(images, prompts):
+        return torch.tensor([float(((im[..., 0] > 150) & (im[..., 1] < 100) & (im[..., 2] < 100)).mean()) for im in images])
+
+    monkeypatch.setattr(rl, "checker_reward", red)
+    out = _run_dir(bundle, tmp_path, "red")
+    rl.main(["--config", "tiny", "--out", out, "--steps", "24", "--segments", "0", "--lr", "3e-3", "--prompts", "2",
+             "--group", "8", "--beta", "0", "--eval-prompts", "1"])
+    curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
+    r = [s["reward"][0] for s in curve]
+    assert np.mean(r[-6:]) > np.mean(r[:6]) + 0.05, r
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monkeypatch):
+    argv = ["--config", "tiny", "--steps", "4", "--updates-per-batch", "2", "--ckpt-every", "1", "--eval-prompts", "1"]
+    full = _run_dir(bundle, tmp_path, "full")
+    rl.main(argv + ["--out", full])
+    cut = _run_dir(bundle, tmp_path, "cut")
+    real, calls = rl.grpo_loss, []
+
+    def dying(*a, **k):  # killed during step 4, the second update of the second rollout
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+
+    monkeypatch.setattr(rl, "grpo_loss", dying)
+    with pytest.raises(KeyboardInterrupt):
+        rl.main(argv + ["--out", cut])
+    assert load_checkpoint(os.path.join(cut, "rl_state.pt"))["step"] == 3
+    monkeypatch.setattr(rl, "grpo_loss", real)
+    rl.main(argv + ["--out", cut])
+    a, b = (load_checkpoint(os.path.join(d, "rl.pt"))["model"] for d in (full, cut))
+    assert all(torch.equal(a[k], b[k]) for k in a)
