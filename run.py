@@ -6,9 +6,9 @@ reused, an interrupted one resumes), then the evaluation and the report.
     python run.py --config tiny        # the whole pipeline in about half a minute (tests/test_run.py)
 
 Stages: vq (tokenizer.py) -> vit (vit.py, the SigLIP stand-in) -> base (sft.py --stage base)
--> sft (sft.py --stage sft) -> report.
-Writes OUT/report.json and OUT/report.md (tables and image chains: image 1, the model's verdict
-and reason, image 2 ...). Every number in them comes from this run's evaluations.
+-> sft (sft.py --stage sft) -> rl (rl.py, GRPO) -> report.
+Writes OUT/report.json and OUT/report.md (tables, learning curves in curves.png, and image chains:
+image 1, the model's verdict and reason, image 2 ...). Every number in them comes from this run's evaluations.
 """
 
 import os
@@ -20,7 +20,7 @@ from PIL import Image
 import shapes
 from common import Parser, check_run_dir, digest, pos_int, read_json, write_json, write_text
 
-STAGES = ("base", "sft")
+STAGES = ("base", "sft", "rl")
 
 
 def tokenizer_config(config):
@@ -53,6 +53,7 @@ def stage_done(out, stage, config):
 def run_stage(stage, args, seconds):
     """Run one stage's own command line in this process, timing it; skip it when it is done. The
     time of an attempt that fails or is interrupted (Ctrl-C) is counted too."""
+    import rl
     import sft
     import tokenizer
     import vit
@@ -66,6 +67,8 @@ def run_stage(stage, args, seconds):
             tokenizer.main(["--config", tokenizer_config(args.config), "--out", args.out])
         elif stage == "vit":
             vit.main(["--config", args.config, "--out", args.out])
+        elif stage == "rl":
+            rl.main(["--config", args.config, "--out", args.out])
         else:
             sft.main(["--stage", stage, "--config", args.config, "--out", args.out])
     finally:
@@ -158,6 +161,48 @@ def always_no(j):
     return None
 
 
+TINY_NOTE = ("config tiny: these numbers only prove the plumbing (a 2-layer model trained for seconds learns "
+             "almost nothing); run the toy config for results")
+
+
+def plot_curves(args, rep):
+    """curves.png: the training loss of base and SFT per task, and RL's reward per segment and Yes
+    rate, against steps. Returns the file name, or None when there is nothing to draw yet."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from common import load_checkpoint
+    logs = {}
+    for stage in ("base", "sft"):
+        path = os.path.join(args.out, f"{stage}_state.pt")
+        if os.path.isfile(path):
+            logs[stage] = load_checkpoint(path)["log"]  # [(step, task, loss)]
+    curve = rep.get("rl_curve") or []
+    if not logs and not curve:
+        return None
+    fig, axes = plt.subplots(1, len(logs) + bool(curve), figsize=(5 * (len(logs) + bool(curve)), 3.6), squeeze=False)
+    for ax, (stage, log) in zip(axes[0], logs.items()):
+        for task in sorted({t for _, t, _ in log}):
+            pts = [(s, l) for s, t, l in log if t == task]
+            ax.plot(*zip(*pts), lw=0.8, label=task)
+        ax.set(title=f"{stage}: training loss", xlabel="step", yscale="log")
+        ax.legend(fontsize=7)
+    if curve:
+        ax = axes[0][-1]
+        steps = [c["step"] for c in curve]
+        for i, name in enumerate(("r0 image 1", "r1 verdict", "r2 final")):
+            ax.plot(steps, [c["reward"][i] for c in curve], label=name)
+        ax.plot(steps, [c["yes"] for c in curve], "k--", lw=0.8, label="Yes rate")
+        ax.set(title="rl: mean reward per segment", xlabel="step", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    tmp = os.path.join(args.out, f"curves.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(args.out, "curves.png"))
+    return "curves.png"
+
+
 def report(args, seconds):
     """report.json (every number, from the stages' evaluations and this file's) and report.md."""
     rep = gather(args, seconds)
@@ -165,6 +210,8 @@ def report(args, seconds):
     lines = report_lines(args, rep, seconds)
     write_text("\n".join(lines) + "\n", os.path.join(args.out, "report.md"))
     print("\n".join(lines[:40]))
+    if args.config == "tiny":
+        print(TINY_NOTE)
     print(f"wrote {args.out}/report.json and {args.out}/report.md")
 
 
@@ -191,6 +238,8 @@ def gather(args, seconds):
         else:
             rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
+            if stage == "rl":
+                rep["rl_curve"] = ev["curve"]  # per step: reward per segment, Yes rate, KL, ...
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
     return rep
@@ -200,7 +249,13 @@ def report_lines(args, rep, seconds):
     """report.md, line by line: the tables, then the example chains."""
     cats = list(shapes.CATEGORIES) + ["overall"]
     lines = [f"# Report: config `{args.config}`", "",
-             "Every number below was produced by `python run.py --config " + args.config + "`.", "",
+             "Every number below was produced by `python run.py --config " + args.config + "`.", ""]
+    if args.config == "tiny":
+        lines += [f"**{TINY_NOTE}.**", ""]
+    curves = plot_curves(args, rep)
+    if curves:
+        lines += ["## Learning curves", "", f"![]({curves})", ""]
+    lines += [
              "## GenEval-style accuracy on the test split (checker verdicts)", "",
              "| stage | mode | " + " | ".join(cats + ["ood"]) + " |", "|---|---|" + "---|" * (len(cats) + 1)]
     for stage, modes in rep["geneval"].items():
@@ -267,7 +322,7 @@ def report_lines(args, rep, seconds):
 
 
 def main(argv=None):
-    ap = Parser(description="Run every stage (vq -> vit -> base -> sft), then evaluate and report.")
+    ap = Parser(description="Run every stage (vq -> vit -> base -> sft -> rl), then evaluate and report.")
     ap.add_argument("--config", default="toy", choices=["tiny", "toy", "small"], help="which rung of the config ladder")
     ap.add_argument("--out", help="run folder (default out/CONFIG)")
     ap.add_argument("--ood-prompts", type=pos_int, default=300, help="prompts of the ood split to evaluate")

@@ -18,8 +18,8 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     argv = ["--config", "tiny", "--out", out, "--ood-prompts", "14", "--edit-prompts", "8"]
     run.main(argv)
     rep = json.load(open(os.path.join(out, "report.json")))
-    assert rep["config"] == "tiny" and set(rep["seconds"]) == {"vq", "vit", "base", "sft"}
-    for stage in ("base", "sft"):
+    assert rep["config"] == "tiny" and set(rep["seconds"]) == {"vq", "vit", "base", "sft", "rl"}
+    for stage in ("base", "sft", "rl"):
         for mode in ("first", "final"):
             acc = rep["geneval"][stage][mode]
             assert set(acc) == set(shapes.CATEGORIES) | {"overall", "ood"}
@@ -57,11 +57,14 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
         assert title in md
 
     # running it again reuses every finished stage and writes the same report
-    stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in ("vq.pt", "vit.pt", "base.pt", "sft.pt")}
+    # RL's curve is in the report, and the curves are drawn; a tiny run says what its numbers are worth
+    assert len(rep["rl_curve"]) == json.load(open(os.path.join(out, "rl_eval.json")))["steps"]
+    assert os.path.isfile(os.path.join(out, "curves.png")) and "only prove the plumbing" in md
+    stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in ("vq.pt", "vit.pt", "base.pt", "sft.pt", "rl.pt")}
     capsys.readouterr()
     run.main(argv)
     said = capsys.readouterr().out
-    assert all(f"[{s}] done earlier" in said for s in ("vq", "vit", "base", "sft"))
+    assert all(f"[{s}] done earlier" in said for s in ("vq", "vit", "base", "sft", "rl"))
     assert stamps == {f: os.path.getmtime(os.path.join(out, f)) for f in stamps}
     assert json.load(open(os.path.join(out, "report.json"))) == rep
 
