@@ -24,7 +24,7 @@ from PIL import Image
 import shapes
 from common import Parser, nonneg_int, pick_device, pos_int, run_cli, write_json
 from evaluate import auc, auc_within_category, balanced_accuracy
-from sample import Options, collate, decode_text, embed_batch, forward_cached, generate, load_janus, new_cache, selfcheck_seq
+from sample import collate, decode_text, embed_batch, forward_cached, generate, load_janus, new_cache, selfcheck_seq
 
 BATCH = 64  # images judged in one forward
 
