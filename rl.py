@@ -6,7 +6,7 @@ Per prompt, G chains are sampled from the current policy (sample.introspect, two
     drawn with the reflection in context. The final image is image 1 on Yes, image 2 on No.
 Each chain earns three rewards from a judge R(image, prompt) in [0, 1] (default: the ShapeWorld
 checker's soft score, the fraction of the prompt's facts that hold; --reward judge: a trained
-model's P(yes), the paper's model-as-reward-model):
+model's P(yes) from judge.p_yes, the paper's model-as-reward-model):
     segment 0, image 1's tokens:            r0 = R(I1)
     segment 1, the verdict + reason tokens: r1 = 1 - |R(I1) - SE|   (SE = 1 if the model said Yes)
     segment 2, the final image's tokens:    r2 = R(final); on Yes that is image 1 again, credited
@@ -37,6 +37,7 @@ import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
                     run_cli, save_checkpoint, stage_receipt, to_uint8, use_bf16, write_json)
 from evaluate import final_eval
+from judge import p_yes
 from sample import (Options, add_reflection, cfg_logits, collate, embed_batch, introspect, janus_checkpoint, load_janus,
                     prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
@@ -104,15 +105,6 @@ def grpo_loss(logp, old, ref, adv, mask, eps=0.2, beta=0.04):
 
 def checker_reward(images, prompts):
     return torch.tensor([shapes.check(im, p).score for im, p in zip(images, prompts)])
-
-
-@torch.no_grad()
-def judge_reward(judge, tok, images, prompts):
-    """A trained model's P(yes) for (image, prompt) in the self-check layout (the paper's reward model)."""
-    seqs = [selfcheck_seq(tok, p, im, judge.cfg.image_tokens) for im, p in zip(images, prompts)]
-    b = collate(seqs, tok, next(judge.parameters()).device, left=True)
-    h = judge(embed_batch(judge, b), key_mask=b.key_mask)[:, -1]
-    return judge.text_logits(h)[:, [tok.yes, tok.no]].softmax(-1)[:, 0].cpu()
 
 
 @torch.no_grad()
@@ -293,7 +285,7 @@ def run(args):
     model.vision_model.requires_grad_(False)  # the released code keeps the ViT (and the VQ) frozen
     if args.reward == "judge":
         judge, _, _, _ = load_janus(args.judge_ckpt, dev)
-        reward = lambda images, prompts: judge_reward(judge, tok, images, prompts)
+        reward = lambda images, prompts: p_yes(judge, tok, images, prompts)
     else:
         reward = checker_reward
     by_cat = group(shapes.make_splits(seed=0)["train"])
