@@ -44,9 +44,10 @@ from sft import group, train_prompt
 from train import Plan, fit, make_optimizer, setup_distributed
 
 TRAIN = {
-    # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included)
+    # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included). toy is sized
+    # for about ten minutes on 2 CPU cores (a step of 64 chains took ~95 s there): not yet tuned
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4),
-    "toy": dict(steps=150, prompts=8, group=8, lr=1e-5, warmup=10, beta=0.04, reason=24, eval_prompts=20),
+    "toy": dict(steps=25, prompts=4, group=4, lr=1e-5, warmup=3, beta=0.04, reason=24, eval_prompts=20),
     "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=0.04, reason=24, eval_prompts=50),
 }
 SEGMENTS = ("image 1", "verdict + reason", "final image")
