@@ -28,6 +28,7 @@ Text log-probs come from the text head, the verdict's over {Yes, No} only, as it
 import json
 import os
 import random
+import time
 from types import SimpleNamespace
 
 import torch
@@ -218,7 +219,8 @@ def step_stats(ro, adv, kl, group):
     flat = (adv.reshape(-1, group, adv.size(-1)).abs().sum((1, 2)) == 0).float().mean().item()
     return {"reward": [round(v, 4) for v in r.mean(0).tolist()], "yes": round(ro["yes"].float().mean().item(), 3),
             "better": round(((r[:, 2] > r[:, 0]) & redrew).float().sum().item() / max(1, int(redrew.sum())), 3),
-            "kl": [round(v, 5) for v in kl.tolist()], "flat_groups": round(flat, 3)}
+            "kl": [round(v, 5) for v in kl.tolist()], "flat_groups": round(flat, 3),
+            "rollout_image_tokens_s": round(ro["tok_s"], 1)}
 
 
 def main(argv=None):
@@ -303,7 +305,10 @@ def run(args):
             prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
             prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
             seeds = [(args.seed * 1_000_003 + k * 10_007 + rank * len(prompts) + i) % 2**31 for i in range(len(prompts))]
+            t0 = time.time()
             ro = rollout(model, vq, tok, prompts, seeds, opt, reward, settings["regen"])
+            # rollouts are most of a step: image tokens drawn per second (CFG rows included once)
+            ro["tok_s"] = N * (len(prompts) + int((~ro["yes"]).sum())) / (time.time() - t0)
             ro["adv"] = group_advantages(ro["rewards"][:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)

@@ -165,3 +165,22 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monke
     rl.main(argv + ["--out", cut])
     a, b = (load_checkpoint(os.path.join(d, "rl.pt"))["model"] for d in (full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_processes_equal_one(bundle, tmp_path):
+    """torchrun with 2 gloo processes: each draws the chains of its half of the prompts (groups stay
+    whole), the loss shares and gradients sum to the one-process run's."""
+    import subprocess
+    import sys
+    argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--eval-prompts", "1"]
+    one, two = _run_dir(bundle, tmp_path, "one"), _run_dir(bundle, tmp_path, "two")
+    rl.main(argv + ["--out", one])
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
+                        os.path.join(root, "rl.py")] + argv + ["--out", two],
+                       cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    a, b = (load_checkpoint(os.path.join(d, "rl.pt"))["model"] for d in (one, two))
+    init = bundle[0].state_dict()
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)  # and it did train
