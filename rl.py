@@ -223,6 +223,20 @@ def step_stats(ro, adv, kl, group):
             "rollout_image_tokens_s": round(ro["tok_s"], 1)}
 
 
+def finish(args, model, vq, tok, settings, step, seconds, curve, per_cat):
+    """OUT/rl.pt, and its evaluation on the test split (the loop, first vs final) with the receipt."""
+    model.eval()
+    path = os.path.join(args.out, "rl.pt")
+    save_checkpoint(janus_checkpoint(model, vq, tok, stage="rl", settings=settings, step=step), path)
+    print(f"wrote {path} ({seconds:.0f} s of training)")
+    test = [p for c in shapes.CATEGORIES for p in [q for q in shapes.make_splits(seed=0)["test"] if q.category == c][:per_cat]]
+    result = final_eval(model, vq, tok, test, "sft", model.cfg.image_size)
+    result.update(stage="rl", config=args.config, steps=step, train_seconds=round(seconds, 1), curve=curve,
+                  made=stage_receipt(args.out, args.config, settings, ("sft.pt",)), ckpt=digest(path))
+    write_json(result, os.path.join(args.out, "rl_eval.json"))
+    print(json.dumps({k: result[k] for k in ("first", "final", "judge")}))
+
+
 def main(argv=None):
     ap = Parser(description="GRPO over the introspective chain (SPEC.md section 5), from OUT/sft.pt.")
     ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset and run settings")
@@ -273,10 +287,8 @@ def run(args):
     sft_path = os.path.join(args.out, "sft.pt")
     if not os.path.isfile(sft_path):
         raise ValueError(f"{sft_path} not found: run SFT first (python sft.py --stage sft --config {args.config} --out {args.out})")
-    inputs = {"sft.pt": digest(sft_path)}
-    if args.judge_ckpt:
-        inputs["judge"] = digest(args.judge_ckpt)
-    settings["inputs"] = inputs
+    # what this stage starts from: a saved state of another SFT model (or judge) is not resumed
+    settings["inputs"] = {"sft.pt": digest(sft_path), **({"judge": digest(args.judge_ckpt)} if args.judge_ckpt else {})}
     check_run_dir(args.out)
     state_path = os.path.join(args.out, "rl_state.pt")
     st = load_state(state_path, "rl_state", settings, ignore=("steps", "bf16"))
@@ -340,18 +352,7 @@ def run(args):
                            "rl_state", settings, st, after_step=after_step,
                            extra_state=(lambda: {"rollout": held["rollout"], "stats": held["stats"]}, set_held))
     if rank == 0:
-        model.eval()
-        path = os.path.join(args.out, "rl.pt")
-        save_checkpoint(janus_checkpoint(model, vq, tok, stage="rl", settings=settings, step=step), path)
-        print(f"wrote {path} ({seconds:.0f} s of training)")
-        splits = shapes.make_splits(seed=0)
-        per_cat = args.eval_prompts or preset["eval_prompts"]
-        test = [p for c in shapes.CATEGORIES for p in [q for q in splits["test"] if q.category == c][:per_cat]]
-        result = final_eval(model, vq, tok, test, "sft", model.cfg.image_size)
-        result.update(stage="rl", config=args.config, steps=step, train_seconds=round(seconds, 1), curve=held["stats"],
-                      made=stage_receipt(args.out, args.config, settings, ("sft.pt",)), ckpt=digest(path))
-        write_json(result, os.path.join(args.out, "rl_eval.json"))
-        print(json.dumps({k: result[k] for k in ("first", "final", "judge")}))
+        finish(args, model, vq, tok, settings, step, seconds, held["stats"], args.eval_prompts or preset["eval_prompts"])
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
