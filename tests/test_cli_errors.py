@@ -165,7 +165,7 @@ def test_an_output_of_ours_is_replaced_and_nothing_else(world, tmp_path):
 
 
 def test_readme_sample_command_runs_on_tiny(world, tmp_path):
-    """The README's sample command (--rounds 3) on the tiny model; the loop inside run.py and the
+    """The README's sample command (default --rounds 3) on the tiny model; the loop inside run.py and the
     CLI size their caches by one rule (sample.chain_length), so neither refuses what the other runs."""
     import sample
     out = tmp_path / "s"
