@@ -129,7 +129,7 @@ def evaluate_editing(model, vq, tok, n):
     rng = random.Random("edit-eval")
     edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(n)]
     outs = edit(model, vq, tok, [shapes.render(s) for s, _, _ in edits], [e.text for _, e, _ in edits],
-                list(range(len(edits))))
+                list(range(len(edits))))[0]
     scores = [shapes.score_edit(shapes.render(s), o, e) for (s, e, _), o in zip(edits, outs)]
     return {"follow": float(np.mean([f for f, _ in scores])), "preserve": float(np.mean([p for _, p in scores])),
             "n": len(scores)}

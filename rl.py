@@ -31,16 +31,17 @@ import random
 import time
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
-                    run_cli, save_checkpoint, stage_receipt, to_uint8, use_bf16, write_json)
-from evaluate import final_eval
+                    run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, write_json)
+from evaluate import evaluate_editing, final_eval
 from judge import p_yes
-from sample import (Options, add_reflection, cfg_logits, collate, embed_batch, introspect, janus_checkpoint, load_janus,
-                    prompt_seq, selfcheck_seq)
+from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
+                    janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
 from train import Plan, fit, make_optimizer, setup_distributed
 
@@ -139,10 +140,29 @@ def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect"):
             "yes": yes, "rewards": chain_rewards(r1, yes, r_final), "regen": regen}
 
 
+@torch.no_grad()
+def rollout_edit(model, vq, tok, edits, seeds, opt, weights):
+    """Editing RL (one segment, the edited image): ShapeWorld edits (source scene, instruction),
+    each repeated G times by the caller -> the rollout dict. Reward: weights[0] * follow +
+    weights[1] * preserve (the checker's score_edit; too little weight on follow teaches copying)."""
+    model.eval()
+    sources = [shapes.render(src) for src, _, _ in edits]
+    images, codes = edit(model, vq, tok, sources, [e.text for _, e, _ in edits], seeds, Options(cfg=opt.cfg))
+    scores = [shapes.score_edit(s, im, e) for s, im, (_, e, _) in zip(sources, images, edits)]
+    model.train()
+    reward = torch.tensor([[weights[0] * f + weights[1] * p] for f, p in scores])
+    src_codes = vq.encode(to_tensor(np.stack(sources)).to(next(vq.parameters()).device))
+    return {"task": "edit", "prompts": [e.text for _, e, _ in edits], "src": src_codes.tolist(), "codes1": codes.tolist(),
+            "rewards": reward, "follow": torch.tensor([f for f, _ in scores]), "preserve": torch.tensor([p for _, p in scores])}
+
+
 def chain_seqs(ro, tok, vq, n_tokens):
     """The training sequences of a rollout, built by sample.py's layout functions, so the loss reads
     every token in exactly the context it was drawn in. Returns (cond rows, uncond twins of the image
     rows, which row scores which segment of which chain)."""
+    if ro.get("task") == "edit":  # one segment: the edited image after the source (VQ path) and instruction
+        rows = [edit_seq(tok, src, ins).gen_image(tok, c, w=1.0) for src, ins, c in zip(ro["src"], ro["prompts"], ro["codes1"])]
+        return rows, [r.uncond(tok, False) for r in rows], [(c, 0, c, "image") for c in range(len(rows))]
     images1 = _decode(vq, ro["codes1"])
     rows, twins, where = [], [], []  # where: (chain, segment, row index, kind)
     for c, (p, c1, ans) in enumerate(zip(ro["prompts"], ro["codes1"], ro["answers"])):
@@ -215,12 +235,41 @@ def step_stats(ro, adv, kl, group):
     image 1 (among the chains that redrew), the KL per segment, the share of groups with nothing
     to learn (every chain the same reward in every segment)."""
     r = ro["rewards"]
-    redrew = ~ro["yes"]
     flat = (adv.reshape(-1, group, adv.size(-1)).abs().sum((1, 2)) == 0).float().mean().item()
+    if ro.get("task") == "edit":
+        return {"reward": [round(r.mean().item(), 4)], "follow": round(ro["follow"].mean().item(), 3),
+                "preserve": round(ro["preserve"].mean().item(), 3), "kl": [round(v, 5) for v in kl.tolist()],
+                "flat_groups": round(flat, 3), "rollout_image_tokens_s": round(ro["tok_s"], 1)}
+    redrew = ~ro["yes"]
     return {"reward": [round(v, 4) for v in r.mean(0).tolist()], "yes": round(ro["yes"].float().mean().item(), 3),
             "better": round(((r[:, 2] > r[:, 0]) & redrew).float().sum().item() / max(1, int(redrew.sum())), 3),
             "kl": [round(v, 5) for v in kl.tolist()], "flat_groups": round(flat, 3),
             "rollout_image_tokens_s": round(ro["tok_s"], 1)}
+
+
+def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
+    """Rollout k of this process: its share of the step's prompts (or edits), each G times, drawn
+    by the current policy; the prompts and the seeds are a function of (seed, k) only."""
+    rng, G, t0 = random.Random(f"rl-{settings['seed']}-{k}"), settings["group"], time.time()
+    opt = SimpleNamespace(cfg=settings["cfg"], max_reason=settings["reason"])
+    if settings["task"] == "edit":
+        edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(settings["prompts"])]
+        edits = [e for e in edits[rank * local:(rank + 1) * local] for _ in range(G)]
+        ro = rollout_edit(model, vq, tok, edits, _seeds(settings["seed"], k, rank, len(edits)), opt, settings["edit_weights"])
+        drawn = len(edits)
+    else:
+        prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
+        prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
+        ro = rollout(model, vq, tok, prompts, _seeds(settings["seed"], k, rank, len(prompts)), opt, reward, settings["regen"])
+        drawn = len(prompts) + int((~ro["yes"]).sum())
+    # rollouts are most of a step: image tokens drawn per second (CFG rows counted once)
+    ro["tok_s"] = model.cfg.image_tokens * drawn / (time.time() - t0)
+    return ro
+
+
+def _seeds(seed, k, rank, n):
+    # one seed per chain of rollout k: the same chains whatever the number of processes
+    return [(seed * 1_000_003 + k * 10_007 + rank * n + i) % 2**31 for i in range(n)]
 
 
 def finish(args, model, vq, tok, settings, step, seconds, curve, per_cat):
@@ -229,8 +278,11 @@ def finish(args, model, vq, tok, settings, step, seconds, curve, per_cat):
     path = os.path.join(args.out, "rl.pt")
     save_checkpoint(janus_checkpoint(model, vq, tok, stage="rl", settings=settings, step=step), path)
     print(f"wrote {path} ({seconds:.0f} s of training)")
+    if args.no_final_eval:
+        return
     test = [p for c in shapes.CATEGORIES for p in [q for q in shapes.make_splits(seed=0)["test"] if q.category == c][:per_cat]]
     result = final_eval(model, vq, tok, test, "sft", model.cfg.image_size)
+    result["edit"] = evaluate_editing(model, vq, tok, len(test))
     result.update(stage="rl", config=args.config, steps=step, train_seconds=round(seconds, 1), curve=curve,
                   made=stage_receipt(args.out, args.config, settings, ("sft.pt",)), ckpt=digest(path))
     write_json(result, os.path.join(args.out, "rl_eval.json"))
@@ -256,6 +308,10 @@ def main(argv=None):
     ap.add_argument("--reward", choices=["checker", "judge"], default="checker",
                     help="checker: the ShapeWorld checker's soft score; judge: --judge-ckpt's P(yes)")
     ap.add_argument("--judge-ckpt", help="a Janus checkpoint whose P(yes) is the reward (with --reward judge)")
+    ap.add_argument("--task", choices=["chain", "edit"], default="chain",
+                    help="chain: the introspective chain (SPEC.md section 5); edit: editing RL on ShapeWorld edits")
+    ap.add_argument("--edit-weights", default="0.5,1.0",
+                    help="editing reward: weights of follow (the change happened) and preserve (nothing else changed)")
     ap.add_argument("--segments", type=int, choices=[0, 3], default=3,
                     help="3: the whole chain; 0: image 1 only (plain text-to-image GRPO, the ablation)")
     ap.add_argument("--regen", choices=["reflect", "plain"], default="reflect",
@@ -263,6 +319,7 @@ def main(argv=None):
     # monitoring
     ap.add_argument("--eval-prompts", type=pos_int, help="test prompts per category for the final evaluation")
     ap.add_argument("--ckpt-every", type=pos_int, default=10, help="save the resumable state every N steps")
+    ap.add_argument("--no-final-eval", action="store_true", help="write rl.pt only, no evaluation (and no rl_eval.json)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     run_cli(ap, argv, run)
 
@@ -271,10 +328,16 @@ def rl_settings(args, preset):
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else preset[flag]
     if (args.reward == "judge") != (args.judge_ckpt is not None):
         raise ValueError("--reward judge and --judge-ckpt CKPT go together")
+    try:
+        edit_weights = [float(v) for v in args.edit_weights.split(",")]
+    except ValueError:
+        edit_weights = []
+    if len(edit_weights) != 2 or not all(np.isfinite(edit_weights)) or min(edit_weights) < 0:
+        raise ValueError(f"--edit-weights needs two non-negative numbers (follow,preserve), got {args.edit_weights!r}")
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
                 updates=args.updates_per_batch, cfg=args.cfg, reason=preset["reason"], reward=args.reward,
-                segments=args.segments, regen=args.regen, bf16=None)
+                segments=args.segments, regen=args.regen, task=args.task, edit_weights=edit_weights, bf16=None)
 
 
 def run(args):
@@ -304,8 +367,7 @@ def run(args):
     else:
         reward = checker_reward
     by_cat = group(shapes.make_splits(seed=0)["train"])
-    opt = SimpleNamespace(cfg=settings["cfg"], max_reason=settings["reason"])
-    n_seg = 1 if settings["segments"] == 0 else 3
+    n_seg = 1 if settings["segments"] == 0 or settings["task"] == "edit" else 3
     local = settings["prompts"] // world
     G, N = settings["group"], model.cfg.image_tokens
     held = {"rollout": None, "stats": []}  # the current rollout batch (saved in the state) and the curve
@@ -313,14 +375,7 @@ def run(args):
     def batch_fn(step, micro):
         k = step // settings["updates"]  # rollout k serves updates k*U .. k*U + U - 1
         if held["rollout"] is None or held["rollout"]["k"] != k:
-            rng = random.Random(f"rl-{args.seed}-{k}")
-            prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
-            prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
-            seeds = [(args.seed * 1_000_003 + k * 10_007 + rank * len(prompts) + i) % 2**31 for i in range(len(prompts))]
-            t0 = time.time()
-            ro = rollout(model, vq, tok, prompts, seeds, opt, reward, settings["regen"])
-            # rollouts are most of a step: image tokens drawn per second (CFG rows included once)
-            ro["tok_s"] = N * (len(prompts) + int((~ro["yes"]).sum())) / (time.time() - t0)
+            ro = draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward)
             ro["adv"] = group_advantages(ro["rewards"][:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)
@@ -339,6 +394,8 @@ def run(args):
     def after_step(step):
         s = step_stats(held["rollout"], held["rollout"]["adv"], held["kl"], G)
         held["stats"].append(dict(step=step, **s))
+        if settings["task"] == "edit":
+            return {"reward": s["reward"][0], "follow": s["follow"], "preserve": s["preserve"]}
         return {"r0": s["reward"][0], "r1": s["reward"][1], "r2": s["reward"][2], "yes": s["yes"]}
 
     def set_held(saved):

@@ -484,7 +484,8 @@ def generate(model, vq, tok, prompts, seeds, opt=Options()):
 
 @torch.no_grad()
 def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
-    """Editing: source images (uint8, VQ path) + instructions -> edited images (uint8)."""
+    """Editing: source images (uint8, VQ path) + instructions -> edited images uint8 (B, H, W, 3)
+    and their codes (B, N)."""
     dev = next(model.parameters()).device
     src_codes = vq.encode(to_tensor(np.stack(sources)).to(dev))
     seqs = [edit_seq(tok, c.tolist(), ins) for c, ins in zip(src_codes, instructions)]
@@ -493,7 +494,7 @@ def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
                                       max(map(len, seqs)) + N, dev)
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
     codes, _ = draw_image(model, cache, km, h, pos, len(seqs), opt, draw_uniforms(gens, N, dev))
-    return to_uint8(vq.decode(codes))
+    return to_uint8(vq.decode(codes)), codes
 
 
 # -----------------------------------------------------------------------------
@@ -637,7 +638,7 @@ def _write_edits(model, vq, tok, src, instruction, seeds, opt, tmp):
         for start in tqdm(range(0, len(seeds), CHUNK), desc="edits", unit="chunk"):
             chunk = seeds[start:start + CHUNK]
             for i, im in zip(range(start, start + len(chunk)), edit(model, vq, tok, [src] * len(chunk),
-                                                                    [instruction] * len(chunk), chunk, opt)):
+                                                                    [instruction] * len(chunk), chunk, opt)[0]):
                 _write_png(im, os.path.join(tmp, f"edit{i}.png"))
                 f.write(json.dumps({"instruction": instruction, "seed": chunk[i - start], "file": f"edit{i}.png"}) + "\n")
 

@@ -85,11 +85,12 @@ def bundle():
 
 
 @torch.no_grad()
-def sampler_logps(model, tok, prompt, codes, w):
+def sampler_logps(model, tok, prompt, codes, w, seq=None, twin=None):
     """log p of each drawn code as the sampler computes it: KV cache, cond + uncond rows, CFG."""
-    seq = S.prompt_seq(tok, prompt)
+    seq = seq or S.prompt_seq(tok, prompt)
+    twin = twin or seq.uncond(tok, True)
     N = model.cfg.image_tokens
-    cache, km, h, pos = S.prefill_pair(model, [seq], [seq.uncond(tok, True)], tok, len(seq) + N, "cpu")
+    cache, km, h, pos = S.prefill_pair(model, [seq], [twin], tok, len(seq) + N, "cpu")
     out = []
     for i, c in enumerate(codes):
         g = S.cfg_logits(*model.image_logits(h).split(1), w)
@@ -145,7 +146,7 @@ def test_a_learnable_reward_rises(bundle, tmp_path, monkeypatch):
 
 
 def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monkeypatch):
-    argv = ["--config", "tiny", "--steps", "4", "--updates-per-batch", "2", "--ckpt-every", "1", "--eval-prompts", "1"]
+    argv = ["--config", "tiny", "--steps", "4", "--updates-per-batch", "2", "--ckpt-every", "1", "--no-final-eval"]
     full = _run_dir(bundle, tmp_path, "full")
     rl.main(argv + ["--out", full])
     cut = _run_dir(bundle, tmp_path, "cut")
@@ -172,7 +173,7 @@ def test_two_processes_equal_one(bundle, tmp_path):
     whole), the loss shares and gradients sum to the one-process run's."""
     import subprocess
     import sys
-    argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--eval-prompts", "1"]
+    argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval"]
     one, two = _run_dir(bundle, tmp_path, "one"), _run_dir(bundle, tmp_path, "two")
     rl.main(argv + ["--out", one])
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -184,3 +185,29 @@ def test_two_processes_equal_one(bundle, tmp_path):
     init = bundle[0].state_dict()
     assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)  # and it did train
+
+
+def test_editing_rollout_rewards_and_logps(bundle):
+    """Editing RL: one segment, the edited image read after the source (VQ path) and instruction,
+    the instruction padded in the twin; reward 0.5 follow + 1.0 preserve."""
+    import random
+    model, vq = bundle
+    rng = random.Random(0)
+    edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(2)]
+    ro = rl.rollout_edit(model, vq, TOK, edits, [1, 2], rl.SimpleNamespace(cfg=4.0), (0.5, 1.0))
+    assert torch.allclose(ro["rewards"][:, 0], 0.5 * ro["follow"] + 1.0 * ro["preserve"])
+    logp, mask = rl.token_logps(model, TOK, *rl.chain_seqs(ro, TOK, vq, model.cfg.image_tokens), 4.0, 1)
+    for c in range(2):
+        seq = S.edit_seq(TOK, ro["src"][c], ro["prompts"][c])
+        want = sampler_logps(model, TOK, None, ro["codes1"][c], 4.0, seq, seq.uncond(TOK, False))
+        assert torch.allclose(logp[c, 0, :mask[c, 0].sum()], want, atol=1e-5)
+
+
+def test_editing_stage_runs_and_reports(bundle, tmp_path):
+    out = _run_dir(bundle, tmp_path, "edit")
+    rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--steps", "2", "--prompts", "2", "--group", "2",
+             "--eval-prompts", "1"])
+    ev = json.load(open(os.path.join(out, "rl_eval.json")))
+    assert set(ev["edit"]) >= {"follow", "preserve"} and {"follow", "preserve"} <= set(ev["curve"][0])
+    with pytest.raises(SystemExit, match="--edit-weights"):
+        rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--edit-weights", "1"])

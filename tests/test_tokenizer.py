@@ -194,7 +194,8 @@ def test_matches_transformers_janus_vqvae():
         assert torch.allclose(ours.quant_conv(ours.encoder(x)), hf.quant_conv(hf.encoder(x)), atol=1e-5)
         codes = ours.encode(x)
         assert torch.equal(codes, hf.encode(x).image_tokens.reshape(2, -1))
-        assert torch.allclose(ours.decode(codes), hf.decode(codes), atol=1e-5)
+        # pixels up to ~4.5 after a dozen convolutions: fp32 rounding reaches ~1.3e-5 (transformers 5.24)
+        assert torch.allclose(ours.decode(codes), hf.decode(codes), atol=1e-4)
 
 
 # -----------------------------------------------------------------------------

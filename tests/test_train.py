@@ -1,0 +1,70 @@
+"""The one training loop (train.py) on a hand-made problem: the schedule's values, micro-batches
+equal one big batch, the NaN guard, resume after a kill.
+Run: python -m pytest -q tests/test_train.py   (CPU, seconds)"""
+
+import os
+
+import pytest
+import torch
+
+from common import load_state
+from train import Plan, fit, lr_at, make_optimizer
+
+X = torch.linspace(-1, 1, 16)[:, None].repeat(1, 3) * torch.tensor([1.0, -2.0, 0.5])
+Y = X @ torch.tensor([0.3, 0.1, -0.4]) + 0.2
+
+
+def test_lr_schedule_by_hand():
+    assert lr_at(0, 100, 1.0, 10) == pytest.approx(0.1)  # warmup: (step + 1) / warmup
+    assert lr_at(9, 100, 1.0, 10) == pytest.approx(1.0)
+    assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)  # the cosine starts at the peak...
+    assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.55)  # ...is halfway at the middle...
+    assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)  # ...and ends at 10% of it
+
+
+def _train(tmp_path, name, accum, steps=5, loss_hook=None):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    opt = make_optimizer(model, 0.1)
+    part = len(X) // accum
+
+    def batch_fn(step, micro):  # micro-batch `micro` of the step's batch (the whole set)
+        return (X[micro * part:(micro + 1) * part], Y[micro * part:(micro + 1) * part]), "mse"
+
+    def loss_fn(b):  # this micro-batch's share of the step's mean squared error
+        loss = ((model(b[0])[:, 0] - b[1]) ** 2).sum() / len(X)
+        return loss_hook(loss) if loss_hook else loss
+
+    path = str(tmp_path / f"{name}.pt")
+    settings = {"accum": accum}
+    fit(batch_fn, loss_fn, opt, list(model.parameters()), {"model": model}, Plan(steps, 0.1, 1, accum=accum, ckpt_every=1),
+        path, "test_state", settings, load_state(path, "test_state", settings))
+    return model
+
+
+def test_micro_batches_equal_one_batch(tmp_path):
+    a, b = _train(tmp_path, "one", 1), _train(tmp_path, "four", 4)
+    assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
+    assert not torch.allclose(a.bias, torch.nn.Linear(3, 1).bias)  # it trained
+
+
+def test_nan_loss_stops_with_one_line(tmp_path):
+    with pytest.raises(ValueError, match=r"loss is nan at step 0 \(mse\)"):
+        _train(tmp_path, "nan", 1, loss_hook=lambda loss: loss * float("nan"))
+
+
+def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
+    full = _train(tmp_path, "full", 2)
+    calls = []
+
+    def die_in_step_3(loss):
+        calls.append(1)
+        if len(calls) == 2 * 3 + 1:  # the first micro-batch of step 3 (0-based)
+            raise KeyboardInterrupt
+        return loss
+
+    with pytest.raises(KeyboardInterrupt):
+        _train(tmp_path, "cut", 2, loss_hook=die_in_step_3)
+    assert torch.load(os.path.join(tmp_path, "cut.pt"), weights_only=True)["step"] == 3
+    cut = _train(tmp_path, "cut", 2)
+    assert torch.equal(full.weight, cut.weight) and torch.equal(full.bias, cut.bias)
