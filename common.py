@@ -20,7 +20,7 @@ import torch
 
 # the parser and flag types of every script live in shapes.py, the bottom of the import order
 # (its own CLI needs them and must not import torch); re-exported for the scripts
-from shapes import Parser, bounded, fraction, nonneg_float, nonneg_int, pos_float, pos_int  # noqa: F401
+from shapes import Parser, bounded, fraction, nonneg_float, nonneg_int, pos_float, pos_int, weights_list  # noqa: F401
 
 
 def pick_device(name="auto"):

@@ -37,7 +37,7 @@ import torch.nn.functional as F
 
 import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
-                    run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, write_json)
+                    run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, weights_list, write_json)
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
@@ -328,12 +328,7 @@ def rl_settings(args, preset):
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else preset[flag]
     if (args.reward == "judge") != (args.judge_ckpt is not None):
         raise ValueError("--reward judge and --judge-ckpt CKPT go together")
-    try:
-        edit_weights = [float(v) for v in args.edit_weights.split(",")]
-    except ValueError:
-        edit_weights = []
-    if len(edit_weights) != 2 or not all(np.isfinite(edit_weights)) or min(edit_weights) < 0:
-        raise ValueError(f"--edit-weights needs two non-negative numbers (follow,preserve), got {args.edit_weights!r}")
+    edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
                 updates=args.updates_per_batch, cfg=args.cfg, reason=preset["reason"], reward=args.reward,

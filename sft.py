@@ -34,7 +34,7 @@ from tqdm import tqdm
 
 import shapes
 from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
-                    pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, write_json)
+                    pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
 from sample import (Options, add_answer, after_rounds, collate, describe_seq, embed_batch, generate, janus_checkpoint,
@@ -323,12 +323,7 @@ def stage_settings(args, preset):
     pick = lambda flag, key: getattr(args, flag) if getattr(args, flag) is not None else preset[key]
     mix = dict(BASE_MIX if args.stage == "base" else SFT_MIX)
     if args.mix:
-        try:
-            vals = [float(v) for v in args.mix.split(",")]
-        except ValueError:
-            vals = []
-        if len(vals) != 3 or not all(np.isfinite(vals)) or min(vals) < 0 or sum(vals) <= 0:
-            raise ValueError(f"--mix needs three non-negative numbers, got {args.mix!r}")
+        vals = weights_list(args.mix, 3, "--mix")
         mix = dict(zip(mix, vals))
     return dict(stage=args.stage, config=args.config, seed=args.seed, lr=pick("lr", f"{args.stage}_lr"),
                 batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps"),

@@ -1096,6 +1096,17 @@ nonneg_float = bounded(float, 0)            # guidance weight, temperature (0 = 
 fraction = bounded(float, 0, 1, low_open=True)  # top-p: (0, 1]
 
 
+def weights_list(text, n, flag):
+    """'0.5,1.0' -> [0.5, 1.0]: n finite non-negative numbers, not all zero (a --mix, --edit-weights)."""
+    try:
+        vals = [float(v) for v in text.split(",")]
+    except ValueError:
+        vals = []
+    if len(vals) != n or not all(math.isfinite(v) and v >= 0 for v in vals) or sum(vals) <= 0:
+        raise ValueError(f"{flag} needs {n} non-negative numbers separated by commas, got {text!r}")
+    return vals
+
+
 
 def main(argv=None):
     ap = Parser(description="ShapeWorld: look at the toy world, draw one scene, or check one image.")
