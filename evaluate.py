@@ -127,7 +127,7 @@ def evaluate_editing(model, vq, tok, n):
     """n seeded ShapeWorld edits (source scene, instruction): the model's edit of each rendered
     source, scored by the checker's follow (the change happened) and preserve (nothing else changed)."""
     rng = random.Random("edit-eval")
-    edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(n)]
+    edits = [shapes.sample_edit(rng, model.cfg.image_size, grid=model.cfg.scene_grid) for _ in range(n)]
     outs = edit(model, vq, tok, [shapes.render(s) for s, _, _ in edits], [e.text for _, e, _ in edits],
                 list(range(len(edits))))[0]
     scores = [shapes.score_edit(shapes.render(s), o, e) for (s, e, _), o in zip(edits, outs)]
@@ -154,7 +154,7 @@ def evaluate_understanding(model, tok, prompts, size, seed=0, batch=64, layout="
         seqs = []
         for p in prompts[i:i + batch]:
             match = rng.random() < 0.5
-            im = shapes.render(shapes.sample_scene(rng, size, p, match=match))
+            im = shapes.render(shapes.sample_scene(rng, size, p, match=match, grid=model.cfg.scene_grid))
             seqs.append(selfcheck_seq(tok, p.text, im, N) if layout == "selfcheck"
                         else vqa_seq(tok, im, question(p.text), N, layout == "before"))
             labels.append(match)
@@ -198,7 +198,7 @@ def evaluate_describing(model, tok, prompts, size, seed=0, batch=64):
     total, count, exact = 0.0, 0, {}
     for i in range(0, len(prompts), batch):
         chunk = prompts[i:i + batch]
-        scenes = [shapes.sample_scene(rng, size, p) for p in chunk]
+        scenes = [shapes.sample_scene(rng, size, p, grid=model.cfg.scene_grid) for p in chunk]
         exs = [dict(task="describe", image=shapes.render(sc), answer=shapes.describe(sc)) for sc in scenes]
         b = collate([describe_seq(tok, ex["image"], ex["answer"], model.cfg.image_tokens) for ex in exs], tok, dev)
         losses = model.token_losses(model(embed_batch(model, b)), b.text_targets)  # (B, T)

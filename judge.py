@@ -123,7 +123,7 @@ def _by_category(prompts):
     return out
 
 
-def rendered_set(prompts, n, size, seed):
+def rendered_set(prompts, n, size, seed, grid=0):
     """n matching scenes and n near misses (shapes.sample_scene with match=False: one fact broken in
     one way) per category, on the category's prompts in turn."""
     rng = random.Random(seed)
@@ -131,7 +131,7 @@ def rendered_set(prompts, n, size, seed):
     for cat, ps in _by_category(prompts).items():
         for k in range(2 * n):
             p = ps[k // 2 % len(ps)]
-            out.append((shapes.render(shapes.sample_scene(rng, size, p, match=k % 2 == 0)), p))
+            out.append((shapes.render(shapes.sample_scene(rng, size, p, match=k % 2 == 0, grid=grid)), p))
     return out
 
 
@@ -163,7 +163,7 @@ def judge_eval(model, vq, tok, n=10, seed=0, prompts=None, draws=4, max_reason=2
     up to n of each class; `pool` counts the images drawn) and both
     together at the top level (agreement, balanced_accuracy, auc, auc_within_category, reasons)."""
     prompts = prompts or shapes.make_splits(seed=0)["test"]
-    sets = {"rendered": rendered_set(prompts, n, model.cfg.image_size, seed)}
+    sets = {"rendered": rendered_set(prompts, n, model.cfg.image_size, seed, model.cfg.scene_grid)}
     sets["drawn"], pool = drawn_set(model, vq, tok, prompts, n, seed, draws)
     out, every = {}, []
     for name, pairs in sets.items():

@@ -52,6 +52,9 @@ class JanusConfig:
     image_vocab_size: int = 512  # VQ codebook size = gen_head outputs
     image_code_dim: int = 8  # width of the gen_embed table
     image_tokens: int = 64  # sequence positions one image takes, on either path
+    # the ShapeWorld the toy rungs train on: 0 objects anywhere, N objects centred in an N x N grid
+    # of VQ patches (shapes.GRID_FILL); the real shapes never read it
+    scene_grid: int = 0
     # kernels: PyTorch's fused scaled_dot_product_attention, or the plain-math reference
     sdpa: bool = True
 
@@ -73,9 +76,9 @@ PRESETS = {
     "tiny": dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, ffn_hidden=176,
                  max_seq_len=256, image_size=32, vit_patch=8, vit_width=64, vit_layers=2,
                  vit_heads=4, vit_mlp=256, image_vocab_size=256, image_tokens=16),
-    "toy": dict(vocab_size=256, n_layer=6, n_head=4, n_kv_head=4, n_embd=256, ffn_hidden=704,
-                max_seq_len=512, image_size=64, vit_patch=8, vit_width=128, vit_layers=4,
-                vit_heads=4, vit_mlp=512, image_vocab_size=1024, image_tokens=64),
+    "toy": dict(vocab_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=192, ffn_hidden=512,
+                max_seq_len=512, image_size=64, vit_patch=16, vit_width=128, vit_layers=4,
+                vit_heads=4, vit_mlp=512, image_vocab_size=1024, image_tokens=16, scene_grid=4),
     "small": dict(vocab_size=256, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
                   ffn_hidden=2112, max_seq_len=1024, image_size=64, vit_patch=8, vit_width=384,
                   vit_layers=6, vit_heads=6, vit_mlp=1536, image_vocab_size=1024, image_tokens=64),

@@ -253,7 +253,7 @@ def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
     rng, G, t0 = random.Random(f"rl-{settings['seed']}-{k}"), settings["group"], time.time()
     opt = SimpleNamespace(cfg=settings["cfg"], max_reason=settings["reason"])
     if settings["task"] == "edit":
-        edits = [shapes.sample_edit(rng, model.cfg.image_size) for _ in range(settings["prompts"])]
+        edits = [shapes.sample_edit(rng, model.cfg.image_size, grid=model.cfg.scene_grid) for _ in range(settings["prompts"])]
         edits = [e for e in edits[rank * local:(rank + 1) * local] for _ in range(G)]
         ro = rollout_edit(model, vq, tok, edits, _seeds(settings["seed"], k, rank, len(edits)), opt, settings["edit_weights"])
         drawn = len(edits)

@@ -23,11 +23,6 @@ from common import Parser, check_run_dir, digest, pos_int, read_json, write_json
 STAGES = ("base", "sft", "rl")
 
 
-def tokenizer_config(config):
-    # `small` is a bigger transformer over the same toy world: it shares toy's tokenizer
-    return "toy" if config == "small" else config
-
-
 def stage_done(out, stage, config):
     """True when OUT holds the stage's finished output, made by `config` from the checkpoints now
     beside it; False when it is missing or unfinished (run it: it resumes); a ValueError when the
@@ -39,7 +34,7 @@ def stage_done(out, stage, config):
     made = receipt.get("made")
     if made is None:
         raise ValueError(f"{ev} was written by an older version of this code: use another --out")
-    want = tokenizer_config(config) if stage == "vq" else config
+    want = config
     if made["config"] != want:
         raise ValueError(f"{out} holds a run of config {made['config']!r} ({stage}.pt), not {want!r}: use another --out")
     for name, d in made["inputs"].items():
@@ -64,7 +59,7 @@ def run_stage(stage, args, seconds):
     t = time.time()
     try:
         if stage == "vq":
-            tokenizer.main(["--config", tokenizer_config(args.config), "--out", args.out])
+            tokenizer.main(["--config", args.config, "--out", args.out])
         elif stage == "vit":
             vit.main(["--config", args.config, "--out", args.out])
         elif stage == "rl":

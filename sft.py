@@ -93,7 +93,7 @@ def group(prompts):
 # split over several processes, sees exactly the data of an uninterrupted single-process run.
 
 
-def base_example(task, rng, by_cat, size, easy=False):
+def base_example(task, rng, by_cat, size, easy=False, grid=0):
     """(kind, scene-or-None, seq builder args) for the base stage; images are rendered here and
     VQ-encoded per batch by `encode_codes`. easy: a VQA conversation opens with an EASY_CATEGORIES prompt."""
     if task == "vqa" and easy:
@@ -101,16 +101,16 @@ def base_example(task, rng, by_cat, size, easy=False):
     else:
         p = train_prompt(rng, by_cat)
     if task == "t2i":
-        return dict(task=task, prompt=p.text, image=shapes.render(shapes.sample_scene(rng, size, p)),
+        return dict(task=task, prompt=p.text, image=shapes.render(shapes.sample_scene(rng, size, p, grid=grid)),
                     drop=rng.random() < PROMPT_DROPOUT)
     if task == "describe":
-        scene = shapes.sample_scene(rng, size, p)
+        scene = shapes.sample_scene(rng, size, p, grid=grid)
         return dict(task=task, image=shapes.render(scene), answer=shapes.describe(scene))
     # a conversation about one image: the first question, in the self-check layout, matches or
     # breaks with even odds (the scene is drawn for it); the others, asked after the image as a VLM
     # is usually asked, are further training prompts answered from the same scene
     match = rng.random() < 0.5
-    scene = shapes.sample_scene(rng, size, p, match=match)
+    scene = shapes.sample_scene(rng, size, p, match=match, grid=grid)
     asked = [p] + [train_prompt(rng, by_cat) for _ in range(VQA_QUESTIONS - 1)]
     return dict(task=task, image=shapes.render(scene), qa=[(q.text, shapes.truth(scene, q).reason) for q in asked])
 
@@ -118,16 +118,16 @@ def base_example(task, rng, by_cat, size, easy=False):
 UND_TASKS = ("describe", "vqa")  # the base tasks that read an image through the ViT
 
 
-def base_batch(rng, mix, n, by_cat, size, easy=False):
+def base_batch(rng, mix, n, by_cat, size, easy=False, grid=0):
     """One base-stage step -> (task, n examples): a text-to-image step with probability mix["t2i"],
     otherwise an understanding step ("und") whose examples are describe or vqa, drawn per example
     in the proportion mix["describe"] : mix["vqa"]. Mixed per example because alternating whole
     describe and VQA steps let every VQA step undo describe's progress (docs/experiments.md)."""
     task = rng.choices(list(mix), weights=list(mix.values()))[0]
     if task not in UND_TASKS:
-        return task, [base_example(task, rng, by_cat, size) for _ in range(n)]
+        return task, [base_example(task, rng, by_cat, size, grid=grid) for _ in range(n)]
     w = [mix[t] for t in UND_TASKS]
-    return "und", [base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size, easy) for _ in range(n)]
+    return "und", [base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size, easy, grid) for _ in range(n)]
 
 
 def build_seq(ex, tok, n_tokens):
@@ -192,7 +192,7 @@ OWN_SHARE = 1.0
 OWN_POSITIVE = 0.0
 
 
-def sft_example(task, rng, by_cat, pool, size, depth=1):
+def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0):
     """One SFT example. Positives: rendered matching scenes (the strong external generator), or at
     rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
     or, when a prompt has none, a rendered near-miss (a deliberately broken scene).
@@ -207,13 +207,13 @@ def sft_example(task, rng, by_cat, pool, size, depth=1):
         if pos and rng.random() < OWN_POSITIVE:
             c, im, _, _ = rng.choice(pos)
             return dict(codes=c, image=im)
-        return dict(image=shapes.render(shapes.sample_scene(rng, size, p)))
+        return dict(image=shapes.render(shapes.sample_scene(rng, size, p, grid=grid)))
 
     def negative():
         if neg and rng.random() < 0.7:
             c, im, _, reason = rng.choice(neg)
             return dict(codes=c, image=im, reason=reason)
-        im = shapes.render(shapes.sample_scene(rng, size, p, match=False))
+        im = shapes.render(shapes.sample_scene(rng, size, p, match=False, grid=grid))
         return dict(image=im, reason=shapes.check(im, p).reason)
 
     if task == "task1":
@@ -233,7 +233,7 @@ def sft_example(task, rng, by_cat, pool, size, depth=1):
             return dict(task=task, prompt=p.text, image=im, answer=reason, history=history)
         # a rendered scene is shown as the judge sees every image at inference: VQ-decoded
         # (finish_examples replaces it by its VQ round trip and the answer by the checker's on that)
-        im = shapes.render(shapes.sample_scene(rng, size, p, match=yes))
+        im = shapes.render(shapes.sample_scene(rng, size, p, match=yes, grid=grid))
         return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history,
                     roundtrip=True)
     history = [_hist(negative()) for _ in range(rng.randint(1, depth))]
@@ -388,9 +388,10 @@ def run(args):
     tok = TextTokenizer(shapes.WORDS)
     vq = load_vq(os.path.join(args.out, "vq.pt"), dev).requires_grad_(False)
     cfg = JanusConfig(**PRESETS[args.config])
-    if vq.cfg.codebook_size != cfg.image_vocab_size or vq.cfg.num_tokens != cfg.image_tokens:
-        raise ValueError(f"{args.out}/vq.pt ({vq.cfg.codebook_size} codes, {vq.cfg.num_tokens} per image) does not fit "
-                         f"config {args.config} ({cfg.image_vocab_size} codes, {cfg.image_tokens} per image)")
+    if (vq.cfg.codebook_size, vq.cfg.num_tokens, vq.cfg.scene_grid) != (cfg.image_vocab_size, cfg.image_tokens, cfg.scene_grid):
+        raise ValueError(f"{args.out}/vq.pt ({vq.cfg.codebook_size} codes, {vq.cfg.num_tokens} per image, scene grid "
+                         f"{vq.cfg.scene_grid}) does not fit config {args.config} ({cfg.image_vocab_size} codes, "
+                         f"{cfg.image_tokens} per image, scene grid {cfg.scene_grid})")
     splits = shapes.make_splits(seed=0)
     by_cat = group(splits["train"])
     torch.manual_seed(args.seed)
@@ -414,10 +415,10 @@ def run(args):
         rng = random.Random(f"{args.stage}-{args.seed}-{step}")
         if args.stage == "base":
             task, exs = base_batch(rng, settings["mix"], settings["batch_size"], by_cat, cfg.image_size,
-                                   easy=step < settings["easy_steps"])
+                                   easy=step < settings["easy_steps"], grid=cfg.scene_grid)
         else:
             task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
-            exs = [sft_example(task, rng, chosen, pool, cfg.image_size, args.depth) for _ in range(settings["batch_size"])]
+            exs = [sft_example(task, rng, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid) for _ in range(settings["batch_size"])]
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
         return collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
 

@@ -68,6 +68,11 @@ REL_T = 0.15               # "A left of B" <=> centre_x(B) - centre_x(A) > REL_T
 BAND = (0.10, 0.20)        # scenes never place two centres at a distance in this band on either
                            # axis, so relations are unambiguous even if a centre moves by ~3 px
 MOVE = 0.30                # how far an edit "move" shifts an object
+# The grid world (the toy preset): objects of one size sit centred in the cells of a grid x grid
+# raster whose cells are the VQ's patches (64 px / 4 = 16 px), so one object is one image token and
+# its colour and shape live in one code. grid 0 is the free world above. Relations stay unambiguous:
+# two centres are 0 or >= one cell (W / 4 > REL_T * W) apart, never in BAND.
+GRID_FILL = 0.75           # object side / cell side (12 px in a 16 px cell: a 4 px gap, > GAP * W)
 
 
 def plural(shape, n):
@@ -268,6 +273,7 @@ class Obj:
 class Scene:
     size: int
     objects: list = field(default_factory=list)
+    grid: int = 0  # cells per side in the grid world, 0 = free placement
 
 
 def _draw(d, o, fill):
@@ -313,15 +319,24 @@ def _fits(o, others, W):
     return True
 
 
-def _random_obj(rng, W, shape=None, colour=None):
-    s = rng.randint(round(SIZE_RANGE[0] * W), round(SIZE_RANGE[1] * W))
+def _random_obj(rng, W, shape=None, colour=None, grid=0):
+    s = round(GRID_FILL * W / grid) if grid else rng.randint(round(SIZE_RANGE[0] * W), round(SIZE_RANGE[1] * W))
     return Obj(shape or rng.choice(SHAPES), colour or rng.choice(COLOUR_NAMES),
                rng.randint(0, W - s), rng.randint(0, W - s), s)
 
 
-def _place(rng, objs, W, fixed=(), tries=50):
+def _place(rng, objs, W, fixed=(), tries=50, grid=0):
     """Give objs random positions that fit next to the already placed `fixed` objects; None if the
-    random search fails (callers retry with a new draw)."""
+    random search fails (callers retry with a new draw). grid: random free cells, object centred."""
+    if grid:
+        c = W // grid
+        taken = {(o.x // c, o.y // c) for o in fixed}
+        free = [(i, j) for j in range(grid) for i in range(grid) if (i, j) not in taken]
+        if len(free) < len(objs):
+            return None
+        for o, (i, j) in zip(objs, rng.sample(free, len(objs))):
+            o.x, o.y = i * c + (c - o.s) // 2, j * c + (c - o.s) // 2
+        return objs
     for _ in range(tries):
         placed = list(fixed)
         for o in objs:
@@ -337,16 +352,17 @@ def _place(rng, objs, W, fixed=(), tries=50):
     return None
 
 
-def random_scene(rng, size=64, n=None):
+def random_scene(rng, size=64, n=None, grid=0):
     while True:
-        objs = [_random_obj(rng, size) for _ in range(n or rng.randint(1, MAX_OBJECTS))]
-        if _place(rng, objs, size) is not None:
-            return Scene(size, objs)
+        objs = [_random_obj(rng, size, grid=grid) for _ in range(n or rng.randint(1, MAX_OBJECTS))]
+        if _place(rng, objs, size, grid=grid) is not None:
+            return Scene(size, objs, grid)
 
 
-def random_images(rng, n, size=64):
-    """A batch of random scenes, rendered: uint8 (n, size, size, 3). Used to train the VQ."""
-    return np.stack([render(random_scene(rng, size)) for _ in range(n)])
+def random_images(rng, n, size=64, grid=0, most=MAX_OBJECTS):
+    """A batch of random scenes of 1 to `most` objects, rendered: uint8 (n, size, size, 3). Used to
+    train the VQ (which may see busier images than scenes: every object patch teaches it)."""
+    return np.stack([render(random_scene(rng, size, rng.randint(1, most), grid)) for _ in range(n)])
 
 
 def _required(rng, facts):
@@ -362,12 +378,13 @@ def _required(rng, facts):
     return [(s, c or rng.choice(COLOUR_NAMES)) for s, c in need]
 
 
-def sample_scene(rng, size=64, prompt=None, match=True, kind=None):
+def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0):
     """A scene for `prompt`: one where every fact holds (match=True) or one that violates it
     (match=False) in one deliberate way: kind in ("colour", "count", "missing", "relation"), or any
-    that applies to the prompt when kind is None. Without a prompt: a random scene."""
+    that applies to the prompt when kind is None. Without a prompt: a random scene. grid: the grid
+    world (see GRID_FILL), 0 = free placement."""
     if prompt is None:
-        return random_scene(rng, size)
+        return random_scene(rng, size, grid=grid)
     if isinstance(prompt, str):
         prompt = parse_prompt(prompt)
     for _ in range(1000):
@@ -375,10 +392,10 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None):
         if len(need) > MAX_OBJECTS:
             raise ValueError(f"prompt needs {len(need)} objects, scenes hold at most {MAX_OBJECTS}: {prompt.text!r}")
         extra = rng.randint(0, MAX_OBJECTS - len(need))
-        objs = [_random_obj(rng, size, s, c) for s, c in need] + [_random_obj(rng, size) for _ in range(extra)]
-        if _place(rng, objs, size, tries=5) is None:
+        objs = [_random_obj(rng, size, s, c, grid) for s, c in need] + [_random_obj(rng, size, grid=grid) for _ in range(extra)]
+        if _place(rng, objs, size, tries=5, grid=grid) is None:
             continue
-        scene = Scene(size, objs)
+        scene = Scene(size, objs, grid)
         if not all(truth(scene, prompt).holds):
             continue
         if match:
@@ -412,7 +429,7 @@ def corrupt(rng, scene, prompt, kind=None):
     without reading the prompt (evaluate.by_ink measures that). Ink is now equal on average, not per
     scene: a square fills its box, a circle ~0.79 of it, a triangle ~half."""
     kind = kind or rng.choice(failure_kinds(prompt))
-    W = scene.size
+    W, grid = scene.size, scene.grid
     objs = [replace(o) for o in scene.objects]
     i = rng.choice([i for i, f in enumerate(prompt.facts) if _can_fail(f, kind)] or [None])
     if i is None:
@@ -438,20 +455,20 @@ def corrupt(rng, scene, prompt, kind=None):
         for o, s, c in edits:  # the first edit that breaks this fact and no other
             was = (o.shape, o.colour)
             o.shape, o.colour = s, c
-            if _only_fails(Scene(W, objs), prompt, i):
-                return Scene(W, objs)
+            if _only_fails(Scene(W, objs, grid), prompt, i):
+                return Scene(W, objs, grid)
             o.shape, o.colour = was
         if fewer or len(objs) == MAX_OBJECTS:
             return None
-        new = _random_obj(rng, W, f.shape, f.colour)
-        if _place(rng, [new], W, fixed=objs) is None:
+        new = _random_obj(rng, W, f.shape, f.colour, grid)
+        if _place(rng, [new], W, fixed=objs, grid=grid) is None:
             return None
         objs.append(new)
     else:  # relation: mirror the scene so left<->right or above<->below swaps for every pair
         horizontal = f.rel in ("left of", "right of")
         for o in objs:
             o.x, o.y = (W - o.x - o.s, o.y) if horizontal else (o.x, W - o.y - o.s)
-    bad = Scene(W, objs)
+    bad = Scene(W, objs, grid)
     return bad if not all(truth(bad, prompt).holds) else None
 
 
@@ -877,32 +894,33 @@ _STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 
 def apply_edit(rng, scene, edit):
     """The correctly edited scene, or None when the edit can't be done in this scene."""
-    W = scene.size
+    W, grid = scene.size, scene.grid
     objs = [replace(o) for o in scene.objects]
     target = [o for o in objs if o.colour == edit.colour and o.shape == edit.shape]
     others = [o for o in objs if not (o.colour == edit.colour and o.shape == edit.shape)]
     if edit.kind == "add":
         if target or len(objs) >= MAX_OBJECTS:
             return None
-        new = _random_obj(rng, W, edit.shape, edit.colour)
-        return Scene(W, objs + [new]) if _place(rng, [new], W, fixed=objs) else None
+        new = _random_obj(rng, W, edit.shape, edit.colour, grid)
+        return Scene(W, objs + [new], grid) if _place(rng, [new], W, fixed=objs, grid=grid) else None
     if len(target) != 1:  # the instruction must name exactly one object
         return None
     t = target[0]
     if edit.kind == "remove":
-        return Scene(W, others)
+        return Scene(W, others, grid)
     if edit.kind == "recolour":
         t.colour = edit.colour2
-        return Scene(W, objs) if edit.colour2 != edit.colour else None
+        return Scene(W, objs, grid) if edit.colour2 != edit.colour else None
     dx, dy = _STEP[edit.direction]
-    t.x, t.y = t.x + round(dx * MOVE * W), t.y + round(dy * MOVE * W)
-    return Scene(W, objs) if _fits(t, others, W) else None
+    step = W // grid if grid else round(MOVE * W)  # one cell in the grid world (score_edit allows both)
+    t.x, t.y = t.x + dx * step, t.y + dy * step
+    return Scene(W, objs, grid) if _fits(t, others, W) else None
 
 
-def sample_edit(rng, size=64, kind=None):
+def sample_edit(rng, size=64, kind=None, grid=0):
     """(source scene, Edit, correctly edited scene), for a random or given edit kind."""
     while True:
-        scene = random_scene(rng, size, rng.randint(1, 3))
+        scene = random_scene(rng, size, rng.randint(1, 3), grid)
         k = kind or rng.choice(("recolour", "remove", "add", "move"))
         if k == "add":
             e = Edit("add", rng.choice(SHAPES), rng.choice(COLOUR_NAMES))
@@ -1011,7 +1029,7 @@ def _verdict_colour(ok):
     return (20, 120, 20) if ok else (190, 20, 20)
 
 
-def demo(out, size=64, seed=0, n=6):
+def demo(out, size=64, seed=0, n=6, grid=0):
     rng = random.Random(seed)
     os.makedirs(out, exist_ok=True)
     rows = []
@@ -1019,7 +1037,7 @@ def demo(out, size=64, seed=0, n=6):
         row = []
         for _ in range(n):
             p = sample_prompt(rng, cat)
-            im = render(sample_scene(rng, size, p))
+            im = render(sample_scene(rng, size, p, grid=grid))
             c = check(im, p)
             row.append((im, f"[{cat}] {p.text} -> {c.reason}", _verdict_colour(c.verdict)))
         rows.append(row)
@@ -1031,7 +1049,7 @@ def demo(out, size=64, seed=0, n=6):
             p = sample_prompt(rng)
             if kind not in failure_kinds(p):
                 continue
-            im = render(sample_scene(rng, size, p, match=False, kind=kind))
+            im = render(sample_scene(rng, size, p, match=False, kind=kind, grid=grid))
             c = check(im, p)
             row.append((im, f"[wrong {kind}] {p.text} -> {c.reason}", _verdict_colour(c.verdict)))
         rows.append(row)
@@ -1040,7 +1058,7 @@ def demo(out, size=64, seed=0, n=6):
     for kind in ("recolour", "remove", "add", "move"):
         row = []
         for _ in range(n // 2):
-            src, e, dst = sample_edit(rng, size, kind)
+            src, e, dst = sample_edit(rng, size, kind, grid)
             a, b = render(src), render(dst)
             f, p = score_edit(a, b, e)
             row += [(a, f"source; {e.text}", (0, 0, 0)), (b, f"edited: follow {f:.1f} preserve {p:.2f}", _verdict_colour(f == p == 1))]
@@ -1112,6 +1130,8 @@ def main(argv=None):
     ap = Parser(description="ShapeWorld: look at the toy world, draw one scene, or check one image.")
     ap.add_argument("--out", help="write example grids (examples.png, wrong.png, edits.png) to this folder")
     ap.add_argument("--size", type=bounded(int, 16, 1024), default=64, help="image side in pixels, 16-1024 (toy 64, tiny 32)")
+    ap.add_argument("--grid", type=bounded(int, 0, 8), default=0, help="0: objects anywhere (the free world); N: "
+                    "objects of one size centred in an N x N grid (the toy preset's world: 4)")
     ap.add_argument("--seed", type=int, default=0, help="random seed for the examples and --scene")
     ap.add_argument("--n", type=bounded(int, 1, 100), default=6, help="examples per row, 1-100")
     ap.add_argument("--check", metavar="PNG", help="check this image against --prompt and print JSON")
@@ -1132,7 +1152,7 @@ def main(argv=None):
             if os.path.isdir(args.png):
                 raise ValueError(f"--png {args.png} is a folder, not a file name")
             prompt = parse_prompt(args.scene)
-            image = Image.fromarray(render(sample_scene(random.Random(args.seed), args.size, prompt)))
+            image = Image.fromarray(render(sample_scene(random.Random(args.seed), args.size, prompt, grid=args.grid)))
             tmp = f"{args.png}.tmp{os.getpid()}.png"
             try:
                 image.save(tmp)
@@ -1143,7 +1163,7 @@ def main(argv=None):
         elif args.out:
             if os.path.exists(args.out) and not os.path.isdir(args.out):
                 raise ValueError(f"--out {args.out} is a file, not a folder")
-            for path in demo(args.out, args.size, args.seed, args.n):
+            for path in demo(args.out, args.size, args.seed, args.n, args.grid):
                 print("wrote", path)
         else:
             ap.error("give --out DIR (example grids), --scene PROMPT --png FILE, or --check PNG --prompt TEXT")

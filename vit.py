@@ -35,11 +35,11 @@ from train import Plan, fit
 
 TRAIN = {
     "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=10, eval_scenes=64),
-    "toy": dict(steps=1000, batch_size=32, lr=1e-3, warmup=30, eval_scenes=512),
+    "toy": dict(steps=300, batch_size=32, lr=1e-3, warmup=30, eval_scenes=512),
     "small": dict(steps=3000, batch_size=64, lr=6e-4, warmup=100, eval_scenes=512),
 }
 COVER = 0.15  # share of a patch's pixels an object must cover to own the patch
-VIT_KEYS = ("image_size", "vit_patch", "vit_width", "vit_layers", "vit_heads", "vit_mlp")
+VIT_KEYS = ("image_size", "vit_patch", "vit_width", "vit_layers", "vit_heads", "vit_mlp", "scene_grid")
 S, C = len(shapes.SHAPES), len(shapes.COLOUR_NAMES)
 
 
@@ -59,9 +59,9 @@ def patch_labels(scene, patch):
     return shape, colour, centre
 
 
-def make_batch(rng, n, size, patch):
+def make_batch(rng, n, size, patch, grid=0):
     """n random scenes -> pixels (n, 3, H, W) in [-1, 1] and targets shape, colour, centre (n, patches)."""
-    scenes = [shapes.random_scene(rng, size) for _ in range(n)]
+    scenes = [shapes.random_scene(rng, size, grid=grid) for _ in range(n)]
     labels = [patch_labels(s, patch) for s in scenes]
     pixels = to_tensor(np.stack([shapes.render(s) for s in scenes]))
     return (pixels, *(torch.from_numpy(np.stack(t)).long() for t in zip(*labels)))
@@ -86,12 +86,12 @@ def losses(head_out, shape, colour, centre):
 
 
 @torch.no_grad()
-def patch_metrics(vit, head, n, size, patch, device):
+def patch_metrics(vit, head, n, size, patch, device, grid=0):
     """On held-out random scenes (seed space "vit-eval"): per-patch shape and colour accuracy on the
     patches an object owns, background accuracy, and the share of scenes whose number of predicted
     centres equals the number of objects."""
     vit.eval()
-    pixels, shape, colour, centre = make_batch(random.Random("vit-eval"), n, size, patch)
+    pixels, shape, colour, centre = make_batch(random.Random("vit-eval"), n, size, patch, grid)
     a, b, c = head(vit(pixels.to(device)))
     a, b, c = a.argmax(-1).cpu(), b.argmax(-1).cpu(), (c > 0).cpu()
     obj = shape < S
@@ -144,7 +144,7 @@ def run(args):
     def batch_fn(step, micro):
         # the batch of a step is a function of (seed, step) only: a resumed run sees the same data
         rng = random.Random(f"vit-train-{args.seed}-{step}")
-        return [t.to(dev) for t in make_batch(rng, settings["batch_size"], cfg.image_size, cfg.vit_patch)], "loss"
+        return [t.to(dev) for t in make_batch(rng, settings["batch_size"], cfg.image_size, cfg.vit_patch, cfg.scene_grid)], "loss"
 
     def loss_fn(batch):
         pixels, shape, colour, centre = batch
@@ -159,7 +159,7 @@ def run(args):
                            "vit_state", settings, state)
     vit_path = os.path.join(args.out, "vit.pt")
     save_checkpoint({"kind": "vit", "config": settings["config"], "model": vit.state_dict(), "step": step}, vit_path)
-    result = patch_metrics(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev)
+    result = patch_metrics(vit, head, preset["eval_scenes"], cfg.image_size, cfg.vit_patch, dev, cfg.scene_grid)
     # the receipt run.py checks before reusing this stage
     result.update(config=args.config, steps=step, train_seconds=round(seconds, 1),
                   made=stage_receipt(args.out, args.config, settings), ckpt=digest(vit_path))

@@ -405,8 +405,9 @@ def test_tiny_pipeline_end_to_end_and_loss_drops(vq_dir, tmp_path):
 
 def test_model_and_tokenizer_presets_fit():
     from model import PRESETS, JanusConfig
-    for name, vq_name in (("tiny", "tiny"), ("toy", "toy"), ("small", "toy"), ("janus-pro-1b", "vq16"), ("janus-pro-7b", "vq16")):
+    for name, vq_name in (("tiny", "tiny"), ("toy", "toy"), ("small", "small"), ("janus-pro-1b", "vq16"), ("janus-pro-7b", "vq16")):
         cfg, vq = JanusConfig(**PRESETS[name]), tokenizer.VQ_PRESETS[vq_name]
         assert (cfg.image_vocab_size, cfg.image_tokens, cfg.image_size, cfg.image_code_dim) == \
             (vq.codebook_size, vq.num_tokens, vq.image_size, vq.code_dim), name
+        assert cfg.scene_grid == vq.scene_grid, name
         assert len(TOK) <= cfg.vocab_size or name.startswith("janus")

@@ -34,6 +34,29 @@ def test_checker_equals_truth_tiny_size():
         assert S.check(S.render(sc), p).holds == S.truth(sc, p).holds, (p.text, sc)
 
 
+def test_grid_world_one_object_per_cell_and_checker_exact():
+    """The toy's grid world: every object is one size, centred in its own cell (so one VQ patch
+    holds exactly one object), broken scenes and edits stay on the grid, and the checker is exact."""
+    rng, W, g = random.Random(3), 64, 4
+    c = W // g
+    scenes = []
+    for i in range(700):
+        p = S.sample_prompt(rng, S.CATEGORIES[i % len(S.CATEGORIES)])
+        sc = S.sample_scene(rng, W, p, match=i % 2 == 0, grid=g)
+        assert S.truth(sc, p).verdict == (i % 2 == 0) and sc.grid == g
+        got, want = S.check(S.render(sc), p), S.truth(sc, p)
+        assert (got.holds, got.reason) == (want.holds, want.reason), (p.text, sc)
+        scenes.append(sc)
+    for _ in range(100):
+        src, e, dst = S.sample_edit(rng, W, grid=g)
+        scenes += [src, dst]
+    for sc in scenes:
+        cells = [(o.x // c, o.y // c) for o in sc.objects]
+        assert len(set(cells)) == len(cells)
+        for o, (i, j) in zip(sc.objects, cells):
+            assert o.s == round(S.GRID_FILL * c) and (o.x, o.y) == (i * c + (c - o.s) // 2, j * c + (c - o.s) // 2)
+
+
 def _noise(im, rng=np.random.default_rng(0)):
     return np.clip(im + rng.normal(0, 8, im.shape), 0, 255).round().astype(np.uint8)
 
@@ -307,11 +330,12 @@ def test_splits_disjoint_stable_and_ood_held_out():
     assert not S.text_mentions_ood("a yellow circle below an orange square")
 
 
-def test_edits_follow_and_preserve():
+@pytest.mark.parametrize("grid", [0, 4])
+def test_edits_follow_and_preserve(grid):
     rng = random.Random(6)
     for kind in ("recolour", "remove", "add", "move"):
         for _ in range(30):
-            src, e, dst = S.sample_edit(rng, 64, kind)
+            src, e, dst = S.sample_edit(rng, 64, kind, grid)
             a = S.render(src)
             assert S.parse_edit(e.text) == e
             assert S.score_edit(a, S.render(dst), e.text) == (1.0, 1.0)
@@ -325,8 +349,8 @@ def test_edits_follow_and_preserve():
                 f, p = S.score_edit(a, S.render(spoiled), e)
                 assert f == 1.0 and p < 1.0
             else:
-                extra = S._random_obj(rng, 64, "square", "blue" if e.colour != "blue" else "red")
-                if S._place(rng, [extra], 64, fixed=dst.objects):
+                extra = S._random_obj(rng, 64, "square", "blue" if e.colour != "blue" else "red", grid)
+                if S._place(rng, [extra], 64, fixed=dst.objects, grid=grid):
                     f, p = S.score_edit(a, S.render(S.Scene(64, dst.objects + [extra])), e)
                     assert f == 1.0 and p < 1.0
     # wrong variants of each kind: follow drops

@@ -32,7 +32,7 @@ def tiny_model(seed=0):
 
 
 def test_encode_decode_shapes_and_code_range():
-    for name, batch in (("tiny", 3), ("toy", 2)):
+    for name, batch in (("tiny", 3), ("toy", 2), ("small", 2)):
         cfg = VQ_PRESETS[name]
         model = VQModel(cfg).eval()
         x = torch.rand(batch, 3, cfg.image_size, cfg.image_size) * 2 - 1
@@ -40,7 +40,7 @@ def test_encode_decode_shapes_and_code_range():
         assert codes.shape == (batch, cfg.num_tokens) and codes.dtype == torch.long
         assert codes.min() >= 0 and codes.max() < cfg.codebook_size
         assert model.decode(codes).shape == x.shape
-    assert (VQ_PRESETS["toy"].grid, VQ_PRESETS["tiny"].grid, VQ_PRESETS["vq16"].grid) == (8, 4, 24)
+    assert (VQ_PRESETS["toy"].grid, VQ_PRESETS["tiny"].grid, VQ_PRESETS["small"].grid, VQ_PRESETS["vq16"].grid) == (4, 4, 8, 24)
 
 
 def test_codes_are_nearest_unit_codes_in_raster_order():
@@ -56,9 +56,9 @@ def test_codes_are_nearest_unit_codes_in_raster_order():
 
 
 def test_toy_encoder_is_patch_local():
-    """A code of the toy tokenizer depends on its own 8x8 patch only: the same pixels give the same
+    """A code of the toy tokenizers depends on its own patch only: the same pixels give the same
     code wherever they sit and whatever surrounds them (LlamaGen's encoder gives neither)."""
-    for name in ("toy", "tiny"):
+    for name in ("toy", "tiny", "small"):
         cfg = VQ_PRESETS[name]
         assert cfg.local_encoder
         torch.manual_seed(0)
