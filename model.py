@@ -747,6 +747,8 @@ def load_pretrained(path, dtype=None):
     with torch.device("meta"):
         model, vq = Janus(cfg).to(dtype or torch.float32), VQModel(vq_cfg)
     model, vq = model.to_empty(device="cpu"), vq.to_empty(device="cpu")
+    if cfg.tie_embeddings:  # to_empty gives each module a Parameter of its own: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
     load_tensors(_targets(model, layout, vq), read_tensors(checkpoint_files(path)), path)
     return model.eval(), vq.eval()
 
