@@ -182,3 +182,80 @@ def test_official_folder_in_shards_loads_exactly(tmp_path):
     os.remove(tmp_path / "pytorch_model-00002-of-00002.bin")
     with pytest.raises((ValueError, FileNotFoundError)):
         load_pretrained(tmp_path)
+
+
+# -----------------------------------------------------------------------------
+# the DeepSeek text tokenizer against `tokenizers`, on a byte-level BPE trained here with
+# DeepSeek's pre-tokenizer and special tokens
+
+# DeepSeek-LLM's letter class (six code points written as escapes: copied text tends to get them
+# NFC-normalised into other characters, which breaks the ranges)
+LETTERS = ("[A-Za-zµÀ-ÖØ-öø-ƺƼ-ƿǄ-ʓʕ-ʯͰ-ͳͶͷͻ-ͽͿΆΈ-ΊΌΎ-ΡΣ-ϵϷ-ҁҊ-ԯԱ-ՖႠ-ჅᎠ-Ᏽᏸ-ᏽᲐ-ᲺᲽ-Ჿᴀ-ᴫᵫ-ᵷᵹ-ᶚḀ-ἕἘ-Ἕἠ-ὅὈ-Ὅὐ-ὗὙὛὝὟ-\u1f7d"
+           "ᾀ-ᾴᾶ-ᾼ\u1fbeῂ-ῄῆ-ῌῐ-\u1fd3ῖ-\u1fdbῠ-Ῥῲ-ῴῶ-ῼℂℇℊ-ℓℕℙ-ℝℤ\u2126ℨ\u212a-ℭℯ-ℴℹℼ-ℿⅅ-ⅉⅎↃↄⰀ-ⱻⱾ-ⳤⳫ-ⳮⳲⳳꙀ-ꙭꚀ-ꚛꜢ-ꝯꝱ-ꞇꞋ-ꞎꭰ-ꮿﬀ-ﬆﬓ-ﬗ"
+           "Ａ-Ｚａ-ｚ𐐀-𐑏𐒰-𐓓𐓘-𐓻𐲀-𐲲𐳀-𐳲𑢠-𑣟𞤀-𞥃]+")
+SPECIALS = ["<｜begin▁of▁sentence｜>", "<｜end▁of▁sentence｜>", "<｜▁pad▁｜>", "<image_placeholder>",
+            "<begin_of_image>", "<end_of_image>"]
+CORPUS = ["<|User|>: a red circle to the left of two squares\n\n<|Assistant|>:",
+          "Let me think Does this image match the prompt... Yes, it does. No, the circle is green, not red.",
+          "Next, I will draw a new image. 12 apples cost 3.50 €; naïve café déjà vu — Ωμέγα λέξη.",
+          "Привет, мир! 你好，世界。 こんにちは 안녕하세요 🙂👍 tabs\tand   spaces  ", "Yes No Yes No yes no"] * 20
+
+
+def write_tokenizer_json(path):
+    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    split = lambda rx: pre_tokenizers.Split(Regex(rx), "isolated")
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        split(r"[\r\n]"), split(r"\s?" + LETTERS), split(r"\s?[!-/:-~！-／：-～‘-‟　-。]+"), split(r"\s+$"),
+        split("[一-龥ࠀ-一가-퟿]+"), pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=SPECIALS, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    # the role markers as plain (normalised, not special) added tokens: the second matching pass
+    tok.add_tokens([AddedToken("<|User|>"), AddedToken("<|Assistant|>")])
+    tok.post_processor = processors.TemplateProcessing(single=f"{SPECIALS[0]} $A", special_tokens=[(SPECIALS[0], 0)])
+    tok.save(str(path))
+    return tok
+
+
+def random_strings(n, seed=0):
+    """Strings mixing scripts, digits of several kinds, spaces, newlines, control characters,
+    emoji and the special tokens (also glued to words and to each other)."""
+    import random
+    rng = random.Random(seed)
+    alphabet = list("abcXYZ  \n\t\r.,!?:;'\"-_()[]{}<>|/\\0123456789") + list("éèüßçøΩμλПрю你好世界こん안녕🙂👍€½Ⅻ٣３　\x1c\x85\xa0\u2028")
+    words = ["the", " circle", "Yes", "No", "image", "  ", "\n\n", "12345", "café", "Привет", "<|User|>", "<|Assistant|>"] + SPECIALS
+    out = []
+    for _ in range(n):
+        parts = [rng.choice(words) if rng.random() < 0.4 else "".join(rng.choices(alphabet, k=rng.randint(1, 6)))
+                 for _ in range(rng.randint(1, 8))]
+        out.append("".join(parts))
+    return out
+
+
+def test_bpe_equals_tokenizers(tmp_path):
+    from tokenizer import BPETokenizer
+    theirs = write_tokenizer_json(tmp_path / "tokenizer.json")
+    ours = BPETokenizer(tmp_path / "tokenizer.json")
+    assert len(ours) == theirs.get_vocab_size() == 422
+    assert (ours.bos, ours.eos, ours.pad, ours.img) == (0, 1, 2, 3) and ours.decode([ours.yes, ours.no]) == "YesNo"
+    strings = random_strings(3000) + CORPUS[:5] + ["", " ", "\n", "x" * 50, "2024-01-02"]
+    for s in strings:
+        want = theirs.encode(s, add_special_tokens=False).ids
+        assert ours.encode(s) == want, repr(s)
+        assert ours.decode(want) == theirs.decode(want, skip_special_tokens=False) == s, repr(s)
+    # BOS as the post-processor adds it, EOS on request
+    s = strings[0]
+    assert ours.encode(s, bos=True) == theirs.encode(s).ids and ours.encode(s, eos=True)[-1] == ours.eos
+
+
+def test_bpe_refuses_what_it_does_not_implement(tmp_path):
+    from tokenizer import BPETokenizer
+    write_tokenizer_json(tmp_path / "tokenizer.json")
+    spec = json.loads((tmp_path / "tokenizer.json").read_text())
+    spec["pre_tokenizer"]["pretokenizers"][-1]["use_regex"] = True  # GPT-2's regex inside ByteLevel
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    with pytest.raises(ValueError, match="pre-tokenizer"):
+        BPETokenizer(tmp_path / "tokenizer.json")
