@@ -259,3 +259,38 @@ def test_bpe_refuses_what_it_does_not_implement(tmp_path):
     (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
     with pytest.raises(ValueError, match="pre-tokenizer"):
         BPETokenizer(tmp_path / "tokenizer.json")
+
+
+# -----------------------------------------------------------------------------
+# sample.py and judge.py on a model folder: a transformers save plus the tokenizer.json
+
+
+def test_prompt_layout_is_the_official_template_encoded_whole(tmp_path):
+    import sample
+    from tokenizer import BPETokenizer
+    theirs = write_tokenizer_json(tmp_path / "tokenizer.json")
+    tok = BPETokenizer(tmp_path / "tokenizer.json")
+    caption = "a red circle to the left of 2 squares"
+    seq = sample.prompt_seq(tok, caption)
+    assert seq.ids == theirs.encode(f"<|User|>: {caption}\n\n<|Assistant|>:<begin_of_image>").ids  # BOS first
+    assert tok.decode([i for i, sp in zip(seq.ids, seq.span) if sp == sample.CAPTION]) == " " + caption
+
+
+def test_sample_and_judge_run_on_a_model_folder(tmp_path, capsys):
+    import judge
+    import sample
+    from PIL import Image
+    folder = tmp_path / "model"
+    tok = write_tokenizer_json(tmp_path / "tokenizer.json")
+    hf_janus(tiny(vocab_size=tok.get_vocab_size()), VQ).save_pretrained(folder)
+    os.replace(tmp_path / "tokenizer.json", folder / "tokenizer.json")
+    sample.main(["--ckpt", str(folder), "--prompt", "a photo of a cat, 2 of them", "--n", "2", "--rounds", "2",
+                 "--out", str(tmp_path / "out")])
+    chains = [json.loads(line) for line in open(tmp_path / "out" / "chains.jsonl")]
+    assert len(chains) == 2 and all(1 <= len(c["files"]) <= 2 for c in chains)
+    assert Image.open(tmp_path / "out" / chains[0]["files"][0]).size == (32, 32)
+    Image.new("RGB", (40, 24), (200, 30, 30)).save(tmp_path / "wide.png")  # not square: padded with grey
+    capsys.readouterr()
+    judge.main(["--ckpt", str(folder), "--image", str(tmp_path / "wide.png"), "--prompt", "a red image"])
+    out = json.loads(capsys.readouterr().out)
+    assert out["verdict"] in ("yes", "no") and 0 <= out["p_yes"] <= 1 and out["reason"].startswith(("Yes", "No"))
