@@ -14,7 +14,8 @@ How the pieces are used (SFT, RL and the sampler all go through these four calls
     model.text_logits(h) / model.image_logits(h)                                    # fp32 logits
     model.token_losses(h, text_targets, image_targets)                              # (B, T) fp32
 The file reads top to bottom: config -> norm -> rope -> attention -> mlp -> block -> ViT -> heads ->
-model -> loading the official checkpoints -> the same model in Hugging Face transformers (the
+model -> checkpoints (one table of key names for the official and the transformers layout;
+load_pretrained reads either folder) -> the same model in Hugging Face transformers (the
 reference the tests compare against and bench.py times).
 """
 

@@ -7,7 +7,8 @@ The two tokenizers of Janus-Pro-R1 (SPEC.md section 2):
    language model then generates images as raster-ordered grids of these code ids.
    The same class builds the real VQ-16 (its state_dict keys match the official `gen_vision_model.*`
    checkpoint) and the small tokenizers we train ourselves on ShapeWorld.
-2. The word-level text tokenizer of the toy world (the real models use DeepSeek's BPE instead).
+2. The text tokenizers: the word-level one of the toy world, and the real models' DeepSeek
+   byte-level BPE (BPETokenizer, read from a model folder's tokenizer.json).
 
 Run `python tokenizer.py --config toy --out out/toy` to train the toy VQ on freshly rendered
 ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held-out scenes
