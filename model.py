@@ -734,11 +734,11 @@ def read_tensors(files):
             del sd
 
 
-def load_pretrained(path, dtype=None):
+def load_pretrained(path, dtype=None, device="cpu"):
     """(model, vq) from a model folder in the official DeepSeek layout (Janus-Pro-1B/7B, Janus-Pro-R1-7B:
     config.json + pytorch_model.bin or shards with an index) or in transformers' (what
     JanusForConditionalGeneration.save_pretrained writes: safetensors). The model in `dtype` (default
-    fp32; torch.bfloat16 halves it), in eval mode; the VQ tokenizer stays fp32 (its code search is fp32
+    fp32; torch.bfloat16 halves it) on `device`, in eval mode; the VQ tokenizer stays fp32 (its code search is fp32
     anyway). Both are built on the meta device and filled tensor by tensor: no second copy of the weights.
     Note: transformers' VQ `encode` picks codes by distance to the raw (unnormalised) codebook, ours
     (and the official LlamaGen) by cosine after l2-normalising both: the same codes when the codebook
@@ -747,7 +747,7 @@ def load_pretrained(path, dtype=None):
     cfg, vq_cfg, layout = pretrained_configs(path)
     with torch.device("meta"):
         model, vq = Janus(cfg).to(dtype or torch.float32), VQModel(vq_cfg)
-    model, vq = model.to_empty(device="cpu"), vq.to_empty(device="cpu")
+    model, vq = model.to_empty(device=device), vq.to_empty(device=device)  # allocated where they will run
     if cfg.tie_embeddings:  # to_empty gives each module a Parameter of its own: tie them again
         model.lm_head.weight = model.embed_tokens.weight
     load_tensors(_targets(model, layout, vq), read_tensors(checkpoint_files(path)), path)

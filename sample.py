@@ -532,7 +532,7 @@ def load_janus(path, device="cpu"):
     it, NaN/inf weights, or a vocabulary that is not this code's. A folder is a released model
     (official or transformers layout, model.load_pretrained) with its DeepSeek tokenizer.json."""
     if os.path.isdir(path):
-        model, vq = load_pretrained(path)
+        model, vq = load_pretrained(path, device=device)
         tok = BPETokenizer(os.path.join(path, "tokenizer.json"))
         if len(tok) > model.cfg.vocab_size:
             raise ValueError(f"{path}: tokenizer.json has {len(tok)} tokens, the model {model.cfg.vocab_size}")
