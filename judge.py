@@ -14,6 +14,7 @@ self-check cue -> P(yes) = P(Yes) / (P(Yes) + P(No)) at the first answer positio
 """
 
 import json
+import os
 import random
 import re
 
@@ -183,12 +184,30 @@ def judge_eval(model, vq, tok, n=10, seed=0, prompts=None, draws=4, max_reason=2
 # Command line
 
 
-def to_model_size(image, size):
-    """An image of any square size, resized to the model's (as sample.py --edit does)."""
-    if image.shape[0] != image.shape[1]:
-        raise ValueError(f"the image is {image.shape[1]}x{image.shape[0]} pixels; the judge reads square images")
-    if image.shape[0] != size:
-        image = np.asarray(Image.fromarray(image).resize((size, size), Image.BICUBIC))
+def read_rgb(path):
+    """Any image file as uint8 RGB (H, W, 3), as the official processor reads it (PIL convert("RGB"))."""
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"))
+    except (OSError, SyntaxError) as e:
+        raise ValueError(f"cannot read image {path!r}: {e}") from None
+
+
+def to_model_size(image, size, pad=False):
+    """An image of any square size, resized to the model's (as sample.py --edit does). pad=True, the
+    released models' preprocessing: any shape, the long side scaled to `size` (bicubic, the short side
+    truncated, at least 14 px), centred on a grey (127, 127, 127) square."""
+    h, w = image.shape[:2]
+    if h != w and not pad:
+        raise ValueError(f"the image is {w}x{h} pixels; the judge reads square images")
+    if (h, w) != (size, size):
+        nw, nh = max(int(w / max(h, w) * size), 14), max(int(h / max(h, w) * size), 14)
+        image = np.asarray(Image.fromarray(image).resize((nw, nh), Image.BICUBIC))
+    if h != w:
+        square = np.full((size, size, 3), 127, dtype=np.uint8)
+        top, left = (size - image.shape[0]) // 2, (size - image.shape[1]) // 2
+        square[top:top + image.shape[0], left:left + image.shape[1]] = image
+        image = square
     return image
 
 
@@ -199,9 +218,12 @@ def run(args):
         raise ValueError("--image and --prompt go together")
     if args.out and not args.eval:
         raise ValueError("--out goes with --eval (the judgement of one image is printed)")
+    folder = os.path.isdir(args.ckpt)  # a released model: any prompt, the official image preprocessing
+    if folder and (args.eval or not args.prompt.strip()):
+        raise ValueError("a model folder is judged on one --image and a non-empty --prompt (--eval needs ShapeWorld's checkpoints)")
     if not args.eval:  # every input is read and checked before the model is loaded
-        text = shapes.parse_prompt(args.prompt).text
-        image = shapes.load_image(args.image)
+        text = args.prompt if folder else shapes.parse_prompt(args.prompt).text
+        image = read_rgb(args.image) if folder else shapes.load_image(args.image)
     model, vq, tok, _ = load_janus(args.ckpt, pick_device(args.device))
     if args.eval:
         result = judge_eval(model, vq, tok, args.n, args.seed, max_reason=args.max_reason)
@@ -209,7 +231,7 @@ def run(args):
             write_json(result, args.out)
         print(json.dumps(result, allow_nan=False))
         return
-    verdicts, probs, answers = judge_images(model, tok, [to_model_size(image, model.cfg.image_size)], [text], args.max_reason)
+    verdicts, probs, answers = judge_images(model, tok, [to_model_size(image, model.cfg.image_size, pad=folder)], [text], args.max_reason)
     print(json.dumps({"verdict": verdicts[0], "p_yes": probs[0], "reason": answers[0]}, allow_nan=False))
 
 
@@ -217,7 +239,8 @@ def main(argv=None):
     ap = Parser(description="The model as an image-text judge: P(yes), verdict and reason for one image and prompt "
                             "(one JSON line), or --eval: its agreement with the ShapeWorld checker (one JSON object).")
     # what to judge
-    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py or rl.py (OUT/sft.pt, OUT/rl.pt)")
+    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py or rl.py (OUT/sft.pt, OUT/rl.pt), "
+                    "or a released model's folder (config.json, weights, tokenizer.json)")
     ap.add_argument("--image", help="the image to judge (PNG; any square size, resized to the model's)")
     ap.add_argument("--prompt", help="the prompt it should show (ShapeWorld grammar, e.g. 'a red circle above a square')")
     ap.add_argument("--max-reason", type=nonneg_int, default=24, help="most reason tokens after the verdict")

@@ -14,12 +14,16 @@ How the pieces are used (SFT, RL and the sampler all go through these four calls
     model.text_logits(h) / model.image_logits(h)                                    # fp32 logits
     model.token_losses(h, text_targets, image_targets)                              # (B, T) fp32
 The file reads top to bottom: config -> norm -> rope -> attention -> mlp -> block -> ViT -> heads ->
-model -> loading the official checkpoints -> the same model in Hugging Face transformers (the
+model -> checkpoints (one table of key names for the official and the transformers layout;
+load_pretrained reads either folder) -> the same model in Hugging Face transformers (the
 reference the tests compare against and bench.py times).
 """
 
+import json
 import math
-from dataclasses import dataclass
+import os
+import re
+from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
@@ -48,6 +52,7 @@ class JanusConfig:
     vit_layers: int = 4
     vit_heads: int = 4
     vit_mlp: int = 512
+    aligner_depth: int = 2  # Linears in the aligner (ViT -> LLM); 2 in every released model
     # generation path (ids of the VQ tokenizer's codebook)
     image_vocab_size: int = 512  # VQ codebook size = gen_head outputs
     image_code_dim: int = 8  # width of the gen_embed table
@@ -55,6 +60,9 @@ class JanusConfig:
     # the ShapeWorld the toy rungs train on: 0 objects anywhere, N objects centred in an N x N grid
     # of VQ patches (shapes.GRID_FILL); the real shapes never read it
     scene_grid: int = 0
+    gen_aligner_depth: int = 2  # Linears in gen_aligner (codes -> LLM)
+    gen_head_width: int = 0  # width inside gen_head; 0 = n_embd, as in every released model
+    tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (transformers' default; not Janus-Pro)
     # kernels: PyTorch's fused scaled_dot_product_attention, or the plain-math reference
     sdpa: bool = True
 
@@ -64,6 +72,7 @@ class JanusConfig:
         # Janus gives an image the same number of positions whichever path it enters by
         # (384 px / 16 = 24x24 = 576 for both the ViT and the VQ), so the sequence layout needs one number
         assert (self.image_size // self.vit_patch) ** 2 == self.image_tokens
+        assert self.aligner_depth >= 1 and self.gen_aligner_depth >= 1 and self.gen_head_width >= 0
 
     @property
     def head_dim(self):
@@ -296,11 +305,15 @@ class VisionTransformer(nn.Module):
 
 
 class MlpProjector(nn.Module):
-    """Linear -> GELU -> Linear: `aligner` (ViT width -> D) and `gen_aligner` (code dim -> D)."""
+    """Linear, then (GELU, Linear) x (depth - 1): `aligner` (ViT width -> D) and `gen_aligner`
+    (code dim -> D). Depth 2 (Linear -> GELU -> Linear) in every released model."""
 
-    def __init__(self, d_in, d_out):
+    def __init__(self, d_in, d_out, depth=2):
         super().__init__()
-        self.layers = nn.Sequential(nn.Linear(d_in, d_out), nn.GELU(), nn.Linear(d_out, d_out))
+        layers = [nn.Linear(d_in, d_out)]
+        for _ in range(depth - 1):
+            layers += [nn.GELU(), nn.Linear(d_out, d_out)]
+        self.layers = nn.Sequential(*layers)  # keys layers.0, layers.2, ... as the official ones
 
     def forward(self, x):
         return self.layers(x)
@@ -309,10 +322,10 @@ class MlpProjector(nn.Module):
 class GenHead(nn.Module):
     """The image head: final hidden state -> Linear -> GELU -> logits over the VQ codebook."""
 
-    def __init__(self, d, image_vocab_size):
+    def __init__(self, d, width, image_vocab_size):
         super().__init__()
-        self.output_mlp_projector = nn.Linear(d, d)
-        self.vision_head = nn.Linear(d, image_vocab_size)
+        self.output_mlp_projector = nn.Linear(d, width)
+        self.vision_head = nn.Linear(width, image_vocab_size)
 
     def forward(self, h):
         return self.vision_head(F.gelu(self.output_mlp_projector(h)))
@@ -347,11 +360,11 @@ class Janus(nn.Module):
         self.cfg = cfg
         # understanding path
         self.vision_model = VisionTransformer(cfg)
-        self.aligner = MlpProjector(cfg.vit_width, cfg.n_embd)
+        self.aligner = MlpProjector(cfg.vit_width, cfg.n_embd, cfg.aligner_depth)
         # generation path: a separate embedding table for code ids (not the VQ's own codebook)
         self.gen_embed = nn.Embedding(cfg.image_vocab_size, cfg.image_code_dim)
-        self.gen_aligner = MlpProjector(cfg.image_code_dim, cfg.n_embd)
-        self.gen_head = GenHead(cfg.n_embd, cfg.image_vocab_size)
+        self.gen_aligner = MlpProjector(cfg.image_code_dim, cfg.n_embd, cfg.gen_aligner_depth)
+        self.gen_head = GenHead(cfg.n_embd, cfg.gen_head_width or cfg.n_embd, cfg.image_vocab_size)
         # the language model
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -360,6 +373,8 @@ class Janus(nn.Module):
         self.apply(self._init_weights)
         # unit-scale code vectors: at std 0.02 the 8-wide gen_embed would feed ~0 into the LLM
         nn.init.normal_(self.gen_embed.weight, mean=0.0, std=1.0)
+        if cfg.tie_embeddings:  # one Parameter in both places (the text head reads the input table)
+            self.lm_head.weight = self.embed_tokens.weight
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -463,63 +478,133 @@ class Janus(nn.Module):
 
 
 # -----------------------------------------------------------------------------
-# loading the official checkpoints (keys as in janus_pro_facts.md)
+# checkpoints: one table of names, then loading a model folder (official DeepSeek or transformers)
 
-# our name prefix -> official name prefix, first match wins
-_PREFIXES = [
-    ("vision_model.patch_embed.", "vision_model.vision_tower.patch_embed.proj."),
-    ("vision_model.", "vision_model.vision_tower."),
-    ("embed_tokens.", "language_model.model.embed_tokens."),
-    ("layers.", "language_model.model.layers."),
-    ("norm.", "language_model.model.norm."),
-    ("lm_head.", "language_model.lm_head."),
+# Our parameter names -> the official DeepSeek checkpoint's (janus_pro_facts.md) and transformers'
+# JanusForConditionalGeneration's. First matching row wins. `#` is a number and `*` the rest of a
+# name, both carried over; `@` is q, k, v: our fused qkv is three tensors there (but one in the
+# official ViT); `&` is transformers' index of an aligner's hidden Linear (our layers.2 is its
+# hidden_layers.0). `gen_vision_model.*` is the VQ tokenizer (tokenizer.VQModel, official names).
+KEYS = [
+    # ours                             official                                                 transformers
+    ("embed_tokens.*",                 "language_model.model.embed_tokens.*",                   "model.language_model.embed_tokens.*"),
+    ("layers.#.attn_norm.*",           "language_model.model.layers.#.input_layernorm.*",       "model.language_model.layers.#.input_layernorm.*"),
+    ("layers.#.attn.qkv.*",            "language_model.model.layers.#.self_attn.@_proj.*",      "model.language_model.layers.#.self_attn.@_proj.*"),
+    ("layers.#.attn.o_proj.*",         "language_model.model.layers.#.self_attn.o_proj.*",      "model.language_model.layers.#.self_attn.o_proj.*"),
+    ("layers.#.mlp_norm.*",            "language_model.model.layers.#.post_attention_layernorm.*", "model.language_model.layers.#.post_attention_layernorm.*"),
+    ("layers.#.mlp.*",                 "language_model.model.layers.#.mlp.*",                   "model.language_model.layers.#.mlp.*"),
+    ("norm.*",                         "language_model.model.norm.*",                           "model.language_model.norm.*"),
+    ("lm_head.*",                      "language_model.lm_head.*",                              "lm_head.*"),
+    ("vision_model.patch_embed.*",     "vision_model.vision_tower.patch_embed.proj.*",          "model.vision_model.embeddings.patch_embedding.*"),
+    ("vision_model.pos_embed",         "vision_model.vision_tower.pos_embed",                   "model.vision_model.embeddings.position_embedding.weight"),
+    ("vision_model.blocks.#.norm1.*",  "vision_model.vision_tower.blocks.#.norm1.*",            "model.vision_model.encoder.layers.#.layer_norm1.*"),
+    ("vision_model.blocks.#.norm2.*",  "vision_model.vision_tower.blocks.#.norm2.*",            "model.vision_model.encoder.layers.#.layer_norm2.*"),
+    ("vision_model.blocks.#.attn.qkv.*", "vision_model.vision_tower.blocks.#.attn.qkv.*",       "model.vision_model.encoder.layers.#.self_attn.@_proj.*"),
+    ("vision_model.blocks.#.attn.proj.*", "vision_model.vision_tower.blocks.#.attn.proj.*",     "model.vision_model.encoder.layers.#.self_attn.projection_layer.*"),
+    ("vision_model.blocks.#.mlp.*",    "vision_model.vision_tower.blocks.#.mlp.*",              "model.vision_model.encoder.layers.#.mlp.*"),
+    ("vision_model.norm.*",            "vision_model.vision_tower.norm.*",                      "model.vision_model.post_layernorm.*"),
+    ("aligner.layers.0.*",             "aligner.layers.0.*",                                    "model.aligner.fc1.*"),
+    ("aligner.layers.#.*",             "aligner.layers.#.*",                                    "model.aligner.hidden_layers.&.*"),
+    ("gen_embed.*",                    "gen_embed.*",                                           "model.generation_embeddings.*"),
+    ("gen_aligner.layers.0.*",         "gen_aligner.layers.0.*",                                "model.generation_aligner.fc1.*"),
+    ("gen_aligner.layers.#.*",         "gen_aligner.layers.#.*",                                "model.generation_aligner.hidden_layers.&.*"),
+    ("gen_head.output_mlp_projector.*", "gen_head.output_mlp_projector.*",                      "model.generation_head.proj_out.*"),
+    ("gen_head.vision_head.*",         "gen_head.vision_head.*",                                "model.generation_head.vision_head.*"),
+    # the VQ tokenizer: transformers names a level `down` / `up`, its residual blocks `block`
+    ("gen_vision_model.encoder.conv_blocks.#.res.*", "gen_vision_model.encoder.conv_blocks.#.res.*", "model.vqmodel.encoder.down.#.block.*"),
+    ("gen_vision_model.encoder.conv_blocks.*", "gen_vision_model.encoder.conv_blocks.*",        "model.vqmodel.encoder.down.*"),
+    ("gen_vision_model.decoder.conv_blocks.#.res.*", "gen_vision_model.decoder.conv_blocks.#.res.*", "model.vqmodel.decoder.up.#.block.*"),
+    ("gen_vision_model.decoder.conv_blocks.*", "gen_vision_model.decoder.conv_blocks.*",        "model.vqmodel.decoder.up.*"),
+    ("gen_vision_model.*.mid.0.*",     "gen_vision_model.*.mid.0.*",                            "model.vqmodel.*.mid.block_1.*"),
+    ("gen_vision_model.*.mid.1.*",     "gen_vision_model.*.mid.1.*",                            "model.vqmodel.*.mid.attn_1.*"),
+    ("gen_vision_model.*.mid.2.*",     "gen_vision_model.*.mid.2.*",                            "model.vqmodel.*.mid.block_2.*"),
+    ("gen_vision_model.*",             "gen_vision_model.*",                                    "model.vqmodel.*"),
 ]
-_LAYER_PARTS = [(".attn_norm.", ".input_layernorm."), (".mlp_norm.", ".post_attention_layernorm."),
-                (".attn.o_proj.", ".self_attn.o_proj.")]
+# checkpoint keys with nothing to load into: the official ViT's attention-pooling head (never run)
+# and the VQ's usage counter
+IGNORED = ("vision_model.vision_tower.attn_pool.", "gen_vision_model.quantize.codebook_used")
+_KEY_RX = [(re.compile(re.escape(ours).replace(r"\#", r"(\d+)").replace(r"\*", "(.*)") + "$"), official, hf)
+           for ours, official, hf in KEYS]
 
 
-def official_names(name):
-    """Official key(s) holding our parameter `name`; our fused qkv is three official keys."""
-    for ours, theirs in _PREFIXES:
-        if name.startswith(ours):
-            name = theirs + name[len(ours):]
+def checkpoint_names(name, cfg, layout="official"):
+    """Where our parameter `name` is stored in a checkpoint of `layout` ("official" or "hf"):
+    [(key, rows)], rows the slice of our tensor's first dim that key holds (None = all of it).
+    >>> checkpoint_names("layers.0.attn.qkv.weight", cfg)   # MHA, D = 256
+    [('language_model.model.layers.0.self_attn.q_proj.weight', slice(0, 256)), (... k_proj ..., slice(256, 512)), ...]"""
+    for rx, official, hf in _KEY_RX:
+        m = rx.match(name)
+        if m:
             break
-    if name.startswith("language_model.model.layers."):
-        if ".attn.qkv." in name:
-            return [name.replace(".attn.qkv.", f".self_attn.{p}_proj.") for p in "qkv"]
-        for ours, theirs in _LAYER_PARTS:
-            name = name.replace(ours, theirs)
-    return [name]
+    else:
+        raise ValueError(f"no checkpoint name for our parameter {name}")
+    groups = iter(m.groups())
+    key = re.sub(r"[#*&]", lambda c: str(int(next(groups)) // 2 - 1) if c.group() == "&" else next(groups),
+                 official if layout == "official" else hf)
+    if "@" not in key:
+        return [(key, None)]
+    # q, k, v stacked by rows: the LLM's k and v have n_kv_head heads (GQA), the ViT's all have its width
+    hs = cfg.head_dim
+    sizes = [cfg.n_head * hs, cfg.n_kv_head * hs, cfg.n_kv_head * hs] if name.startswith("layers.") else [cfg.vit_width] * 3
+    ends = [sum(sizes[:i + 1]) for i in range(3)]
+    return [(key.replace("@", p), slice(e - n, e)) for p, n, e in zip("qkv", sizes, ends)]
+
+
+def _fit(t, shape, key):
+    """t as `shape`, allowing only a leading 1 more or less (pos_embed: ours (1, N, C), transformers' (N, C))."""
+    if t.shape == shape:
+        return t
+    strip = lambda s: tuple(s)[1:] if len(s) and s[0] == 1 else tuple(s)
+    if strip(t.shape) != strip(shape):
+        raise ValueError(f"{key} has shape {tuple(t.shape)}, the model expects {tuple(shape)}")
+    return t.reshape(shape)
+
+
+def _targets(model, layout, vq=None):
+    """{checkpoint key: (our parameter, rows)} for every parameter of model (and vq). A tied lm_head
+    is embed_tokens' Parameter, which named_parameters lists once, under embed_tokens."""
+    params = dict(model.named_parameters())
+    if vq is not None:
+        params.update({"gen_vision_model." + k: p for k, p in vq.named_parameters()})
+    return {key: (p, rows) for name, p in params.items() for key, rows in checkpoint_names(name, model.cfg, layout)}
+
+
+@torch.no_grad()
+def load_tensors(targets, tensors, where):
+    """Copy (key, tensor) pairs, e.g. a shard's, into targets (see _targets), each tensor cast to its
+    target's dtype as it goes. Raises, naming them, on missing or unexpected keys."""
+    seen, unexpected = set(), []
+    for key, t in tensors:
+        if key.startswith(IGNORED):
+            continue
+        if key not in targets:
+            unexpected.append(key)
+            continue
+        p, rows = targets[key]
+        dst = p if rows is None else p[rows]
+        dst.copy_(_fit(t, dst.shape, key))
+        seen.add(key)
+    missing = sorted(set(targets) - seen)
+    if missing or unexpected:
+        show = lambda keys: ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+        raise ValueError(f"{where} does not fit this model: " + "; ".join(
+            [f"missing {len(missing)} keys: {show(missing)}"] * bool(missing) +
+            [f"unexpected {len(unexpected)} keys: {show(sorted(unexpected))}"] * bool(unexpected)))
 
 
 def to_official(model):
     """Our state dict in the official layout (for exporting, and for tests)."""
-    cfg, out = model.cfg, {}
-    sizes = [cfg.n_head * cfg.head_dim] + 2 * [cfg.n_kv_head * cfg.head_dim]
-    for name, t in model.state_dict().items():
-        names = official_names(name)
-        parts = t.split(sizes) if len(names) == 3 else [t]
-        out.update(zip(names, parts))
-    return out
+    return {key: p.detach() if rows is None else p.detach()[rows] for key, (p, rows) in _targets(model, "official").items()}
 
 
 def from_official(model, sd):
     """Split an official-layout state dict into (ours, vq): our state dict for `model` (q, k, v
     fused), and the VQ tokenizer's keys with `gen_vision_model.` stripped. The ViT's `attn_pool`
     head, which Janus never runs, is dropped. Raises on missing or unknown keys."""
-    sd = {k: v for k, v in sd.items() if not k.startswith("vision_model.vision_tower.attn_pool.")}
     vq = {k[len("gen_vision_model."):]: v for k, v in sd.items() if k.startswith("gen_vision_model.")}
-    ours, used = {}, set(k for k in sd if k.startswith("gen_vision_model."))
-    for name in model.state_dict():
-        names = official_names(name)
-        missing = [n for n in names if n not in sd]
-        if missing:
-            raise KeyError(f"checkpoint lacks {missing[0]} (for our {name})")
-        ours[name] = torch.cat([sd[n] for n in names]) if len(names) == 3 else sd[names[0]]
-        used.update(names)
-    unknown = sorted(set(sd) - used)
-    if unknown:
-        raise KeyError(f"checkpoint has {len(unknown)} keys this model does not, e.g. {unknown[0]}")
+    ours = {k: torch.empty_like(v) for k, v in model.state_dict().items()}  # on the model's device (meta works)
+    targets = {key: (ours[name], rows) for name in ours for key, rows in checkpoint_names(name, model.cfg)}
+    load_tensors(targets, [(k, v) for k, v in sd.items() if not k.startswith("gen_vision_model.")], "the state dict")
     return ours, vq
 
 
@@ -531,75 +616,194 @@ def load_official(model, sd):
     return vq
 
 
+# Reading a model folder: config.json in either layout -> our configs; the weights, tensor by tensor
+
+# the official config names its SigLIP by name (shapes from the official siglip_vit.py); a folder
+# with another ViT (our small test folders) spells its shape out in vision_config.params, same keys
+SIGLIP = {"siglip_large_patch16_384": dict(image_size=384, patch_size=16, width=1024, layers=24, heads=16, mlp_ratio=4)}
+
+
+def _require(ok, what):
+    if not ok:
+        raise ValueError(f"config.json: {what} (this code has no such model)")
+
+
+def configs_from_hf(c):
+    """(JanusConfig, VQConfig fields) from a transformers Janus config.json (model_type "janus")."""
+    t, v, q = c["text_config"], c["vision_config"], c["vq_config"]
+    d, heads = t["hidden_size"], t["num_attention_heads"]
+    rope = t.get("rope_parameters") or {"rope_theta": t.get("rope_theta", 10000.0)}  # transformers 5 / 4
+    _require(rope.get("rope_type", "default") == "default", "RoPE scaling")
+    _require(t.get("head_dim", d // heads) == d // heads, "a head_dim other than hidden_size / heads")
+    _require(not t.get("attention_bias") and not t.get("mlp_bias"), "biases in the language model")
+    _require(t.get("hidden_act", "silu") == "silu" and v.get("hidden_act", "gelu") == q.get("hidden_act", "gelu") == "gelu",
+             "other activations")
+    _require(v.get("layer_norm_eps", 1e-6) == 1e-6 and not v.get("use_qk_norm") and v.get("attention_bias", True),
+             "a ViT other than SigLIP's")
+    # transformers' projection_dim is both aligners' output (= the LLM width) and gen_head's inner width
+    _require(v["projection_dim"] == q["projection_dim"] == q["image_token_embed_dim"] == d, "projection_dim != hidden_size")
+    _require(not q.get("double_latent") and q.get("in_channels", 3) == q.get("out_channels", 3) == 3, "another VQ")
+    cfg = JanusConfig(vocab_size=t["vocab_size"], n_layer=t["num_hidden_layers"], n_head=heads,
+                      n_kv_head=t.get("num_key_value_heads") or heads, n_embd=d, ffn_hidden=t["intermediate_size"],
+                      rope_theta=rope["rope_theta"], rms_eps=t.get("rms_norm_eps", 1e-6),
+                      max_seq_len=t.get("max_position_embeddings", 4096), image_size=v["image_size"],
+                      vit_patch=v["patch_size"], vit_width=v["hidden_size"], vit_layers=v["num_hidden_layers"],
+                      vit_heads=v["num_attention_heads"], vit_mlp=int(v["hidden_size"] * v["mlp_ratio"]),
+                      aligner_depth=v["depth"], image_vocab_size=q["num_embeddings"], image_code_dim=q["embed_dim"],
+                      image_tokens=v["num_image_tokens"], gen_aligner_depth=q["num_hidden_layers"],
+                      tie_embeddings=c.get("tie_word_embeddings", True))  # transformers' JanusConfig ties by default
+    mult = list(q["channel_multiplier"])
+    grid = v["image_size"] // v["patch_size"]  # transformers decodes num_patches x num_patches codes
+    vq = dict(image_size=grid * 2 ** (len(mult) - 1), ch=q["base_channels"], ch_mult=mult, enc_blocks=q["num_res_blocks"],
+              dec_blocks=q["num_res_blocks"] + 1, z_channels=q["latent_channels"], code_dim=q["embed_dim"],
+              codebook_size=q["num_embeddings"], norm_groups=32)
+    return cfg, vq
+
+
+def configs_from_official(c):
+    """(JanusConfig, VQConfig fields) from an official DeepSeek config.json (model_type "multi_modality")."""
+    t, vp = c["language_config"], c["vision_config"]["params"]
+    ap, gp, hp = (c[k]["params"] for k in ("aligner_config", "gen_aligner_config", "gen_head_config"))
+    vit = {**SIGLIP.get(vp["model_name"], {}), **vp}
+    _require("width" in vit, f"an unknown ViT {vp['model_name']!r} (known: {list(SIGLIP)}, or give its shape in params)")
+    _require(vp.get("select_layer", -1) == -1 and vp.get("select_feature", "same") == "same", "ViT features from another layer")
+    _require(ap["projector_type"] == gp["projector_type"] == "mlp_gelu", "aligners other than mlp_gelu")
+    d = t["hidden_size"]
+    _require(ap["input_dim"] == vit["width"] and ap["n_embed"] == gp["n_embed"] == hp["n_embed"] == d, "aligner widths")
+    _require(c["gen_vision_config"]["cls"] == "VQ-16", "a VQ other than VQ-16")
+    heads, grid = t["num_attention_heads"], vit["image_size"] // vit["patch_size"]
+    cfg = JanusConfig(vocab_size=t["vocab_size"], n_layer=t["num_hidden_layers"], n_head=heads,
+                      n_kv_head=t.get("num_key_value_heads") or heads, n_embd=d, ffn_hidden=t["intermediate_size"],
+                      rope_theta=t.get("rope_theta", 10000.0), rms_eps=t.get("rms_norm_eps", 1e-6),
+                      max_seq_len=t.get("max_position_embeddings", 4096), image_size=vit["image_size"],
+                      vit_patch=vit["patch_size"], vit_width=vit["width"], vit_layers=vit["layers"], vit_heads=vit["heads"],
+                      vit_mlp=int(vit["width"] * vit["mlp_ratio"]), aligner_depth=ap.get("depth", 2),
+                      image_vocab_size=hp["image_token_size"], image_code_dim=gp["input_dim"], image_tokens=grid**2,
+                      gen_aligner_depth=gp.get("depth", 2), gen_head_width=hp["image_token_embed"] if hp["image_token_embed"] != d else 0)
+    # the official code always builds the default VQ-16; our small test folders describe theirs in
+    # gen_vision_config.params with tokenizer.VQConfig's field names
+    vq = dict(image_size=vit["image_size"], code_dim=gp["input_dim"], codebook_size=hp["image_token_size"])
+    vq.update({k: v for k, v in c["gen_vision_config"].get("params", {}).items()
+               if k in ("image_size", "ch", "ch_mult", "enc_blocks", "dec_blocks", "z_channels", "norm_groups")})
+    return cfg, vq
+
+
+def pretrained_configs(path):
+    """(JanusConfig, VQConfig, layout) of a model folder, layout "official" or "hf"."""
+    from tokenizer import VQConfig, VQ_PRESETS
+    file = os.path.join(path, "config.json")
+    try:
+        with open(file) as f:
+            c = json.load(f)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read {file}: {e}") from None
+    layout = "hf" if c.get("model_type") == "janus" else "official" if "language_config" in c else None
+    if layout is None:
+        raise ValueError(f"{file} is neither a transformers Janus config (model_type 'janus') nor an official one (language_config)")
+    try:
+        cfg, vq = (configs_from_hf if layout == "hf" else configs_from_official)(c)
+    except KeyError as e:
+        raise ValueError(f"{file} lacks {e}") from None
+    vq = VQConfig(**{**asdict(VQ_PRESETS["vq16"]), **vq})
+    _require(vq.num_tokens == cfg.image_tokens, f"the VQ makes {vq.num_tokens} codes an image, the LLM expects {cfg.image_tokens}")
+    return cfg, vq, layout
+
+
+def checkpoint_files(path):
+    """The weight files of a model folder: the shards an index lists, or the one file."""
+    for index in ("model.safetensors.index.json", "pytorch_model.bin.index.json"):
+        if os.path.exists(os.path.join(path, index)):
+            with open(os.path.join(path, index)) as f:
+                return [os.path.join(path, s) for s in sorted(set(json.load(f)["weight_map"].values()))]
+    for single in ("model.safetensors", "pytorch_model.bin"):
+        if os.path.exists(os.path.join(path, single)):
+            return [os.path.join(path, single)]
+    raise ValueError(f"{path} holds no model.safetensors, pytorch_model.bin or index of shards")
+
+
+def read_tensors(files):
+    """(key, tensor) of every weight file, one tensor at a time: safetensors and mmap-ed torch files
+    read a tensor only when it is copied, so memory holds the model plus at most one tensor (or one
+    .bin shard's pages). Neither format can run code (weights_only=True)."""
+    for file in files:
+        if file.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(file, framework="pt") as f:
+                for key in f.keys():
+                    yield key, f.get_tensor(key)
+        else:
+            sd = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+            yield from sd.items()
+            del sd
+
+
+def load_pretrained(path, dtype=None, device="cpu"):
+    """(model, vq) from a model folder in the official DeepSeek layout (Janus-Pro-1B/7B, Janus-Pro-R1-7B:
+    config.json + pytorch_model.bin or shards with an index) or in transformers' (what
+    JanusForConditionalGeneration.save_pretrained writes: safetensors). The model in `dtype` (default
+    fp32; torch.bfloat16 halves it) on `device`, in eval mode; the VQ tokenizer stays fp32 (its code search is fp32
+    anyway). Both are built on the meta device and filled tensor by tensor: no second copy of the weights.
+    Note: transformers' VQ `encode` picks codes by distance to the raw (unnormalised) codebook, ours
+    (and the official LlamaGen) by cosine after l2-normalising both: the same codes when the codebook
+    rows have unit norm. Decoding normalises in all three."""
+    from tokenizer import VQModel
+    cfg, vq_cfg, layout = pretrained_configs(path)
+    with torch.device("meta"):
+        model, vq = Janus(cfg).to(dtype or torch.float32), VQModel(vq_cfg)
+    model, vq = model.to_empty(device=device), vq.to_empty(device=device)  # allocated where they will run
+    if cfg.tie_embeddings:  # to_empty gives each module a Parameter of its own: tie them again
+        model.lm_head.weight = model.embed_tokens.weight
+    load_tensors(_targets(model, layout, vq), read_tensors(checkpoint_files(path)), path)
+    return model.eval(), vq.eval()
+
+
 # -----------------------------------------------------------------------------
 # The peer reference: Hugging Face transformers' Janus with our shapes and weights, and one mixed
 # batch both models take (tests/test_model.py checks logits and losses against it, bench.py times
 # both); transformers is imported only inside, as nanoGPT's from_pretrained does
 
 
-def hf_janus(cfg):
-    """A randomly initialised HF JanusForConditionalGeneration with cfg's shapes (and a small VQ,
-    which neither benchmark runs)."""
+def hf_janus(cfg, vq=None):
+    """A randomly initialised HF JanusForConditionalGeneration with cfg's shapes, and with vq's
+    (a tokenizer.VQConfig) or else a small VQ, which neither benchmark runs."""
     from transformers import JanusConfig as HFJanusConfig
     from transformers import JanusForConditionalGeneration, JanusVisionConfig, JanusVQVAEConfig, LlamaConfig
 
+    assert cfg.gen_head_width in (0, cfg.n_embd), "transformers' gen head is n_embd wide inside"
     text = LlamaConfig(vocab_size=cfg.vocab_size, hidden_size=cfg.n_embd, intermediate_size=cfg.ffn_hidden,
                        num_hidden_layers=cfg.n_layer, num_attention_heads=cfg.n_head,
                        num_key_value_heads=cfg.n_kv_head, rms_norm_eps=cfg.rms_eps,
                        rope_parameters={"rope_type": "default", "rope_theta": cfg.rope_theta},
-                       max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=False)
+                       max_position_embeddings=cfg.max_seq_len, tie_word_embeddings=cfg.tie_embeddings)
     vision = JanusVisionConfig(hidden_size=cfg.vit_width, num_hidden_layers=cfg.vit_layers,
                                num_attention_heads=cfg.vit_heads, image_size=cfg.image_size,
                                patch_size=cfg.vit_patch, mlp_ratio=cfg.vit_mlp / cfg.vit_width,
-                               projection_dim=cfg.n_embd, depth=2, layer_norm_eps=1e-6,
+                               projection_dim=cfg.n_embd, depth=cfg.aligner_depth, layer_norm_eps=1e-6,
                                num_image_tokens=cfg.image_tokens)
+    shape = dict(base_channels=32, channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=32)
+    if vq is not None:  # transformers' VQ: GroupNorm(32), one more residual block per decoder level
+        assert vq.norm_groups == 32 and vq.dec_blocks == vq.enc_blocks + 1 and not vq.local_encoder
+        shape = dict(base_channels=vq.ch, channel_multiplier=list(vq.ch_mult), num_res_blocks=vq.enc_blocks,
+                     latent_channels=vq.z_channels)
     vq = JanusVQVAEConfig(embed_dim=cfg.image_code_dim, num_embeddings=cfg.image_vocab_size,
-                          projection_dim=cfg.n_embd, image_token_embed_dim=cfg.n_embd, base_channels=32,
-                          channel_multiplier=[1, 1], num_res_blocks=1, latent_channels=32)
-    config = HFJanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=False)
+                          projection_dim=cfg.n_embd, image_token_embed_dim=cfg.n_embd,
+                          num_hidden_layers=cfg.gen_aligner_depth, **shape)
+    config = HFJanusConfig(text_config=text, vision_config=vision, vq_config=vq, tie_word_embeddings=cfg.tie_embeddings)
     config._attn_implementation = "sdpa"  # HF's fastest CPU attention, as ours
     return JanusForConditionalGeneration(config).eval()
 
 
-def hf_name(official):
-    """Official Janus-Pro key -> HF JanusForConditionalGeneration key (the ViT's qkv still fused)."""
-    k = official
-    if k.startswith("language_model.lm_head."):
-        return k.replace("language_model.", "", 1)
-    if k.startswith("language_model.model."):
-        return k.replace("language_model.model.", "model.language_model.", 1)
-    if k.startswith("vision_model.vision_tower."):
-        k = k.replace("vision_model.vision_tower.", "model.vision_model.", 1)
-        for a, b in [("patch_embed.proj.", "embeddings.patch_embedding."),
-                     ("pos_embed", "embeddings.position_embedding.weight"), ("blocks.", "encoder.layers."),
-                     (".norm1.", ".layer_norm1."), (".norm2.", ".layer_norm2."),
-                     (".attn.proj.", ".self_attn.projection_layer."), ("model.vision_model.norm.", "model.vision_model.post_layernorm.")]:
-            k = k.replace(a, b)
-        return k
-    for a, b in [("aligner.layers.0.", "aligner.fc1."), ("aligner.layers.2.", "aligner.hidden_layers.0."),
-                 ("gen_embed.", "generation_embeddings."), ("gen_head.output_mlp_projector.", "generation_head.proj_out."),
-                 ("gen_head.vision_head.", "generation_head.vision_head.")]:
-        k = k.replace(a, b)
-    k = k.replace("gen_aligner.", "generation_aligner.")
-    return "model." + k
-
-
 @torch.no_grad()
-def copy_to_hf(model, hf):
-    """Copy our weights into the HF model; every HF parameter outside its VQ must be covered."""
-    sd = {}
-    for k, t in to_official(model).items():
-        if ".attn.qkv." in k:  # the ViT's fused qkv: HF keeps q, k, v apart
-            name = hf_name(k)
-            for p, part in zip("qkv", t.chunk(3)):
-                sd[name.replace(".attn.qkv.", f".self_attn.{p}_proj.")] = part
-        elif k.endswith("pos_embed"):
-            sd[hf_name(k)] = t[0]  # (1, N, C) -> an nn.Embedding(N, C)
-        else:
-            sd[hf_name(k)] = t
-    missing, unexpected = hf.load_state_dict(sd, strict=False)
-    assert not unexpected, unexpected
-    assert all(k.startswith("model.vqmodel.") for k in missing), missing
+def copy_to_hf(model, hf, vq=None):
+    """Copy our weights (and the VQ tokenizer's) into the HF model, through KEYS; every HF
+    parameter must be covered (its VQ's only when vq is given)."""
+    theirs = hf.state_dict()  # tensors sharing the parameters' storage
+    for key, (p, rows) in _targets(model, "hf", vq).items():
+        src = p if rows is None else p[rows]
+        theirs[key].copy_(_fit(src, theirs[key].shape, key))
+    covered = set(_targets(model, "hf", vq)) | ({"lm_head.weight"} if model.cfg.tie_embeddings else set())
+    left = [k for k in theirs if k not in covered and (vq is not None or not k.startswith("model.vqmodel."))]
+    assert not left, left
     return hf
 
 

@@ -25,8 +25,8 @@ from tqdm import tqdm
 
 import shapes
 from common import build, load_checkpoint, load_weights, to_tensor, to_uint8
-from model import Janus, JanusConfig
-from tokenizer import TextTokenizer, VQConfig, VQModel
+from model import Janus, JanusConfig, load_pretrained
+from tokenizer import BPETokenizer, TextTokenizer, VQConfig, VQModel
 
 # -----------------------------------------------------------------------------
 # Sequence layouts
@@ -92,8 +92,23 @@ class Seq:
 def prompt_seq(tok, caption):
     """`<bos><|User|>: {caption}\\n\\n<|Assistant|>:<begin_of_image>`: a text-to-image prompt."""
     s = Seq().add([tok.bos])
-    s.text(tok, USER, span=SCAFFOLD).text(tok, caption, span=CAPTION).text(tok, "\n\n" + ASSISTANT, span=SCAFFOLD)
+    user, words, assistant = split_encode(tok, [USER, " " + caption, "\n\n" + ASSISTANT])
+    s.add(user, span=SCAFFOLD).add(words, span=CAPTION).add(assistant, span=SCAFFOLD)
     return s.text(tok, "<begin_of_image>")
+
+
+def split_encode(tok, parts):
+    """The ids of "".join(parts), cut where the parts meet. A BPE gives a word other ids after a
+    space than alone (" a" is not "a"), so the real models' prompts must be encoded whole, as the
+    official code does; each cut must fall between tokens (checked), which holds at a space or a
+    newline. The toy's word-level tokenizer gives every part the same ids either way."""
+    out, before = [], []
+    for k in range(1, len(parts) + 1):
+        ids = tok.encode("".join(parts[:k]))
+        assert ids[:len(before)] == before, f"{parts[k - 1]!r} does not start at a token boundary"
+        out.append(ids[len(before):])
+        before = ids
+    return out
 
 
 def add_answer(seq, tok, answer, w_first=0.8, w_rest=0.2, rest_mean=True):
@@ -514,7 +529,14 @@ JANUS_MAKE = "python sft.py --stage sft --config CONFIG --out DIR (or python run
 def load_janus(path, device="cpu"):
     """(model, vq, tok, ckpt) from a Janus checkpoint, in eval mode. One-line errors for a missing,
     empty or foreign file, missing keys, a config this code cannot build, weights that do not fit
-    it, NaN/inf weights, or a vocabulary that is not this code's."""
+    it, NaN/inf weights, or a vocabulary that is not this code's. A folder is a released model
+    (official or transformers layout, model.load_pretrained) with its DeepSeek tokenizer.json."""
+    if os.path.isdir(path):
+        model, vq = load_pretrained(path, device=device)
+        tok = BPETokenizer(os.path.join(path, "tokenizer.json"))
+        if len(tok) > model.cfg.vocab_size:
+            raise ValueError(f"{path}: tokenizer.json has {len(tok)} tokens, the model {model.cfg.vocab_size}")
+        return model.to(device), vq.to(device), tok, {"kind": "pretrained", "path": path}
     ckpt = load_checkpoint(path, {"kind": "janus"}, keys=("config", "model", "vq_config", "vq", "vocab"),
                            make=JANUS_MAKE, finite=True)
     tok = TextTokenizer(shapes.WORDS)
@@ -648,8 +670,10 @@ def main(argv=None):
     ap = Parser(description="Sample images with the introspective loop (or edit an image) from a trained "
                             "checkpoint; writes PNGs and chains.jsonl (or edits.jsonl) into a new folder.")
     # what to sample
-    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py (OUT/base.pt or OUT/sft.pt)")
-    ap.add_argument("--prompt", help="the text prompt (ShapeWorld grammar, e.g. 'a red circle above a square')")
+    ap.add_argument("--ckpt", required=True, help="a Janus checkpoint written by sft.py (OUT/base.pt or OUT/sft.pt), "
+                    "or a released model's folder (e.g. Janus-Pro-R1-7B: config.json, weights, tokenizer.json)")
+    ap.add_argument("--prompt", help="the text prompt (ShapeWorld grammar, e.g. 'a red circle above a square'; "
+                    "any text for a model folder)")
     ap.add_argument("--edit", metavar="SRC_PNG", help="edit this image instead (needs --instruction; "
                     "python shapes.py --scene PROMPT --png SRC_PNG draws one)")
     ap.add_argument("--instruction", help="edit instruction, e.g. 'make the red circle blue'")
@@ -677,7 +701,12 @@ def main(argv=None):
         if args.edit and not args.instruction:
             raise ValueError("--edit needs --instruction")
         # every input is read and checked before any work, the output folder too
-        text = shapes.parse_edit(args.instruction).text if args.edit else shapes.parse_prompt(args.prompt).text
+        if os.path.isdir(args.ckpt):  # a released model reads any prompt; editing goes through ShapeWorld's checkpoints only
+            if args.edit or not args.prompt.strip():
+                raise ValueError("a model folder takes a non-empty --prompt (editing needs a checkpoint written by sft.py)")
+            text = args.prompt
+        else:
+            text = shapes.parse_edit(args.instruction).text if args.edit else shapes.parse_prompt(args.prompt).text
         src = shapes.load_image(args.edit) if args.edit else None
         dev = pick_device(args.device)
         model, vq, tok, _ = load_janus(args.ckpt, dev)

@@ -7,7 +7,8 @@ The two tokenizers of Janus-Pro-R1 (SPEC.md section 2):
    language model then generates images as raster-ordered grids of these code ids.
    The same class builds the real VQ-16 (its state_dict keys match the official `gen_vision_model.*`
    checkpoint) and the small tokenizers we train ourselves on ShapeWorld.
-2. The word-level text tokenizer of the toy world (the real models use DeepSeek's BPE instead).
+2. The text tokenizers: the word-level one of the toy world, and the real models' DeepSeek
+   byte-level BPE (BPETokenizer, read from a model folder's tokenizer.json).
 
 Run `python tokenizer.py --config toy --out out/toy` to train the toy VQ on freshly rendered
 ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held-out scenes
@@ -20,12 +21,14 @@ ShapeWorld scenes; it resumes if interrupted and ends with an evaluation on held
     ids = tok.encode("<|User|>: a red circle\n\n<|Assistant|>:<begin_of_image>")
 """
 
+import itertools
 import json
 import math
 import os
 import random
 import re
 import sys
+import unicodedata
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -454,6 +457,175 @@ class TextTokenizer:
                 out.append(" ")
             out.append(t)
         return "".join(out)
+
+
+# -----------------------------------------------------------------------------
+# The real models' text tokenizer: DeepSeek's byte-level BPE, read from a model folder's tokenizer.json
+# (the `tokenizers` library's format), in plain Python. tests/test_pretrained.py checks it id for id
+# against `tokenizers` on a tokenizer.json of this shape trained in the test.
+
+
+def byte_chars():
+    """GPT-2's map of the 256 byte values to printable characters: byte-level BPE merges these, so
+    every string, in any script, is spelt with 256 symbols and never needs an unknown token."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in keep]  # control bytes, space, ...: moved past 255
+    return {**{b: chr(b) for b in keep}, **{b: chr(256 + i) for i, b in enumerate(others)}}
+
+
+BYTE_CHAR = byte_chars()
+CHAR_BYTE = {c: b for b, c in BYTE_CHAR.items()}
+# tokenizers' regexes (Oniguruma) read \s as Unicode White_Space; Python's \s also takes \x1c-\x1f
+WHITE_SPACE = "[\t\n\x0b\x0c\r \x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000]"
+# the DeepSeek token names (janus_pro_facts.md: the bars are U+FF5C, the ▁ U+2581)
+BPE_SPECIALS = dict(bos="<｜begin▁of▁sentence｜>", eos="<｜end▁of▁sentence｜>", pad="<｜▁pad▁｜>",
+                    img="<image_placeholder>", boi="<begin_of_image>", eoi="<end_of_image>")
+
+
+class BPETokenizer:
+    """DeepSeek's tokenizer (Janus-Pro's): encode(text) does what `tokenizers` does with its tokenizer.json:
+    1. the added tokens (BOS, <image_placeholder>, <begin_of_image>, ...) are cut out first, the
+       longest match at the leftmost place; what lies between them goes on;
+    2. pre-tokenizing: each regex Split cuts every piece into its matches and the gaps between them
+       (DeepSeek: newlines, letter runs with one space before, punctuation runs, trailing space, CJK
+       runs), then every digit becomes a piece of its own;
+    3. each piece's UTF-8 bytes become BYTE_CHAR characters, and BPE merges adjacent symbols, the pair
+       of lowest merge rank first, until no listed pair is left: the symbols are the tokens.
+    Only the parts DeepSeek's tokenizer.json uses are written; any other is refused by name.
+    Same interface as TextTokenizer: encode(text, bos, eos), decode(ids), len(), and the ids pad,
+    bos, eos, img, boi, eoi, yes, no."""
+
+    def __init__(self, path):
+        try:
+            with open(path, encoding="utf-8") as f:
+                spec = json.load(f)
+        except (OSError, ValueError) as e:
+            raise ValueError(f"cannot read {path}: {e}") from None
+        model, norm = spec["model"], spec.get("normalizer")
+
+        def need(ok, what):
+            if not ok:
+                raise ValueError(f"{path}: {what} is not supported (only DeepSeek's byte-level BPE is)")
+        need(model.get("type") == "BPE" and not model.get("continuing_subword_prefix") and not model.get("end_of_word_suffix")
+             and not model.get("dropout") and not model.get("byte_fallback"), f"model {model.get('type')} with these options")
+        need(norm is None or norm == {"type": "Sequence", "normalizers": []}, f"normalizer {norm}")
+        need((spec.get("decoder") or {}).get("type") == "ByteLevel", f"decoder {spec.get('decoder')}")
+        self.token_ids = dict(model["vocab"])  # token string -> id
+        # merges: "a b" strings (older files) or [a, b] pairs; rank = position in the list
+        self.ranks = {tuple(m.split(" ") if isinstance(m, str) else m): r for r, m in enumerate(model["merges"])}
+        self.ignore_merges = model.get("ignore_merges", False)  # a piece that is a whole token stays one
+        self.cache = {}  # piece -> ids
+        # added tokens, matched longest first: those not "normalized" before those that are, as tokenizers does
+        added = spec.get("added_tokens", [])
+        for t in added:
+            need(not (t.get("lstrip") or t.get("rstrip") or t.get("single_word")), f"added token {t['content']!r} with strip/word options")
+        self.added = {t["content"]: t["id"] for t in added}
+        self.added_rx = [re.compile("|".join(re.escape(c) for c in sorted(group, key=len, reverse=True)))
+                         for group in ([t["content"] for t in added if not t.get("normalized")],
+                                       [t["content"] for t in added if t.get("normalized")]) if group]
+        # the pre-tokenizer: one step, or a Sequence of them
+        pre = spec.get("pre_tokenizer") or {"type": "Sequence", "pretokenizers": []}
+        self.steps = []
+        for step in pre["pretokenizers"] if pre["type"] == "Sequence" else [pre]:
+            if step["type"] == "Split":
+                need(step.get("behavior") == "Isolated" and not step.get("invert"), f"Split {step}")
+                pattern = step["pattern"].get("Regex") or re.escape(step["pattern"]["String"])
+                self.steps.append(("split", re.compile(pattern.replace(r"\s", WHITE_SPACE))))
+            elif step["type"] == "Digits":
+                self.steps.append(("digits", step.get("individual_digits", False)))
+            else:
+                need(step["type"] == "ByteLevel" and not step.get("add_prefix_space") and not step.get("use_regex", True),
+                     f"pre-tokenizer {step}")
+        self.vocab = [""] * (max([*self.token_ids.values(), *self.added.values()]) + 1)  # id -> token
+        for t, i in {**self.token_ids, **self.added}.items():
+            self.vocab[i] = t
+        for name, content in BPE_SPECIALS.items():
+            need(content in self.added, f"a tokenizer without the added token {content!r}")
+            setattr(self, name, self.added[content])
+        yes, no = self.encode("Yes"), self.encode("No")
+        need(len(yes) == len(no) == 1, "a vocabulary without single tokens for Yes and No")
+        self.yes, self.no = yes[0], no[0]
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def pieces(self, text):
+        """Pre-tokenizing: text -> pieces, each merged on its own."""
+        pieces = [text]
+        for kind, arg in self.steps:
+            out = []
+            for p in pieces:
+                if kind == "split":  # every match and every gap between matches, in order
+                    pos = 0
+                    for m in arg.finditer(p):
+                        out += [p[pos:m.start()], m.group()]
+                        pos = m.end()
+                    out.append(p[pos:])
+                else:  # digits (Unicode categories Nd, Nl, No): runs of them, or one each
+                    for is_num, run in itertools.groupby(p, key=lambda c: unicodedata.category(c)[0] == "N"):
+                        run = "".join(run)
+                        out += list(run) if is_num and arg else [run]
+            pieces = [p for p in out if p]
+        return pieces
+
+    def bpe(self, word):
+        """A piece in BYTE_CHAR characters -> its token ids."""
+        if word in self.cache:
+            return self.cache[word]
+        if self.ignore_merges and word in self.token_ids:
+            return [self.token_ids[word]]
+        symbols = list(word)
+        while len(symbols) > 1:
+            # the pair of lowest rank, merged everywhere it occurs, left to right
+            rank, pair = min((self.ranks.get(pair, math.inf), pair) for pair in zip(symbols, symbols[1:]))
+            if rank == math.inf:
+                break
+            merged, i = [], 0
+            while i < len(symbols):
+                if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == pair:
+                    merged.append(symbols[i] + symbols[i + 1])
+                    i += 2
+                else:
+                    merged.append(symbols[i])
+                    i += 1
+            symbols = merged
+        unknown = [s for s in symbols if s not in self.token_ids]
+        if unknown:
+            raise ValueError(f"the BPE vocabulary lacks {unknown[0]!r}")
+        self.cache[word] = ids = [self.token_ids[s] for s in symbols]
+        return ids
+
+    def encode(self, text, bos=False, eos=False):
+        ids = [self.bos] if bos else []
+        chunks = [(text, None)]  # (text, None) or (added token, its id)
+        for rx in self.added_rx:
+            out = []
+            for chunk, i in chunks:
+                if i is not None:
+                    out.append((chunk, i))
+                    continue
+                pos = 0
+                for m in rx.finditer(chunk):
+                    out += [(chunk[pos:m.start()], None), (m.group(), self.added[m.group()])]
+                    pos = m.end()
+                out.append((chunk[pos:], None))
+            chunks = [(c, i) for c, i in out if c]
+        for chunk, i in chunks:
+            if i is not None:
+                ids.append(i)
+                continue
+            for piece in self.pieces(chunk):
+                ids += self.bpe("".join(BYTE_CHAR[b] for b in piece.encode("utf-8")))
+        return ids + [self.eos] if eos else ids
+
+    def decode(self, ids):
+        # as tokenizers' ByteLevel decoder: a token spelt in BYTE_CHAR characters gives those bytes,
+        # any other (DeepSeek's added tokens with U+FF5C in them) its own UTF-8
+        out = b""
+        for i in ids:
+            t = self.vocab[i]
+            out += bytes(CHAR_BYTE[c] for c in t) if all(c in CHAR_BYTE for c in t) else t.encode("utf-8")
+        return out.decode("utf-8", errors="replace")
 
 
 # -----------------------------------------------------------------------------

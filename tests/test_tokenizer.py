@@ -5,7 +5,6 @@ import json
 import math
 import os
 import random
-import re
 
 import numpy as np
 import pytest
@@ -165,6 +164,7 @@ def test_vq16_matches_the_official_checkpoint_layout(which):
 def test_matches_transformers_janus_vqvae():
     """Same weights in our VQModel and in transformers' JanusVQVAE: same latents, codes and pixels."""
     hf_janus = pytest.importorskip("transformers.models.janus.modeling_janus")
+    from model import checkpoint_names
     from transformers import JanusVQVAEConfig
     cfg = VQConfig(image_size=32, ch=32, ch_mult=(1, 2), enc_blocks=1, dec_blocks=2, z_channels=32,
                    code_dim=8, codebook_size=64, norm_groups=32)
@@ -180,11 +180,9 @@ def test_matches_transformers_janus_vqvae():
         embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 2],
         num_res_blocks=1, num_patches=16)).eval()
 
-    def hf_name(k):  # our (= official) key -> transformers' key
-        k = re.sub(r"encoder\.conv_blocks\.(\d+)\.res\.", r"encoder.down.\1.block.", k)
-        k = re.sub(r"decoder\.conv_blocks\.(\d+)\.res\.", r"decoder.up.\1.block.", k)
-        k = k.replace("encoder.conv_blocks.", "encoder.down.").replace("decoder.conv_blocks.", "decoder.up.")
-        return k.replace("mid.0.", "mid.block_1.").replace("mid.1.", "mid.attn_1.").replace("mid.2.", "mid.block_2.")
+    def hf_name(k):  # our (= official) key -> transformers' key, through model.KEYS
+        [(key, _)] = checkpoint_names("gen_vision_model." + k, None, "hf")
+        return key[len("model.vqmodel."):]
 
     sd = {hf_name(k): v for k, v in ours.state_dict().items()}
     assert set(sd) == set(hf.state_dict())
