@@ -46,14 +46,14 @@ from vit import load_vit
 # -----------------------------------------------------------------------------
 # Run settings per config (flags override). Learning rates are the toy's: these models start
 # from scratch, so they need far more than the paper's 2e-5 for fine-tuning a 7B model (at 1e-3 the
-# toy's Yes/No answer collapsed). Toy SFT takes 2000 steps: drawing and judging both still improve
-# there (docs/experiments.md, "SFT: steps, seeds and task mix").
+# toy's Yes/No answer collapsed in the free world). The grid-world toy (a 4 x 192 model, 16 image
+# tokens) is sized to the CPU budget: docs/experiments.md, "The grid world".
 
 TRAIN = {
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
-    "toy": dict(base_steps=1200, easy_steps=400, sft_steps=2000, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                eval_every=300, eval_prompts=6, sft_prompts=400, samples_per_prompt=4),
+    "toy": dict(base_steps=1000, easy_steps=400, sft_steps=500, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
+                eval_every=250, eval_prompts=6, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
 }
