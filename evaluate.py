@@ -222,13 +222,15 @@ def quick_eval(model, vq, tok, prompts, stage, size):
         u = evaluate_understanding(model, tok, prompts, size)
         sc = evaluate_understanding(model, tok, prompts, size, layout="selfcheck")
         d = evaluate_describing(model, tok, prompts, size)
-        return {"first": round(r["first"]["overall"], 3), "describe_nats": round(d["nats"], 3),
+        # judge_auc_wc: the self-check answer's AUC within category, the base model's judge
+        return {"first": round(r["first"]["overall"], 3), "judge_auc_wc": round(sc["auc_within_category"], 3),
+                "describe_nats": round(d["nats"], 3),
                 "describe_exact": round(d["exact"]["overall"], 3),
                 "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3),
                 "selfcheck": round(sc["agreement"], 3), "selfcheck_auc": sc["auc"] and round(sc["auc"], 3)}
     r = geneval(model, vq, tok, prompts, rounds=3)
     return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
-            "judge": round(r["judge"]["agreement"], 3)}
+            "judge": round(r["judge"]["agreement"], 3), "judge_auc_wc": round(r["judge"]["auc_within_category"], 3)}
 
 
 def final_eval(model, vq, tok, prompts, stage, size):

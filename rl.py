@@ -40,6 +40,7 @@ from common import (DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_st
                     run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, weights_list, write_json)
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
+from model import PRESETS, JanusConfig
 from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
@@ -302,7 +303,8 @@ def main(argv=None):
     ap.add_argument("--beta", type=nonneg_float, help="weight of the k3 KL to the SFT model (0 allowed)")
     ap.add_argument("--clip-eps", type=fraction, default=0.2, help="PPO clip range of the ratio")
     ap.add_argument("--updates-per-batch", type=pos_int, default=1, help="optimizer steps per rollout batch (1: ratio 1, REINFORCE)")
-    ap.add_argument("--cfg", type=nonneg_float, default=5.0, help="guidance weight of the rollouts' images")
+    ap.add_argument("--cfg", type=nonneg_float, help="guidance weight of the rollouts' images (default: the preset's, "
+                    "5 but toy 2)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     # what is rewarded
     ap.add_argument("--reward", choices=["checker", "judge"], default="checker",
@@ -331,7 +333,8 @@ def rl_settings(args, preset):
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
-                updates=args.updates_per_batch, cfg=args.cfg, reason=preset["reason"], reward=args.reward,
+                updates=args.updates_per_batch,
+                cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance, reason=preset["reason"], reward=args.reward,
                 segments=args.segments, regen=args.regen, task=args.task, edit_weights=edit_weights, bf16=None)
 
 

@@ -160,6 +160,17 @@ TINY_NOTE = ("config tiny: these numbers only prove the plumbing (a 2-layer mode
              "almost nothing); run the toy config for results")
 
 
+def save_figure(fig, out, name):
+    """Write a matplotlib figure to OUT/name through a temporary file (never half-written); -> name."""
+    import matplotlib.pyplot as plt
+    fig.tight_layout()
+    tmp = os.path.join(out, f"{name}.tmp{os.getpid()}.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    os.replace(tmp, os.path.join(out, name))
+    return name
+
+
 def plot_curves(args, rep):
     """curves.png: the training loss of base and SFT per task, and RL's reward per segment and Yes
     rate, against steps. Returns the file name, or None when there is nothing to draw yet."""
@@ -190,12 +201,25 @@ def plot_curves(args, rep):
         ax.plot(steps, [c["yes"] for c in curve], "k--", lw=0.8, label="Yes rate")
         ax.set(title="rl: mean reward per segment", xlabel="step", ylim=(0, 1))
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    tmp = os.path.join(args.out, f"curves.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, os.path.join(args.out, "curves.png"))
-    return "curves.png"
+    return save_figure(fig, args.out, "curves.png")
+
+
+def plot_learning(args, curve):
+    """learning.png: held-out first-image accuracy and judge AUC within category against training
+    seconds, base then SFT (the points sft.py's evaluations wrote into base_eval.json and sft_eval.json)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, title in zip(axes, ("first", "judge_auc_wc"), ("first-image accuracy (val)", "judge AUC within category (val)")):
+        for stage in dict.fromkeys(p["stage"] for p in curve):
+            pts = [(p["seconds"], p[key]) for p in curve if p["stage"] == stage and p[key] is not None]
+            if pts:
+                ax.plot(*zip(*pts), "o-", label=stage)
+        ax.set(title=title, xlabel="training seconds", ylim=(0, 1))
+        ax.legend(fontsize=7)
+    axes[1].axhline(0.5, color="k", lw=0.6, ls=":")
+    return save_figure(fig, args.out, "learning.png")
 
 
 def report(args, seconds):
@@ -217,6 +241,7 @@ def gather(args, seconds):
     rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
                                                "code_entropy", "background_codes", "train_seconds")}
     rep["vit"] = {k: v for k, v in read_json(os.path.join(args.out, "vit_eval.json")).items() if k not in ("made", "ckpt")}
+    base_seconds = 0
     for stage in STAGES:
         if not stage_done(args.out, stage, args.config):
             continue
@@ -229,12 +254,17 @@ def gather(args, seconds):
             if "selfcheck" in ev:  # the layout the judge uses, on the same rendered scenes
                 rep["judge"]["base self-check"] = dict(ev["selfcheck"], layout="self-check, rendered scenes", stage=stage)
             rep["describe_nats"] = ev.get("describe_nats")  # absent in runs made before it was measured
+            rep["learning_curve"] = [dict(p, stage=stage) for p in ev.get("curve", [])]
+            base_seconds = ev["train_seconds"]
             rep["describe_exact"] = ev.get("describe_exact")
         else:
             rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
             if stage == "rl":
                 rep["rl_curve"] = ev["curve"]  # per step: reward per segment, Yes rate, KL, ...
+            else:  # SFT's clock starts where the base stage's training ended
+                rep.setdefault("learning_curve", []).extend(
+                    dict(p, stage=stage, seconds=round(p["seconds"] + base_seconds, 1)) for p in ev.get("curve", []))
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
     return rep
@@ -250,6 +280,14 @@ def report_lines(args, rep, seconds):
     curves = plot_curves(args, rep)
     if curves:
         lines += ["## Learning curves", "", f"![]({curves})", ""]
+    if rep.get("learning_curve"):
+        lines += ["## Skill against training seconds (val split)", "", f"![]({plot_learning(args, rep['learning_curve'])})", "",
+                  "| stage | step | training seconds | first-image accuracy | judge AUC within category |",
+                  "|---|---|---|---|---|"]
+        lines += [f"| {p['stage']} | {p['step']} | {p['seconds']:.0f} | {p['first']:.3f} | "
+                  + ("n/a" if p["judge_auc_wc"] is None else f"{p['judge_auc_wc']:.3f}") + " |" for p in rep["learning_curve"]]
+        lines += ["", "Seconds count training only (evaluations left out), SFT's after the base stage's. Base's "
+                  "judge is its self-check answer on rendered scenes; SFT's is its verdict on its own images.", ""]
     lines += [
              "## GenEval-style accuracy on the test split (checker verdicts)", "",
              "| stage | mode | " + " | ".join(cats + ["ood"]) + " |", "|---|---|" + "---|" * (len(cats) + 1)]
@@ -327,7 +365,11 @@ def main(argv=None):
     check_run_dir(args.out)
     sp = os.path.join(args.out, "seconds.json")
     seconds = read_json(sp) if os.path.isfile(sp) else {}
-    for stage in ("vq", "vit") + STAGES:
+    order = ("vq", "vit") + STAGES
+    for i, stage in enumerate(order):
+        # the one overall progress line (each stage draws its own bar below it)
+        print(f"=== run.py {args.config}: stage {i + 1}/{len(order)} ({stage}); "
+              f"{sum(seconds.values()):.0f} s spent in stages so far ===")
         run_stage(stage, args, seconds)
     report(args, seconds)
 

@@ -255,7 +255,7 @@ def pick(logits, u, temperature=1.0, top_k=0, top_p=1.0):
 
 @dataclass
 class Options:
-    cfg: float = 5.0           # guidance weight w
+    cfg: float | None = None   # guidance weight w; None = the model preset's (JanusConfig.guidance, 5 but toy)
     temperature: float = 1.0   # image tokens
     top_k: int = 0
     top_p: float = 1.0
@@ -266,14 +266,18 @@ class Options:
 
     def __post_init__(self):
         # NaN or inf guidance/temperature would turn every draw into the last id, silently: refuse
-        ok = {"cfg": self.cfg >= 0, "temperature": self.temperature >= 0, "text_temperature": self.text_temperature >= 0,
+        ok = {"cfg": self.cfg is None or self.cfg >= 0, "temperature": self.temperature >= 0, "text_temperature": self.text_temperature >= 0,
               "top_k": self.top_k >= 0, "top_p": 0 < self.top_p <= 1, "max_reason": self.max_reason >= 0,
               "rounds": self.rounds >= 1}
         for name, good in ok.items():
             v = getattr(self, name)
-            if not (np.isfinite(v) and good):
+            if not ((v is None or np.isfinite(v)) and good):
                 raise ValueError(f"sampling option {name} = {v} is out of range (cfg, temperatures >= 0; top_k >= 0; "
                                  "0 < top_p <= 1; rounds >= 1)")
+
+    def weight(self, model):
+        """The guidance weight w these options give `model`: cfg, or its preset's default."""
+        return model.cfg.guidance if self.cfg is None else self.cfg
 
 
 def chain_length(tok, prompt_len, image_tokens, opt):
@@ -302,7 +306,7 @@ def forward_cached(model, x, cache, start, key_mask):
 def _image_code(model, h_last, u, n_cond, opt):
     """The next image code of n_cond chains from the last hidden states of their cond and uncond rows."""
     logits = model.image_logits(h_last)  # (2 n_cond, V) fp32
-    guided = cfg_logits(logits[:n_cond], logits[n_cond:], opt.cfg)
+    guided = cfg_logits(logits[:n_cond], logits[n_cond:], opt.weight(model))
     return pick(guided, u, opt.temperature, opt.top_k, opt.top_p)  # (n_cond,)
 
 
@@ -682,7 +686,8 @@ def main(argv=None):
     # how
     ap.add_argument("--n", type=pos_int, default=4, help="chains (images) per prompt, sampled %d at a time" % CHUNK)
     ap.add_argument("--rounds", type=pos_int, default=3, help="most images per chain; 1 = no introspection")
-    ap.add_argument("--cfg", type=nonneg_float, default=None, help="guidance weight w >= 0 (default 5, editing 4; 1 = no guidance)")
+    ap.add_argument("--cfg", type=nonneg_float, default=None, help="guidance weight w >= 0 (default: the preset's, "
+                    "5 but toy 2; editing 4; 1 = no guidance)")
     ap.add_argument("--temperature", type=nonneg_float, default=1.0, help="image token temperature (0 = greedy)")
     ap.add_argument("--top-k", type=nonneg_int, default=0, help="keep the k most likely image tokens (0 = all)")
     ap.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass for image tokens, in (0, 1]")
@@ -710,7 +715,7 @@ def main(argv=None):
         src = shapes.load_image(args.edit) if args.edit else None
         dev = pick_device(args.device)
         model, vq, tok, _ = load_janus(args.ckpt, dev)
-        opt = Options(cfg=args.cfg if args.cfg is not None else (4.0 if args.edit else 5.0),
+        opt = Options(cfg=args.cfg if args.cfg is not None else (4.0 if args.edit else None),
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
                       compile=args.compile)
         tmp = new_output_dir(args.out)

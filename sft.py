@@ -53,7 +53,7 @@ TRAIN = {
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
     "toy": dict(base_steps=1000, easy_steps=400, sft_steps=500, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                eval_every=250, eval_prompts=6, sft_prompts=400, samples_per_prompt=4),
+                eval_every=250, eval_prompts=15, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
 }
@@ -425,10 +425,15 @@ def run(args):
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = [p for cat in shapes.CATEGORIES for p in [q for q in splits["val"] if q.category == cat][:per_cat]]
 
-    def validate(step):
+    # the learning curve: held-out (val) first-image accuracy and judge AUC within category against
+    # training seconds, every eval_every steps and at the end; kept in the resumable state
+    curve = []
+
+    def validate(step, seconds):
         model.eval()
         r = quick_eval(model, vq, tok, val, args.stage, cfg.image_size)
         model.train()
+        curve.append(dict(step=step, seconds=round(seconds, 1), first=r["first"], judge_auc_wc=r["judge_auc_wc"]))
         return r
 
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
@@ -436,14 +441,17 @@ def run(args):
                 desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
     model.train()
     step, seconds, _ = fit(batch_fn, lambda b: step_loss(model, b, world), optimizer, model.parameters(),
-                           {"model": model}, plan, state_path, f"{args.stage}_state", settings, state=st, evaluate=validate)
+                           {"model": model}, plan, state_path, f"{args.stage}_state", settings, state=st, evaluate=validate,
+                           extra_state=(lambda: {"curve": list(curve)}, lambda saved: curve.extend(saved.get("curve", []))))
     if master:
-        finish_stage(args, model, vq, tok, settings, inputs, step, seconds, splits["test"])
+        if not args.no_final_eval and (not curve or curve[-1]["step"] < step):
+            validate(step, seconds)
+        finish_stage(args, model, vq, tok, settings, inputs, step, seconds, splits["test"], curve)
     if world > 1:
         dist.destroy_process_group()
 
 
-def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test):
+def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test, curve=()):
     """The stage's artefact (OUT/{stage}.pt) and its evaluation on the test split, with the receipt."""
     model.eval()
     ckpt_path = os.path.join(args.out, f"{args.stage}.pt")
@@ -452,7 +460,7 @@ def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test):
     if not args.no_final_eval:
         result = final_eval(model, vq, tok, test, args.stage, model.cfg.image_size)
         # the receipt run.py checks before reusing this stage: config, settings, what it was built from
-        result.update(stage=args.stage, config=args.config, steps=step, train_seconds=round(seconds, 1),
+        result.update(stage=args.stage, config=args.config, steps=step, train_seconds=round(seconds, 1), curve=list(curve),
                       made=stage_receipt(args.out, args.config, settings, inputs), ckpt=digest(ckpt_path))
         write_json(result, os.path.join(args.out, f"{args.stage}_eval.json"))
         print(json.dumps(result))

@@ -123,8 +123,9 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
     params: what is clipped and all-reduced; modules: {name: module} saved in the state.
     after_step(step): after each optimizer step (e.g. the VQ's dead-code restart), step = steps
     done; it may return {name: number} to show on the progress bar.
-    evaluate(step): the rank-0 evaluation hook, every plan.eval_every steps (not at the end); what
-    it returns is printed as JSON.
+    evaluate(step, seconds): the rank-0 evaluation hook, every plan.eval_every steps (not at the
+    end), told the training seconds so far; what it returns is printed as JSON. Its own time is not
+    training time: it is left out of every `seconds` here (the learning curve's x axis).
     extra_state: (get, set): get() -> a dict saved in the state too, set(dict) restores it.
     Returns (steps done, training seconds summed over resumed runs, the loss log)."""
     master = plan.rank == 0
@@ -179,7 +180,9 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
         if step % plan.ckpt_every == 0 or step == plan.steps:
             save()
         if master and evaluate is not None and plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
-            bar.write(f"step {step} val: {json.dumps(evaluate(step))}")
+            t_eval = time.time()
+            bar.write(f"step {step} val: {json.dumps(evaluate(step, seconds + t_eval - t0))}")
+            t0 += time.time() - t_eval  # the clock of training time skips the evaluation
     bar.close()
     if plan.world > 1:
         dist.barrier()

@@ -60,6 +60,12 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     # RL's curve is in the report, and the curves are drawn; a tiny run says what its numbers are worth
     assert len(rep["rl_curve"]) == json.load(open(os.path.join(out, "rl_eval.json")))["steps"]
     assert os.path.isfile(os.path.join(out, "curves.png")) and "only prove the plumbing" in md
+    # the learning curve: val points of base then SFT, SFT's seconds after the base stage's training
+    lc, base_ev = rep["learning_curve"], json.load(open(os.path.join(out, "base_eval.json")))
+    assert [p["stage"] for p in lc] == ["base"] * len(base_ev["curve"]) + ["sft"] * len(ev["curve"]) and ev["curve"]
+    assert lc[-1]["step"] == ev["steps"] and np.isclose(lc[-1]["seconds"], ev["curve"][-1]["seconds"] + base_ev["train_seconds"], atol=0.11)
+    assert all(0 <= p["first"] <= 1 for p in lc) and os.path.isfile(os.path.join(out, "learning.png"))
+    assert "Skill against training seconds" in md
     stamps = {f: os.path.getmtime(os.path.join(out, f)) for f in ("vq.pt", "vit.pt", "base.pt", "sft.pt", "rl.pt")}
     capsys.readouterr()
     run.main(argv)

@@ -152,7 +152,7 @@ def test_kv_cached_loop_equals_full_recomputation(bundle, static, monkeypatch):
     gens = [torch.Generator().manual_seed(s) for s in seeds]
     u1 = torch.stack([torch.rand(N, generator=g) for g in gens])
     cond = [S.prompt_seq(tok, p) for p in prompts]
-    ref1 = _reference_image(model, tok, cond, [c.uncond(tok, True) for c in cond], u1, opt.cfg, opt)
+    ref1 = _reference_image(model, tok, cond, [c.uncond(tok, True) for c in cond], u1, opt.weight(model), opt)
     assert torch.equal(ref1, torch.tensor([c.codes[0] for c in chains]))
     # round 2 for the chains that said No: prompt + image 1 (VQ) + cue + reason + bridge -> image 2
     for c, g in zip(chains, gens):
@@ -164,7 +164,7 @@ def test_kv_cached_loop_equals_full_recomputation(bundle, static, monkeypatch):
     for i in no:
         s = S.prompt_seq(tok, prompts[i]).gen_image(tok, chains[i].codes[0])
         cond2.append(S.add_reflection(s, tok, chains[i].reasons[0]))
-    ref2 = _reference_image(model, tok, cond2, [s.uncond(tok, False) for s in cond2], u2, opt.cfg, opt)
+    ref2 = _reference_image(model, tok, cond2, [s.uncond(tok, False) for s in cond2], u2, opt.weight(model), opt)
     assert torch.equal(ref2, torch.tensor([chains[i].codes[1] for i in no]))
 
 

@@ -68,3 +68,24 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(tmp_path):
     assert torch.load(os.path.join(tmp_path, "cut.pt"), weights_only=True)["step"] == 3
     cut = _train(tmp_path, "cut", 2)
     assert torch.equal(full.weight, cut.weight) and torch.equal(full.bias, cut.bias)
+
+
+def test_evaluation_time_is_not_training_time(tmp_path):
+    """The learning curve's x axis: evaluate(step, seconds) sees training seconds only, and the
+    seconds fit returns leave out the evaluations too (each here sleeps 0.3 s)."""
+    import time
+    model = torch.nn.Linear(3, 1)
+    seen = []
+
+    def evaluate(step, seconds):
+        seen.append((step, seconds))
+        time.sleep(0.3)
+        return {}
+
+    _, seconds, _ = fit(lambda step, micro: ((X, Y), "mse"), lambda b: ((model(b[0])[:, 0] - b[1]) ** 2).mean(),
+                        make_optimizer(model, 0.1), list(model.parameters()), {"model": model},
+                        Plan(4, 0.1, 1, ckpt_every=100, eval_every=1), str(tmp_path / "s.pt"), "test_state", {},
+                        evaluate=evaluate)
+    assert [s for s, _ in seen] == [1, 2, 3]  # every eval_every steps, not at the end
+    assert all(0 <= a < b for (_, a), (_, b) in zip(seen, seen[1:]))
+    assert seconds < 0.3 and seen[-1][1] <= seconds
