@@ -216,6 +216,10 @@ def evaluate_describing(model, tok, prompts, size, seed=0, batch=64):
 # What sft.py prints during training (quick_eval, on val) and saves at the end (final_eval, on test)
 
 
+def r3(v):  # a rounded figure, or None where it is undefined (an AUC over one class)
+    return None if v is None else round(v, 3)
+
+
 def quick_eval(model, vq, tok, prompts, stage, size):
     if stage == "base":
         r = geneval(model, vq, tok, prompts, rounds=1)
@@ -223,14 +227,14 @@ def quick_eval(model, vq, tok, prompts, stage, size):
         sc = evaluate_understanding(model, tok, prompts, size, layout="selfcheck")
         d = evaluate_describing(model, tok, prompts, size)
         # judge_auc_wc: the self-check answer's AUC within category, the base model's judge
-        return {"first": round(r["first"]["overall"], 3), "judge_auc_wc": round(sc["auc_within_category"], 3),
+        return {"first": round(r["first"]["overall"], 3), "judge_auc_wc": r3(sc["auc_within_category"]),
                 "describe_nats": round(d["nats"], 3),
                 "describe_exact": round(d["exact"]["overall"], 3),
                 "vqa": round(u["agreement"], 3), "vqa_auc": u["auc"] and round(u["auc"], 3),
                 "selfcheck": round(sc["agreement"], 3), "selfcheck_auc": sc["auc"] and round(sc["auc"], 3)}
     r = geneval(model, vq, tok, prompts, rounds=3)
     return {"first": round(r["first"]["overall"], 3), "final": round(r["final"]["overall"], 3),
-            "judge": round(r["judge"]["agreement"], 3), "judge_auc_wc": round(r["judge"]["auc_within_category"], 3)}
+            "judge": round(r["judge"]["agreement"], 3), "judge_auc_wc": r3(r["judge"]["auc_within_category"])}
 
 
 def final_eval(model, vq, tok, prompts, stage, size):
