@@ -270,6 +270,16 @@ def gather(args, seconds):
     return rep
 
 
+def learning_lines(args, curve):
+    """report.md's learning-curve section: learning.png and its points as a table."""
+    lines = ["## Skill against training seconds (val split)", "", f"![]({plot_learning(args, curve)})", "",
+             "| stage | step | training seconds | first-image accuracy | judge AUC within category |", "|---|---|---|---|---|"]
+    lines += [f"| {p['stage']} | {p['step']} | {p['seconds']:.0f} | {p['first']:.3f} | "
+              + ("n/a" if p["judge_auc_wc"] is None else f"{p['judge_auc_wc']:.3f}") + " |" for p in curve]
+    return lines + ["", "Seconds count training only (evaluations left out), SFT's after the base stage's. Base's "
+                    "judge is its self-check answer on rendered scenes; SFT's is its verdict on its own images.", ""]
+
+
 def report_lines(args, rep, seconds):
     """report.md, line by line: the tables, then the example chains."""
     cats = list(shapes.CATEGORIES) + ["overall"]
@@ -281,13 +291,7 @@ def report_lines(args, rep, seconds):
     if curves:
         lines += ["## Learning curves", "", f"![]({curves})", ""]
     if rep.get("learning_curve"):
-        lines += ["## Skill against training seconds (val split)", "", f"![]({plot_learning(args, rep['learning_curve'])})", "",
-                  "| stage | step | training seconds | first-image accuracy | judge AUC within category |",
-                  "|---|---|---|---|---|"]
-        lines += [f"| {p['stage']} | {p['step']} | {p['seconds']:.0f} | {p['first']:.3f} | "
-                  + ("n/a" if p["judge_auc_wc"] is None else f"{p['judge_auc_wc']:.3f}") + " |" for p in rep["learning_curve"]]
-        lines += ["", "Seconds count training only (evaluations left out), SFT's after the base stage's. Base's "
-                  "judge is its self-check answer on rendered scenes; SFT's is its verdict on its own images.", ""]
+        lines += learning_lines(args, rep["learning_curve"])
     lines += [
              "## GenEval-style accuracy on the test split (checker verdicts)", "",
              "| stage | mode | " + " | ".join(cats + ["ood"]) + " |", "|---|---|" + "---|" * (len(cats) + 1)]

@@ -424,18 +424,7 @@ def run(args):
 
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = [p for cat in shapes.CATEGORIES for p in [q for q in splits["val"] if q.category == cat][:per_cat]]
-
-    # the learning curve: held-out (val) first-image accuracy and judge AUC within category against
-    # training seconds, every eval_every steps and at the end; kept in the resumable state
-    curve = []
-
-    def validate(step, seconds):
-        model.eval()
-        r = quick_eval(model, vq, tok, val, args.stage, cfg.image_size)
-        model.train()
-        curve.append(dict(step=step, seconds=round(seconds, 1), first=r["first"], judge_auc_wc=r["judge_auc_wc"]))
-        return r
-
+    validate, curve = learning_curve(model, vq, tok, val, args.stage)
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
                 eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
                 desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
@@ -449,6 +438,21 @@ def run(args):
         finish_stage(args, model, vq, tok, settings, inputs, step, seconds, splits["test"], curve)
     if world > 1:
         dist.destroy_process_group()
+
+
+def learning_curve(model, vq, tok, val, stage):
+    """fit's evaluate hook and the curve it fills: held-out (val) first-image accuracy and judge AUC
+    within category against training seconds, every eval_every steps and at the end (the list
+    travels in the resumable state)."""
+    curve = []
+
+    def validate(step, seconds):
+        model.eval()
+        r = quick_eval(model, vq, tok, val, stage, model.cfg.image_size)
+        model.train()
+        curve.append(dict(step=step, seconds=round(seconds, 1), first=r["first"], judge_auc_wc=r["judge_auc_wc"]))
+        return r
+    return validate, curve
 
 
 def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test, curve=()):
