@@ -236,16 +236,19 @@ def report(args, seconds):
 
 def gather(args, seconds):
     rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {},
-           "seconds": seconds, "examples": {}}
+           "seconds": seconds, "examples": {}, "learning_curve": []}
     vq = read_json(os.path.join(args.out, "vq_eval.json"))
     rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
                                                "code_entropy", "background_codes", "train_seconds")}
     rep["vit"] = {k: v for k, v in read_json(os.path.join(args.out, "vit_eval.json")).items() if k not in ("made", "ckpt")}
-    base_seconds = 0
+    offset = 0  # the learning curve's clock: SFT's seconds start where the base stage's training ended
     for stage in STAGES:
         if not stage_done(args.out, stage, args.config):
             continue
         ev = read_json(os.path.join(args.out, f"{stage}_eval.json"))
+        if stage != "rl":  # rl's own "curve" is per step (rl_curve below)
+            rep["learning_curve"] += [dict(p, stage=stage, seconds=round(p["seconds"] + offset, 1)) for p in ev.get("curve", [])]
+            offset += ev["train_seconds"]
         extra = extra_evals(args, stage)
         if stage == "base":
             first = ev["first"]
@@ -254,17 +257,12 @@ def gather(args, seconds):
             if "selfcheck" in ev:  # the layout the judge uses, on the same rendered scenes
                 rep["judge"]["base self-check"] = dict(ev["selfcheck"], layout="self-check, rendered scenes", stage=stage)
             rep["describe_nats"] = ev.get("describe_nats")  # absent in runs made before it was measured
-            rep["learning_curve"] = [dict(p, stage=stage) for p in ev.get("curve", [])]
-            base_seconds = ev["train_seconds"]
             rep["describe_exact"] = ev.get("describe_exact")
         else:
             rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
             if stage == "rl":
                 rep["rl_curve"] = ev["curve"]  # per step: reward per segment, Yes rate, KL, ...
-            else:  # SFT's clock starts where the base stage's training ended
-                rep.setdefault("learning_curve", []).extend(
-                    dict(p, stage=stage, seconds=round(p["seconds"] + base_seconds, 1)) for p in ev.get("curve", []))
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
     return rep
