@@ -378,11 +378,12 @@ def _required(rng, facts):
     return [(s, c or rng.choice(COLOUR_NAMES)) for s, c in need]
 
 
-def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0):
+def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=MAX_OBJECTS):
     """A scene for `prompt`: one where every fact holds (match=True) or one that violates it
     (match=False) in one deliberate way: kind in ("colour", "count", "missing", "relation"), or any
     that applies to the prompt when kind is None. Without a prompt: a random scene. grid: the grid
-    world (see GRID_FILL), 0 = free placement."""
+    world (see GRID_FILL), 0 = free placement. most: random distractors fill the scene up to this
+    many objects (uniformly 0 to most - needed of them); 1 = the asked objects alone."""
     if prompt is None:
         return random_scene(rng, size, grid=grid)
     if isinstance(prompt, str):
@@ -391,7 +392,7 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0):
         need = _required(rng, prompt.facts)
         if len(need) > MAX_OBJECTS:
             raise ValueError(f"prompt needs {len(need)} objects, scenes hold at most {MAX_OBJECTS}: {prompt.text!r}")
-        extra = rng.randint(0, MAX_OBJECTS - len(need))
+        extra = rng.randint(0, max(0, most - len(need)))
         objs = [_random_obj(rng, size, s, c, grid) for s, c in need] + [_random_obj(rng, size, grid=grid) for _ in range(extra)]
         if _place(rng, objs, size, tries=5, grid=grid) is None:
             continue

@@ -57,6 +57,17 @@ def test_grid_world_one_object_per_cell_and_checker_exact():
             assert o.s == round(S.GRID_FILL * c) and (o.x, o.y) == (i * c + (c - o.s) // 2, j * c + (c - o.s) // 2)
 
 
+def test_sample_scene_most_caps_the_distractors():
+    """most= caps a matching scene's objects (distractors fill up to it): most=1 on a one-object
+    prompt gives the asked object alone; the default lets distractors reach MAX_OBJECTS."""
+    rng = random.Random(5)
+    p = S.parse_prompt("a red circle")
+    alone = [S.sample_scene(rng, 64, p, grid=4, most=1) for _ in range(50)]
+    assert all(len(sc.objects) == 1 and S.truth(sc, p).verdict for sc in alone)
+    busy = [len(S.sample_scene(rng, 64, p, grid=4).objects) for _ in range(200)]
+    assert max(busy) == S.MAX_OBJECTS and min(busy) == 1
+
+
 def _noise(im, rng=np.random.default_rng(0)):
     return np.clip(im + rng.normal(0, 8, im.shape), 0, 255).round().astype(np.uint8)
 
