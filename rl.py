@@ -5,8 +5,8 @@ Per prompt, G chains are sampled from the current policy (sample.introspect, two
     image 1 (CFG, temperature 1) -> forced Yes/No + reason (temperature 1) -> on No, image 2
     drawn with the reflection in context. The final image is image 1 on Yes, image 2 on No.
 Each chain earns three rewards from a judge R(image, prompt) in [0, 1] (default: the ShapeWorld
-checker's soft score, the fraction of the prompt's facts that hold; --reward judge: a trained
-model's P(yes) from judge.p_yes, the paper's model-as-reward-model):
+checker's soft score, the fraction of the prompt's facts that hold; --reward verdict: its verdict,
+1 or 0; --reward judge: a trained model's P(yes) from judge.p_yes, the paper's model-as-reward-model):
     segment 0, image 1's tokens:            r0 = R(I1)
     segment 1, the verdict + reason tokens: r1 = 1 - |R(I1) - SE|   (SE = 1 if the model said Yes)
     segment 2, the final image's tokens:    r2 = R(final); on Yes that is image 1 again, credited
@@ -110,6 +110,11 @@ def grpo_loss(logp, old, ref, adv, mask, eps=0.2, beta=0.04):
 
 def checker_reward(images, prompts):
     return torch.tensor([shapes.check(im, p).score for im, p in zip(images, prompts)])
+
+
+def verdict_reward(images, prompts):
+    # 1 when every fact holds, else 0: the verdict reward then pays Yes only on a right image
+    return torch.tensor([float(shapes.check(im, p).verdict) for im, p in zip(images, prompts)])
 
 
 @torch.no_grad()
@@ -308,8 +313,9 @@ def main(argv=None):
                     "5 but toy 2)")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     # what is rewarded
-    ap.add_argument("--reward", choices=["checker", "judge"], default="checker",
-                    help="checker: the ShapeWorld checker's soft score; judge: --judge-ckpt's P(yes)")
+    ap.add_argument("--reward", choices=["checker", "verdict", "judge"], default="checker",
+                    help="checker: the ShapeWorld checker's soft score (the share of facts that hold); verdict: "
+                    "its verdict, 1 or 0; judge: --judge-ckpt's P(yes)")
     ap.add_argument("--judge-ckpt", help="a Janus checkpoint whose P(yes) is the reward (with --reward judge)")
     ap.add_argument("--task", choices=["chain", "edit"], default="chain",
                     help="chain: the introspective chain (SPEC.md section 5); edit: editing RL on ShapeWorld edits")
@@ -364,7 +370,7 @@ def run(args):
         judge, _, _, _ = load_janus(args.judge_ckpt, dev)
         reward = lambda images, prompts: p_yes(judge, tok, images, prompts)
     else:
-        reward = checker_reward
+        reward = verdict_reward if args.reward == "verdict" else checker_reward
     by_cat = group(shapes.make_splits(seed=0)["train"])
     n_seg = 1 if settings["segments"] == 0 or settings["task"] == "edit" else 3
     local = settings["prompts"] // world

@@ -39,6 +39,16 @@ def test_chain_rewards_by_hand():
     assert r.tolist() == [[0.25, 0.25, 0.25], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0]]
 
 
+def test_checker_and_verdict_rewards_on_rendered_scenes():
+    """checker: the share of facts that hold; verdict: 1 only when all hold (rendered grid scenes)."""
+    p = "a red circle and a blue square"
+    both = shapes.Scene(64, [shapes.Obj("circle", "red", 2, 2, 12), shapes.Obj("square", "blue", 18, 2, 12)], 4)
+    one = shapes.Scene(64, [shapes.Obj("circle", "red", 2, 2, 12), shapes.Obj("square", "green", 18, 2, 12)], 4)
+    images = [shapes.render(both), shapes.render(one)]
+    assert rl.checker_reward(images, [p, p]).tolist() == [1.0, 0.5]
+    assert rl.verdict_reward(images, [p, p]).tolist() == [1.0, 0.0]
+
+
 def test_loss_at_ratio_one_is_reinforce_with_a_baseline():
     torch.manual_seed(0)
     C, Sg, L = 3, 3, 4
