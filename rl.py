@@ -49,10 +49,10 @@ from train import Plan, fit, make_optimizer, setup_distributed
 TRAIN = {
     # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included). toy (the grid
     # world, 16 image tokens): a step of 32 chains takes ~4.5 s on 2 CPU cores; 60 steps at 5e-5 raised
-    # the mean reward from 0.50 to 0.65 and it was still rising (docs/experiments.md, "The grid
-    # world"), so the preset runs 100 (about 8 minutes with its evaluation)
+    # the mean reward from 0.50 to 0.65; 100 steps tested no better (docs/experiments.md, "RL
+    # ablations on toy")
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4),
-    "toy": dict(steps=100, prompts=4, group=8, lr=5e-5, warmup=5, beta=0.04, reason=24, eval_prompts=100),
+    "toy": dict(steps=60, prompts=4, group=8, lr=5e-5, warmup=5, beta=0.04, reason=24, eval_prompts=100),
     "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=0.04, reason=24, eval_prompts=50),
 }
 SEGMENTS = ("image 1", "verdict + reason", "final image")
