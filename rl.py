@@ -341,8 +341,8 @@ def rl_settings(args, preset):
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
-                updates=args.updates_per_batch,
-                cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance, reason=preset["reason"], reward=args.reward,
+                updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
+                cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
                 segments=args.segments, regen=args.regen, task=args.task, edit_weights=edit_weights, bf16=None)
 
 

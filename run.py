@@ -160,9 +160,17 @@ TINY_NOTE = ("config tiny: these numbers only prove the plumbing (a 2-layer mode
              "almost nothing); run the toy config for results")
 
 
+def pyplot():
+    """matplotlib.pyplot on the file-only backend (no display needed), imported when a plot is drawn."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    return plt
+
+
 def save_figure(fig, out, name):
     """Write a matplotlib figure to OUT/name through a temporary file (never half-written); -> name."""
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig.tight_layout()
     tmp = os.path.join(out, f"{name}.tmp{os.getpid()}.png")
     fig.savefig(tmp, dpi=110)
@@ -174,9 +182,7 @@ def save_figure(fig, out, name):
 def plot_curves(args, rep):
     """curves.png: the training loss of base and SFT per task, and RL's reward per segment and Yes
     rate, against steps. Returns the file name, or None when there is nothing to draw yet."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from common import load_checkpoint
     logs = {}
     for stage in ("base", "sft"):
@@ -207,9 +213,7 @@ def plot_curves(args, rep):
 def plot_learning(args, curve):
     """learning.png: held-out first-image accuracy and judge AUC within category against training
     seconds, base then SFT (the points sft.py's evaluations wrote into base_eval.json and sft_eval.json)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
     for ax, key, title in zip(axes, ("first", "judge_auc_wc"), ("first-image accuracy (val)", "judge AUC within category (val)")):
         for stage in dict.fromkeys(p["stage"] for p in curve):
