@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
+import torch.utils.checkpoint
 import torch.nn.functional as F
 
 # -----------------------------------------------------------------------------
@@ -105,6 +106,25 @@ PRESETS = {
                          vit_width=1024, vit_layers=24, vit_heads=16, vit_mlp=4096,
                          image_vocab_size=16384, image_tokens=576),
 }
+
+def image_cost(cfg, prompt_len=32, cache_bytes=2):
+    """What drawing one image with CFG costs, counted from the shapes: two rows (the prompt and its
+    unconditional twin) of prompt_len tokens prefilled, then the image's N tokens one at a time
+    through the KV cache (N - 1 fed back; the last is only drawn). flops: the matmuls of the LLM,
+    the attention (the prefill scores all P x P pairs, a decoded token its prefix), gen_head at the
+    N drawing positions and gen_aligner on the fed codes; the VQ decode is not in it. kv_bytes:
+    the KV cache per token per row (k and v of every layer, cache_bytes each: 2 in bf16).
+    janus-pro-7b: 15.15 TFLOP and 480 KiB (janus_pro_facts.md), 1B 3.16 TFLOP and 192 KiB."""
+    D, hd, L, N, P = cfg.n_embd, cfg.head_dim, cfg.n_layer, cfg.image_tokens, prompt_len
+    block = D * cfg.n_head * hd * 2 + 2 * D * cfg.n_kv_head * hd + 3 * D * cfg.ffn_hidden  # q, o; k, v; SwiGLU
+    fed = N - 1
+    pairs = P * P + sum(P + i + 1 for i in range(fed))  # (query, key) pairs scored, per layer and head
+    W = cfg.gen_head_width or D
+    per_row = (2 * L * block * (P + fed) + 4 * L * cfg.n_head * hd * pairs  # QK^T and the weighted sum: 2 hd each
+               + 2 * N * (D * W + W * cfg.image_vocab_size)
+               + 2 * fed * (cfg.image_code_dim * D + (cfg.gen_aligner_depth - 1) * D * D))
+    return dict(flops=2 * per_row, kv_bytes=2 * L * cfg.n_kv_head * hd * cache_bytes)
+
 
 # -----------------------------------------------------------------------------
 # language model pieces: RMSNorm, RoPE, attention (+ KV cache), SwiGLU, the block
@@ -380,6 +400,9 @@ class Janus(nn.Module):
         nn.init.normal_(self.gen_embed.weight, mean=0.0, std=1.0)
         if cfg.tie_embeddings:  # one Parameter in both places (the text head reads the input table)
             self.lm_head.weight = self.embed_tokens.weight
+        # activation checkpointing (sft.py / rl.py --checkpointing): a block keeps only its input for
+        # backward and runs again there, so activations cost one (B, T, D) per layer, at ~1/3 more compute
+        self.checkpointing = False
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -455,7 +478,10 @@ class Janus(nn.Module):
             mask = attention_mask(T, start_pos, key_mask, x.device)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            x = layer(x, rope, mask, kv, start_pos)
+            if self.checkpointing and cache is None and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(layer, x, rope, mask, use_reentrant=False)
+            else:
+                x = layer(x, rope, mask, kv, start_pos)
         return self.norm(x)
 
     # --- heads and the per-token loss (always fp32 before any softmax)

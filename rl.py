@@ -44,7 +44,7 @@ from model import PRESETS, JanusConfig
 from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
-from train import Plan, fit, make_optimizer, setup_distributed
+from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
 
 TRAIN = {
     # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included). toy (the grid
@@ -331,6 +331,7 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=pos_int, default=10, help="save the resumable state every N steps")
     ap.add_argument("--no-final-eval", action="store_true", help="write rl.pt only, no evaluation (and no rl_eval.json)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    add_parallel_args(ap)
     run_cli(ap, argv, run)
 
 
@@ -381,11 +382,12 @@ def run(args):
     def batch_fn(step, micro):
         k = step // settings["updates"]  # rollout k serves updates k*U .. k*U + U - 1
         if held["rollout"] is None or held["rollout"]["k"] != k:
-            ro = draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward)
+            sampler = gathered(model)  # the live weights, whole (under FSDP a copy: a collective)
+            ro = draw_rollout(sampler, vq, tok, settings, k, rank, local, by_cat, reward)
             ro["adv"] = group_advantages(ro["rewards"][:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)
-                ro["old"], ro["mask"] = token_logps(model, tok, *rows, settings["cfg"], n_seg)
+                ro["old"], ro["mask"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)
                 ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
             ro["k"] = k
             held["rollout"] = ro
@@ -407,15 +409,18 @@ def run(args):
     def set_held(saved):
         held.update(saved)
 
-    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.0)
+    model.checkpointing = args.checkpointing
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
-                world=world, rank=rank, desc=f"rl {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+                world=world, rank=rank, parallel=args.parallel, desc=f"rl {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+    train_loss = distribute(model, loss_fn, plan)
+    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.0)  # after distribute: FSDP swaps the parameters
     model.train()
-    step, seconds, _ = fit(batch_fn, loss_fn, optimizer, model.parameters(), {"model": model}, plan, state_path,
+    step, seconds, _ = fit(batch_fn, train_loss, optimizer, model.parameters(), {"model": model}, plan, state_path,
                            "rl_state", settings, st, after_step=after_step,
                            extra_state=(lambda: {"rollout": held["rollout"], "stats": held["stats"]}, set_held))
+    full = gathered(model)  # every rank: under FSDP a collective
     if rank == 0:
-        finish(args, model, vq, tok, settings, step, seconds, held["stats"], args.eval_prompts or preset["eval_prompts"])
+        finish(args, full, vq, tok, settings, step, seconds, held["stats"], args.eval_prompts or preset["eval_prompts"])
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()

@@ -40,7 +40,7 @@ from model import PRESETS, Janus, JanusConfig
 from sample import (Options, add_answer, after_rounds, collate, describe_seq, embed_batch, generate, janus_checkpoint,
                     load_janus, next_turn, prompt_seq, question, selfcheck_seq)
 from tokenizer import TextTokenizer, load_vq, reconstruct
-from train import Plan, fit, make_optimizer, setup_distributed
+from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
 from vit import load_vit
 
 # -----------------------------------------------------------------------------
@@ -315,6 +315,7 @@ def main(argv=None):
     ap.add_argument("--ckpt-every", type=pos_int, default=100, help="save the resumable state every N steps")
     ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    add_parallel_args(ap)
     run_cli(ap, argv, run)
 
 
@@ -406,7 +407,12 @@ def run(args):
         chosen, pool = sft_data(args, preset, model, vq, tok, by_cat, settings, master, world)
     if settings["freeze_vit"]:
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient
-    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.05)
+    model.checkpointing = args.checkpointing
+    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
+                eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
+                parallel=args.parallel, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+    loss_fn = distribute(model, lambda b: step_loss(model, b, world), plan)
+    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.05)  # after distribute: FSDP swaps the parameters
 
     local = settings["batch_size"] // world
 
@@ -424,35 +430,37 @@ def run(args):
 
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = [p for cat in shapes.CATEGORIES for p in [q for q in splits["val"] if q.category == cat][:per_cat]]
-    validate, curve = learning_curve(model, vq, tok, val, args.stage)
-    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
-                eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
-                desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
+    validate, measure, curve = learning_curve(model, vq, tok, val, args.stage, master)
     model.train()
-    step, seconds, _ = fit(batch_fn, lambda b: step_loss(model, b, world), optimizer, model.parameters(),
-                           {"model": model}, plan, state_path, f"{args.stage}_state", settings, state=st, evaluate=validate,
+    step, seconds, _ = fit(batch_fn, loss_fn, optimizer, model.parameters(), {"model": model}, plan, state_path,
+                           f"{args.stage}_state", settings, state=st, evaluate=validate,
                            extra_state=(lambda: {"curve": list(curve)}, lambda saved: curve.extend(saved.get("curve", []))))
+    full = gathered(model)  # every rank: under FSDP a collective
     if master:
         if not args.no_final_eval and (not curve or curve[-1]["step"] < step):
-            validate(step, seconds)
-        finish_stage(args, model, vq, tok, settings, inputs, step, seconds, splits["test"], curve)
+            measure(full, step, seconds)
+        finish_stage(args, full, vq, tok, settings, inputs, step, seconds, splits["test"], curve)
     if world > 1:
         dist.destroy_process_group()
 
 
-def learning_curve(model, vq, tok, val, stage):
-    """fit's evaluate hook and the curve it fills: held-out (val) first-image accuracy and judge AUC
-    within category against training seconds, every eval_every steps and at the end (the list
-    travels in the resumable state)."""
+def learning_curve(model, vq, tok, val, stage, master=True):
+    """fit's evaluate hook, the measurement it makes and the curve it fills: held-out (val)
+    first-image accuracy and judge AUC within category against training seconds, every eval_every
+    steps and at the end (the list travels in the resumable state)."""
     curve = []
 
-    def validate(step, seconds):
-        model.eval()
-        r = quick_eval(model, vq, tok, val, stage, model.cfg.image_size)
-        model.train()
+    def measure(m, step, seconds):
+        m.eval()
+        r = quick_eval(m, vq, tok, val, stage, m.cfg.image_size)
+        m.train()
         curve.append(dict(step=step, seconds=round(seconds, 1), first=r["first"], judge_auc_wc=r["judge_auc_wc"]))
         return r
-    return validate, curve
+
+    def validate(step, seconds):  # on every rank (gathering FSDP's shards is a collective); rank 0 measures
+        full = gathered(model)
+        return measure(full, step, seconds) if master else None
+    return validate, measure, curve
 
 
 def finish_stage(args, model, vq, tok, settings, inputs, step, seconds, test, curve=()):

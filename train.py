@@ -10,11 +10,13 @@ evaluation, its final artefact.
 
 What the loop does every step (nanoGPT's train.py, as a function):
   lr from the schedule (linear warmup, cosine to 10%) -> for each micro-batch: batch_fn, then
-  loss_fn under autocast, backward -> the loss summed over processes (the NaN guard: every rank sees the same
-  number, so all stop together instead of one hanging in a collective) -> gradients summed over
-  processes -> clip -> optimizer step -> the trainer's after_step hook -> progress bar, resumable
-  state every ckpt_every steps (atomic), the trainer's evaluation every eval_every steps.
-Data parallel: launch with torchrun; `setup_distributed` reads its environment.
+  loss_fn under autocast, backward (DDP / FSDP reduce the gradients over processes meanwhile) ->
+  the loss summed over processes (the NaN guard: every rank sees the same number, so all stop
+  together instead of one hanging in a collective) -> clip -> optimizer step -> the trainer's
+  after_step hook -> progress bar, resumable state every ckpt_every steps (atomic), the trainer's
+  evaluation every eval_every steps.
+Data parallel: launch with torchrun; `setup_distributed` reads its environment, and
+`distribute(model, loss_fn, plan)` wraps the loss in DDP or shards the model with FSDP2.
 """
 
 import json
@@ -25,6 +27,12 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 from tqdm import tqdm
 
 from common import pick_device, save_checkpoint
@@ -52,7 +60,10 @@ def lr_at(step, steps, lr, warmup):
 
 
 # -----------------------------------------------------------------------------
-# Data parallel: what DistributedDataParallel does, spelled out
+# Data parallel: PyTorch's DDP (a full copy of the model per process), or FSDP2 (`fully_shard`:
+# each process holds 1/world of every weight, gradient and Adam moment, and gathers a block's
+# weights just before it runs; what a 7B model needs: 16 bytes per parameter of weights, gradients
+# and moments in fp32 is 112 GB, 14 GB per GPU over 8)
 
 
 def setup_distributed(device_name):
@@ -67,20 +78,87 @@ def setup_distributed(device_name):
     return dev, dist.get_rank(), dist.get_world_size()
 
 
-def all_reduce_grads(params, world):
-    """Sum every gradient over the processes. Each process's loss is its share of the global
-    batch's loss, so the sum is the gradient of the global loss. One flat buffer: one message."""
-    if world == 1:
+def add_parallel_args(ap):
+    """The flags of a trainer that runs under torchrun (sft.py, rl.py)."""
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                    help="under torchrun: ddp (DistributedDataParallel, a full copy of the model per process) or fsdp "
+                         "(FSDP2 fully_shard: weights, gradients and Adam state split over the processes, for models "
+                         "that do not fit one GPU); ignored in one process")
+    ap.add_argument("--checkpointing", action="store_true",
+                    help="activation checkpointing: each transformer block runs again in backward instead of keeping "
+                         "its activations (less memory, about 1/3 more compute)")
+
+
+class LossOf(nn.Module):
+    """A model and a loss function as one module, so that DDP and FSDP see the whole step inside
+    one forward(): our losses call model.embed, the trunk and the heads, not model() alone."""
+
+    def __init__(self, model, loss_fn):
+        super().__init__()
+        self.model, self.loss_fn = model, loss_fn  # self.model: the parameters DDP / FSDP manage
+
+    def forward(self, batch):
+        return self.loss_fn(batch)
+
+
+def distribute(model, loss_fn, plan):
+    """loss_fn as it runs over plan.world processes: through DDP ("ddp") or with the model sharded by
+    FSDP2 ("fsdp"; one unit per transformer block, the rest (embeddings, ViT, heads) in the root
+    unit); loss_fn itself in one process. Call it before make_optimizer: fully_shard swaps the
+    parameters for sharded ones. Both average gradients over processes; fit scales for that."""
+    if plan.world == 1:
+        return loss_fn
+    if plan.parallel == "ddp":
+        # a step of one task leaves other parts unused (text-to-image: the text head), and DDP must be told
+        return DDP(LossOf(model, loss_fn), find_unused_parameters=True)
+    mesh = init_device_mesh(next(model.parameters()).device.type, (plan.world,))
+    # bf16: weights gathered and run in bf16, gradients reduced and kept in fp32 (the shards stay fp32)
+    mp = MixedPrecisionPolicy(torch.bfloat16, torch.float32) if plan.bf16 else MixedPrecisionPolicy()
+    for block in model.layers:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    return fully_shard(LossOf(model, loss_fn), mesh=mesh, mp_policy=mp)
+
+
+def sharded(model):
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def gathered(model):
+    """The model with every weight whole, for sampling, evaluating and saving: the model itself, or,
+    when FSDP shards it, a plain copy on every process (a collective: every process calls it).
+    Sampling runs thousands of small forwards; through FSDP each would gather weights and all
+    processes would have to run the very same ones. The copy costs one model's weights per process."""
+    if not sharded(model):
+        return model
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+    with torch.device("meta"):
+        copy = type(model)(model.cfg)
+    copy.load_state_dict(full, assign=True)
+    return copy.train(model.training).requires_grad_(False)
+
+
+def state_of(modules, optimizer):
+    """({name: module state}, optimizer state), whole, as one process would save them. Under FSDP
+    (a sharded run trains one module) a collective: every rank calls it, rank 0 gets the tensors,
+    and the optimizer's state is keyed by parameter name instead of number."""
+    if not any(sharded(m) for m in modules.values()):
+        return {n: m.state_dict() for n, m in modules.items()}, optimizer.state_dict()
+    (name, m), = modules.items()
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return {name: get_model_state_dict(m, options=opts)}, get_optimizer_state_dict(m, optimizer, options=opts)
+
+
+def set_state(modules, optimizer, module_states, optimizer_state):
+    """state_of's inverse (under FSDP every rank reads the whole state and keeps its shards)."""
+    if not any(sharded(m) for m in modules.values()):
+        for n, m in modules.items():
+            m.load_state_dict(module_states[n])
+        optimizer.load_state_dict(optimizer_state)
         return
-    # a path this step doesn't use (e.g. the ViT in text-to-image) has no gradient on any process
-    # (they all run the same kind of step) and must keep none: AdamW skips it, a zero would decay it
-    params = [p for p in params if p.grad is not None]
-    flat = torch.cat([p.grad.flatten() for p in params])
-    dist.all_reduce(flat)
-    i = 0
-    for p in params:
-        p.grad.copy_(flat[i:i + p.numel()].view_as(p))
-        i += p.numel()
+    (name, m), = modules.items()
+    opts = StateDictOptions(full_state_dict=True)
+    set_model_state_dict(m, module_states[name], options=opts)
+    set_optimizer_state_dict(m, optimizer, optimizer_state, options=opts)
 
 
 def sum_over_processes(x, world, device):
@@ -109,6 +187,7 @@ class Plan:
     desc: str = ""                 # the progress bar's title
     world: int = 1                 # processes
     rank: int = 0
+    parallel: str = "ddp"          # over several processes: "ddp" (a copy per process) or "fsdp" (sharded)
 
 
 def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, settings, state=None,
@@ -119,22 +198,26 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
     `step`, a function of (seed, step) so that a resumed run sees the same data; name labels the
     running loss shown (e.g. the SFT task). Built outside autocast (VQ codes stay exact).
     loss_fn(batch) -> loss: this process's share of the step's loss (the shares over micro-batches
-    and processes sum to it), run under bf16 autocast when plan.bf16.
-    params: what is clipped and all-reduced; modules: {name: module} saved in the state.
+    and processes sum to it), run under bf16 autocast when plan.bf16; over several processes, what
+    distribute() returned.
+    params: what is clipped; modules: {name: module} saved in the state (one module when sharded).
     after_step(step): after each optimizer step (e.g. the VQ's dead-code restart), step = steps
     done; it may return {name: number} to show on the progress bar.
-    evaluate(step, seconds): the rank-0 evaluation hook, every plan.eval_every steps (not at the
-    end), told the training seconds so far; what it returns is printed as JSON. Its own time is not
+    evaluate(step, seconds): the evaluation hook, every plan.eval_every steps (not at the end), told
+    the training seconds so far, called on every rank (under FSDP gathering the weights is a
+    collective); what rank 0's returns is printed as JSON. Its own time is not
     training time: it is left out of every `seconds` here (the learning curve's x axis).
     extra_state: (get, set): get() -> a dict saved in the state too, set(dict) restores it.
     Returns (steps done, training seconds summed over resumed runs, the loss log)."""
     master = plan.rank == 0
     step, seconds, log = 0, 0.0, []
     st = state
+    sharded_run = any(sharded(m) for m in modules.values())
     if st is not None:
-        for name, m in modules.items():
-            m.load_state_dict(st["modules"][name])
-        optimizer.load_state_dict(st["optimizer"])
+        if st.get("sharded", False) != sharded_run:
+            raise ValueError(f"{state_path} was saved by a{' sharded (FSDP)' if st.get('sharded') else 'n unsharded'} run: "
+                             f"resume it the same way (--parallel {'fsdp' if st.get('sharded') else 'ddp'}), or delete it")
+        set_state(modules, optimizer, st["modules"], st["optimizer"])
         step, seconds, log = st["step"], st["seconds"], st["log"]
         if extra_state is not None:
             extra_state[1](st["extra"])
@@ -142,11 +225,11 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
             print(f"resuming {state_path} at step {step}")
 
     def save():
+        module_states, optimizer_state = state_of(modules, optimizer)  # every rank: under FSDP a collective
         if master:
             save_checkpoint({"kind": kind, "settings": settings, "step": step, "seconds": seconds + time.time() - t0,
-                             "log": log, "modules": {n: m.state_dict() for n, m in modules.items()},
-                             "optimizer": optimizer.state_dict(), "extra": extra_state[0]() if extra_state else {}},
-                            state_path)
+                             "log": log, "modules": module_states, "optimizer": optimizer_state, "sharded": sharded_run,
+                             "extra": extra_state[0]() if extra_state else {}}, state_path)
 
     params = list(params)
     dev_type = params[0].device.type
@@ -161,12 +244,12 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
             batch, name = batch_fn(step, micro)
             with torch.autocast(dev_type, dtype=torch.bfloat16, enabled=plan.bf16):
                 loss = loss_fn(batch)
-            loss.backward()
+            # DDP and FSDP average the gradients over processes; the shares sum to the step's loss
+            (loss * plan.world).backward()
             total += loss.item()
         total = sum_over_processes(total, plan.world, params[0].device)  # every rank checks the same number
         if not math.isfinite(total):
             raise ValueError(f"loss is {total} at step {step} ({name}): lower --lr or use --dtype fp32")
-        all_reduce_grads(params, plan.world)
         if plan.clip is not None:
             torch.nn.utils.clip_grad_norm_(params, plan.clip)
         optimizer.step()
@@ -179,9 +262,11 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
         bar.set_postfix({k: f"{v:.3f}" for k, v in sorted(running.items()) + sorted((shown or {}).items())})
         if step % plan.ckpt_every == 0 or step == plan.steps:
             save()
-        if master and evaluate is not None and plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
+        if evaluate is not None and plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
             t_eval = time.time()
-            bar.write(f"step {step} val: {json.dumps(evaluate(step, seconds + t_eval - t0))}")
+            shown = evaluate(step, seconds + t_eval - t0)
+            if master:
+                bar.write(f"step {step} val: {json.dumps(shown)}")
             t0 += time.time() - t_eval  # the clock of training time skips the evaluation
     bar.close()
     if plan.world > 1:

@@ -14,7 +14,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import (PRESETS, Janus, JanusConfig, copy_to_hf, from_official, hf_janus, hf_loss, load_official, make_batch,
+from model import (PRESETS, Janus, JanusConfig, copy_to_hf, from_official, hf_janus, hf_loss, image_cost, load_official,
+                   make_batch,
                    ours_loss, to_official)
 
 # a copy of shared/reference/janus_pro_state_dict_shapes.json, kept in the repo so CI always has it
@@ -206,6 +207,25 @@ def test_sdpa_equals_math_path():
         assert maxdiff(fast.vision_model(pixels), slow.vision_model(pixels)) <= 1e-5
 
 
+def test_activation_checkpointing_gives_the_same_gradients():
+    # --checkpointing reruns each block in backward: the same loss and gradients, fewer tensors kept
+    model = randomized(Janus(tiny(n_kv_head=2))).train()
+    b = make_batch(model.cfg, 2, 2 * model.cfg.image_tokens + 24)
+    grads, saved = [], []
+    for on in (False, True):
+        model.checkpointing = on
+        model.zero_grad()
+        kept = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: kept.append(t) or t, lambda t: t):
+            loss = ours_loss(model, b)
+        loss.backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        saved.append(len(kept))
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][n], grads[1][n], atol=1e-6) for n in grads[0])
+    assert saved[1] < saved[0]
+
+
 def test_bf16_autocast_stays_close_to_fp32():
     # the dtype bench.py and training use on CPU: bf16 matmuls, fp32 norms, attention and losses
     cfg = tiny(n_kv_head=2)
@@ -328,3 +348,30 @@ def test_full_size_parameter_counts_with_the_vq():
         for name, official in (("janus-pro-1b", 2_089_232_011), ("janus-pro-7b", 7_420_368_523)):
             ours = sum(p.numel() for p in Janus(JanusConfig(**PRESETS[name])).parameters())
             assert ours + vq + 12_595_200 == official, name
+
+
+def test_image_cost_counts_what_cfg_decoding_computes():
+    """image_cost against torch's FLOP counter over a real CFG draw through the KV cache (tiny, GQA,
+    a wider gen_head and a deeper aligner so that every term shows), then the facts' figures."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from tokenizer import VQ_PRESETS, VQModel
+    cfg = tiny(n_kv_head=2, sdpa=False, gen_head_width=96, gen_aligner_depth=3)
+    model, P, N = Janus(cfg).eval(), 7, cfg.image_tokens
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        cache = model.make_cache(2, P + N)  # the prompt's row and its unconditional twin
+        h = model(torch.randn(2, P, cfg.n_embd), cache=cache, start_pos=0)[:, -1]
+        for i in range(N):
+            code = model.image_logits(h).argmax(-1)  # (2,)
+            if i < N - 1:
+                h = model(model.embed_image_ids(code)[:, None], cache=cache, start_pos=P + i)[:, -1]
+    assert image_cost(cfg, P)["flops"] == counter.get_total_flops()
+    # janus_pro_facts.md, "Cost of one image": 7B 15.15 TFLOP in the LLM and heads and 0.57 in the VQ
+    # decode, 480 KiB of cache per token per row; 1B ~3.7 TFLOP with the VQ decode, 192 KiB
+    with torch.device("meta"), FlopCounterMode(display=False) as counter:
+        VQModel(VQ_PRESETS["vq16"]).decode(torch.zeros(1, 576, dtype=torch.long))
+    vq = counter.get_total_flops()
+    seven, one = (image_cost(JanusConfig(**PRESETS[f"janus-pro-{n}"])) for n in ("7b", "1b"))
+    assert seven["flops"] / 1e12 == pytest.approx(15.15, abs=0.01) and vq / 1e12 == pytest.approx(0.57, abs=0.005)
+    assert (one["flops"] + vq) / 1e12 == pytest.approx(3.7, abs=0.05)
+    assert seven["kv_bytes"] == 480 * 1024 and one["kv_bytes"] == 192 * 1024
