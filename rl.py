@@ -23,6 +23,7 @@ Text log-probs come from the text head, the verdict's over {Yes, No} only, as it
 
     python rl.py --config toy --out out/toy          # reads sft.pt, writes rl.pt and rl_eval.json
     python rl.py --config tiny --out out/tiny --segments 0   # ablation: T2I GRPO on image 1 only
+    torchrun --nproc_per_node 8 rl.py --config small --out out/small --parallel fsdp   # each GPU its share of the prompts
 """
 
 import json

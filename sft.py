@@ -16,11 +16,12 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
              new image" -> a POSITIVE image of the same prompt.
 Both stages share one training loop: AdamW, warmup + cosine, grad clip, bf16 autocast, periodic
-held-out evaluation, atomic checkpoints, resume after interruption, DDP through torchrun.
+held-out evaluation, atomic checkpoints, resume after interruption, DDP or FSDP2 through torchrun.
 
     python sft.py --stage base --config toy --out out/toy
     python sft.py --stage sft --config toy --out out/toy
     torchrun --nproc_per_node 2 sft.py --stage base --config tiny --out out/tiny   # DDP (gloo on CPU)
+    torchrun --nproc_per_node 8 sft.py --stage sft --config small --out out/small --parallel fsdp --dtype bf16
 """
 
 import json
