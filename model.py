@@ -27,8 +27,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn as nn
-import torch.utils.checkpoint
 import torch.nn.functional as F
+import torch.utils.checkpoint
+
+import attention
 
 # -----------------------------------------------------------------------------
 # config
@@ -156,9 +158,20 @@ def apply_rope(x, cos, sin):
     return x * cos.type_as(x) + torch.cat([-x2, x1], dim=-1) * sin.type_as(x)
 
 
+class KeyRule:
+    """The mask in the Triton kernel's compact form (attention.py): causal, query 0 at absolute
+    position q_off (an int, or a 0-d tensor in static decoding), key_mask (B, Tk) or None."""
+
+    def __init__(self, key_mask, q_off):
+        self.key_mask, self.q_off = key_mask, q_off
+
+
 def attend(q, k, v, mask=None, causal=False, sdpa=True):
     """softmax(q k^T / sqrt(hs)) v.  q (B, nh, T, hs), k v (B, nkv, Tk, hs) -> (B, nh, T, hs).
-    mask: bool, broadcastable to (B, nh, T, Tk), True = may attend. causal: lower triangle (T == Tk)."""
+    mask: bool, broadcastable to (B, nh, T, Tk), True = may attend; or a KeyRule: attention.py's
+    Triton kernel. causal: lower triangle (T == Tk)."""
+    if isinstance(mask, KeyRule):
+        return attention.flash_attention(q, k, v, mask.key_mask, True, mask.q_off)
     if q.requires_grad and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32
         # (docs/experiments.md), so training under CPU autocast runs attention in fp32 (also more exact)
@@ -400,9 +413,24 @@ class Janus(nn.Module):
         nn.init.normal_(self.gen_embed.weight, mean=0.0, std=1.0)
         if cfg.tie_embeddings:  # one Parameter in both places (the text head reads the input table)
             self.lm_head.weight = self.embed_tokens.weight
+        # the language model's attention kernel: "sdpa", "math" (the reference) or "triton" (set_attention)
+        self.attention = "sdpa" if cfg.sdpa else "math"
         # activation checkpointing (sft.py / rl.py --checkpointing): a block keeps only its input for
         # backward and runs again there, so activations cost one (B, T, D) per layer, at ~1/3 more compute
         self.checkpointing = False
+
+    def set_attention(self, kind):
+        """The language model's attention: "sdpa" (PyTorch's fused kernels), "math" (the plain
+        reference) or "triton" (attention.py's flash attention: a CUDA GPU with triton, or CPU
+        tensors under TRITON_INTERPRET=1). The ViT stays on SDPA / math."""
+        if kind not in ("sdpa", "math", "triton"):
+            raise ValueError(f"unknown attention kernel {kind!r}: sdpa, math or triton")
+        if kind == "triton" and not attention.available():
+            raise ValueError("--attn triton needs the triton package (pip install triton; Linux)")
+        self.attention = kind
+        for block in self.layers:
+            block.attn.sdpa = kind != "math"
+        return self
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
@@ -474,7 +502,10 @@ class Janus(nn.Module):
         dev = x.device.type
         dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
         rope = (cos.to(dt), sin.to(dt))
-        if not torch.is_tensor(start_pos):
+        if self.attention == "triton":  # the kernel applies the same rule from the compact form
+            mask = KeyRule(key_mask if torch.is_tensor(start_pos) or key_mask is None else key_mask[:, :start_pos + T],
+                           start_pos)
+        elif not torch.is_tensor(start_pos):
             mask = attention_mask(T, start_pos, key_mask, x.device)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])

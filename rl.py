@@ -37,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 import shapes
-from common import (DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
+from common import (ATTN_HELP, DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
                     run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, weights_list, write_json)
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
@@ -333,6 +333,7 @@ def main(argv=None):
     ap.add_argument("--no-final-eval", action="store_true", help="write rl.pt only, no evaluation (and no rl_eval.json)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     add_parallel_args(ap)
+    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa", help=ATTN_HELP)
     run_cli(ap, argv, run)
 
 
@@ -411,6 +412,8 @@ def run(args):
         held.update(saved)
 
     model.checkpointing = args.checkpointing
+    model.set_attention(args.attn)
+    ref.set_attention(args.attn)
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
                 world=world, rank=rank, parallel=args.parallel, desc=f"rl {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
     train_loss = distribute(model, loss_fn, plan)

@@ -670,7 +670,7 @@ def _write_edits(model, vq, tok, src, instruction, seeds, opt, tmp):
 
 
 def main(argv=None):
-    from common import Parser, discard_dir, fraction, new_output_dir, nonneg_float, nonneg_int, pos_int, publish_dir
+    from common import ATTN_HELP, Parser, discard_dir, fraction, new_output_dir, nonneg_float, nonneg_int, pos_int, publish_dir
     ap = Parser(description="Sample images with the introspective loop (or edit an image) from a trained "
                             "checkpoint; writes PNGs and chains.jsonl (or edits.jsonl) into a new folder.")
     # what to sample
@@ -693,6 +693,7 @@ def main(argv=None):
     ap.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass for image tokens, in (0, 1]")
     ap.add_argument("--seed", type=int, default=0, help="chain i uses seed + i: any image can be redrawn alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
+    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa", help=ATTN_HELP)
     ap.add_argument("--compile", action="store_true",
                     help="draw image tokens with a torch.compile'd static decoding step (faster per token, but it "
                          "compiles first, once per batch size and cache length: see README, Speed)")
@@ -715,6 +716,7 @@ def main(argv=None):
         src = shapes.load_image(args.edit) if args.edit else None
         dev = pick_device(args.device)
         model, vq, tok, _ = load_janus(args.ckpt, dev)
+        model.set_attention(args.attn)
         opt = Options(cfg=args.cfg if args.cfg is not None else (4.0 if args.edit else None),
                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, rounds=args.rounds,
                       compile=args.compile)

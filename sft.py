@@ -34,7 +34,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
+from common import (ATTN_HELP, DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
                     pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
@@ -317,6 +317,7 @@ def main(argv=None):
     ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     add_parallel_args(ap)
+    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa", help=ATTN_HELP)
     run_cli(ap, argv, run)
 
 
@@ -409,6 +410,7 @@ def run(args):
     if settings["freeze_vit"]:
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient
     model.checkpointing = args.checkpointing
+    model.set_attention(args.attn)
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
                 eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
                 parallel=args.parallel, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")

@@ -134,6 +134,7 @@ def gathered(model):
     with torch.device("meta"):
         copy = type(model)(model.cfg)
     copy.load_state_dict(full, assign=True)
+    copy.set_attention(model.attention)
     return copy.train(model.training).requires_grad_(False)
 
 

@@ -7,7 +7,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # the order: a file may import only files of a lower rank (never an equal one: no peer cycles)
-ORDER = {"shapes": 0, "common": 1, "train": 2, "tokenizer": 3, "model": 4, "sample": 5, "evaluate": 6,
+ORDER = {"shapes": 0, "common": 1, "train": 2, "tokenizer": 3, "attention": 3, "model": 4, "sample": 5, "evaluate": 6,
          "judge": 7, "vit": 8, "sft": 9, "rl": 10, "run": 11, "bench": 11}
 TOP = max(ORDER.values()) + 1  # tests sit above everything
 FILES = sorted(f[:-3] for f in os.listdir(ROOT) if f.endswith(".py") and f != "conftest.py")
