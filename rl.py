@@ -42,6 +42,7 @@ from common import (ATTN_HELP, DTYPE_HELP, Parser, check_run_dir, digest, fracti
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from model import PRESETS, JanusConfig
+from tokenizer import TextTokenizer
 from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
@@ -55,6 +56,10 @@ TRAIN = {
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4),
     "toy": dict(steps=60, prompts=4, group=8, lr=5e-5, warmup=5, beta=0.04, reason=24, eval_prompts=100),
     "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=0.04, reason=24, eval_prompts=50),
+    # a released model (--init FOLDER) on ShapeWorld prompts: the paper's batch (16 x 8 chains), warmup
+    # and first learning rate (SPEC.md section 5; its 3K steps decay in steps, ours by cosine)
+    "janus-pro-1b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=0.04, reason=64, eval_prompts=50),
+    "janus-pro-7b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=0.04, reason=64, eval_prompts=50),
 }
 SEGMENTS = ("image 1", "verdict + reason", "final image")
 
@@ -291,9 +296,10 @@ def finish(args, model, vq, tok, settings, step, seconds, curve, per_cat):
         return
     test = [p for c in shapes.CATEGORIES for p in [q for q in shapes.make_splits(seed=0)["test"] if q.category == c][:per_cat]]
     result = final_eval(model, vq, tok, test, "sft", model.cfg.image_size)
-    result["edit"] = evaluate_editing(model, vq, tok, len(test))
+    # editing goes through ShapeWorld's word vocabulary (sample.py): not for a released model's tokenizer
+    result["edit"] = evaluate_editing(model, vq, tok, len(test)) if isinstance(tok, TextTokenizer) else None
     result.update(stage="rl", config=args.config, steps=step, train_seconds=round(seconds, 1), curve=curve,
-                  made=stage_receipt(args.out, args.config, settings, ("sft.pt",)), ckpt=digest(path))
+                  made=stage_receipt(args.out, args.config, settings, () if args.init else ("sft.pt",)), ckpt=digest(path))
     write_json(result, os.path.join(args.out, "rl_eval.json"))
     print(json.dumps({k: result[k] for k in ("first", "final", "judge")}))
 
@@ -302,6 +308,9 @@ def main(argv=None):
     ap = Parser(description="GRPO over the introspective chain (SPEC.md section 5), from OUT/sft.pt.")
     ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset and run settings")
     ap.add_argument("--out", required=True, help="run folder: reads sft.pt, writes rl.pt, rl_eval.json (rl_state.pt while training)")
+    ap.add_argument("--init", help="start from this instead of OUT/sft.pt: a Janus checkpoint, or a released model folder "
+                    "(official or transformers layout with its tokenizer.json, e.g. Janus-Pro-7B; --config janus-pro-7b "
+                    "picks the run settings); rl.pt then carries its tokenizer")
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and of every rollout")
     # optimisation (defaults from TRAIN[config])
     ap.add_argument("--steps", type=pos_int, help="optimizer steps")
@@ -349,6 +358,14 @@ def rl_settings(args, preset):
                 segments=args.segments, regen=args.regen, task=args.task, edit_weights=edit_weights, bf16=None)
 
 
+def source(path):
+    """What a checkpoint file or a released model folder is, for the run's receipt: its digest (a
+    folder's: its path and its config.json's)."""
+    if os.path.isdir(path):
+        return f"{os.path.abspath(path)}:{digest(os.path.join(path, 'config.json'))}"
+    return digest(path)
+
+
 def run(args):
     preset = TRAIN[args.config]
     settings = rl_settings(args, preset)
@@ -356,11 +373,11 @@ def run(args):
     settings["bf16"] = use_bf16(args.dtype, dev)
     if settings["prompts"] % world:
         raise ValueError(f"--prompts {settings['prompts']} does not split over {world} processes")
-    sft_path = os.path.join(args.out, "sft.pt")
-    if not os.path.isfile(sft_path):
+    sft_path = args.init or os.path.join(args.out, "sft.pt")
+    if not os.path.exists(sft_path):
         raise ValueError(f"{sft_path} not found: run SFT first (python sft.py --stage sft --config {args.config} --out {args.out})")
     # what this stage starts from: a saved state of another SFT model (or judge) is not resumed
-    settings["inputs"] = {"sft.pt": digest(sft_path), **({"judge": digest(args.judge_ckpt)} if args.judge_ckpt else {})}
+    settings["inputs"] = {"init" if args.init else "sft.pt": source(sft_path), **({"judge": source(args.judge_ckpt)} if args.judge_ckpt else {})}
     check_run_dir(args.out)
     state_path = os.path.join(args.out, "rl_state.pt")
     st = load_state(state_path, "rl_state", settings, ignore=("steps", "bf16"))

@@ -522,9 +522,11 @@ def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
 
 
 def janus_checkpoint(model, vq, tok, **extra):
-    """The dict that stage scripts save and sample.py / judge.py load."""
+    """The dict that stage scripts save and sample.py / judge.py load. The text tokenizer: the word
+    vocabulary, or a released model's whole tokenizer.json (rl.py --init FOLDER)."""
+    text = {"vocab": None, "tokenizer_json": tok.spec} if isinstance(tok, BPETokenizer) else {"vocab": list(tok.vocab)}
     return {"kind": "janus", "config": asdict(model.cfg), "model": model.state_dict(),
-            "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), "vocab": list(tok.vocab), **extra}
+            "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), **text, **extra}
 
 
 JANUS_MAKE = "python sft.py --stage sft --config CONFIG --out DIR (or python run.py)"
@@ -543,9 +545,12 @@ def load_janus(path, device="cpu"):
         return model.to(device), vq.to(device), tok, {"kind": "pretrained", "path": path}
     ckpt = load_checkpoint(path, {"kind": "janus"}, keys=("config", "model", "vq_config", "vq", "vocab"),
                            make=JANUS_MAKE, finite=True)
-    tok = TextTokenizer(shapes.WORDS)
-    if ckpt["vocab"] != tok.vocab:
-        raise ValueError(f"{path} was trained with another text vocabulary than this code's; {JANUS_MAKE} writes a good one")
+    if ckpt.get("tokenizer_json") is not None:  # a released model trained on (rl.py --init FOLDER)
+        tok = BPETokenizer(ckpt["tokenizer_json"])
+    else:
+        tok = TextTokenizer(shapes.WORDS)
+        if ckpt["vocab"] != tok.vocab:
+            raise ValueError(f"{path} was trained with another text vocabulary than this code's; {JANUS_MAKE} writes a good one")
     model = Janus(build(JanusConfig, ckpt["config"], path, JANUS_MAKE))
     vq = VQModel(build(VQConfig, ckpt["vq_config"], path, JANUS_MAKE))
     load_weights(model, ckpt["model"], path, JANUS_MAKE)

@@ -496,11 +496,15 @@ class BPETokenizer:
     bos, eos, img, boi, eoi, yes, no."""
 
     def __init__(self, path):
-        try:
-            with open(path, encoding="utf-8") as f:
-                spec = json.load(f)
-        except (OSError, ValueError) as e:
-            raise ValueError(f"cannot read {path}: {e}") from None
+        if isinstance(path, dict):  # the file's contents, as a checkpoint carries them (sample.janus_checkpoint)
+            spec, path = path, "tokenizer.json"
+        else:
+            try:
+                with open(path, encoding="utf-8") as f:
+                    spec = json.load(f)
+            except (OSError, ValueError) as e:
+                raise ValueError(f"cannot read {path}: {e}") from None
+        self.spec = spec
         model, norm = spec["model"], spec.get("normalizer")
 
         def need(ok, what):
