@@ -30,8 +30,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 import torch.utils.checkpoint
 
-import attention
-
 # -----------------------------------------------------------------------------
 # config
 
@@ -171,6 +169,7 @@ def attend(q, k, v, mask=None, causal=False, sdpa=True):
     mask: bool, broadcastable to (B, nh, T, Tk), True = may attend; or a KeyRule: attention.py's
     Triton kernel. causal: lower triangle (T == Tk)."""
     if isinstance(mask, KeyRule):
+        import attention  # here, not at the top: importing triton costs every command half a second
         return attention.flash_attention(q, k, v, mask.key_mask, True, mask.q_off)
     if q.requires_grad and q.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
         # PyTorch's CPU flash-attention backward is several times slower in bf16 than in fp32
@@ -425,8 +424,10 @@ class Janus(nn.Module):
         tensors under TRITON_INTERPRET=1). The ViT stays on SDPA / math."""
         if kind not in ("sdpa", "math", "triton"):
             raise ValueError(f"unknown attention kernel {kind!r}: sdpa, math or triton")
-        if kind == "triton" and not attention.available():
-            raise ValueError("--attn triton needs the triton package (pip install triton; Linux)")
+        if kind == "triton":
+            import attention  # only now: importing triton costs every command half a second
+            if not attention.available():
+                raise ValueError("--attn triton needs the triton package (pip install triton; Linux)")
         self.attention = kind
         for block in self.layers:
             block.attn.sdpa = kind != "math"

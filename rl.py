@@ -24,6 +24,7 @@ Text log-probs come from the text head, the verdict's over {Yes, No} only, as it
     python rl.py --config toy --out out/toy          # reads sft.pt, writes rl.pt and rl_eval.json
     python rl.py --config tiny --out out/tiny --segments 0   # ablation: T2I GRPO on image 1 only
     torchrun --nproc_per_node 8 rl.py --config small --out out/small --parallel fsdp   # each GPU its share of the prompts
+    python rl.py --init path/to/Janus-Pro-7B --config janus-pro-7b --out out/real   # from a released model folder
 """
 
 import json
@@ -34,6 +35,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 import shapes
@@ -261,6 +263,19 @@ def step_stats(ro, adv, kl, group):
             "rollout_image_tokens_s": round(ro["tok_s"], 1)}
 
 
+def everyone(ro, kl, world):
+    """Every process's chains (their per-chain fields gathered) and the KL averaged over the
+    processes: a step's statistics cover all its chains, not rank 0's alone."""
+    if world == 1:
+        return ro, kl
+    keys = [k for k in ("rewards", "yes", "adv", "follow", "preserve") if k in ro]
+    parts = [None] * world
+    dist.all_gather_object(parts, {k: ro[k] for k in keys})
+    kl = kl.detach().clone()
+    dist.all_reduce(kl)
+    return dict(ro, **{k: torch.cat([p[k] for p in parts]) for k in keys}), kl / world
+
+
 def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
     """Rollout k of this process: its share of the step's prompts (or edits), each G times, drawn
     by the current policy; the prompts and the seeds are a function of (seed, k) only."""
@@ -419,7 +434,8 @@ def run(args):
         return loss / world  # this process's share: every process holds as many chains
 
     def after_step(step):
-        s = step_stats(held["rollout"], held["rollout"]["adv"], held["kl"], G)
+        ro, kl = everyone(held["rollout"], held["kl"], world)
+        s = step_stats(ro, ro["adv"], kl, G)
         held["stats"].append(dict(step=step, **s))
         if settings["task"] == "edit":
             return {"reward": s["reward"][0], "follow": s["follow"], "preserve": s["preserve"]}
@@ -443,7 +459,6 @@ def run(args):
     if rank == 0:
         finish(args, full, vq, tok, settings, step, seconds, held["stats"], args.eval_prompts or preset["eval_prompts"])
     if world > 1:
-        import torch.distributed as dist
         dist.destroy_process_group()
 
 

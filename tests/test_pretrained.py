@@ -296,13 +296,10 @@ def test_sample_and_judge_run_on_a_model_folder(tmp_path, capsys):
     assert out["verdict"] in ("yes", "no") and 0 <= out["p_yes"] <= 1 and out["reason"].startswith(("Yes", "No"))
 
 
-def test_rl_trains_a_model_folder_one_process_and_fsdp(tmp_path):
+def test_rl_trains_a_model_folder(tmp_path):
     """rl.py --init FOLDER: GRPO on ShapeWorld prompts from a released-layout model (its BPE tokenizer,
-    its chat template), one process and 2 gloo processes under FSDP2 with the same weights after; the
-    rl.pt it writes carries the tokenizer, so sample.py reads it as it reads the folder."""
-    import subprocess
-    import sys
-
+    its chat template); the rl.pt it writes carries the tokenizer, so sample.py reads it as it reads
+    the folder. (Under torchrun the same path runs as tests/test_rl.py's two-process test.)"""
     import rl
     import sample
     from common import load_checkpoint
@@ -314,23 +311,11 @@ def test_rl_trains_a_model_folder_one_process_and_fsdp(tmp_path):
     # the reward: the folder's own P(yes) (a random model draws no shapes, so the checker's would be 0 everywhere)
     argv = ["--config", "tiny", "--init", str(folder), "--reward", "judge", "--judge-ckpt", str(folder), "--steps", "1",
             "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval", "--dtype", "fp32"]
-    one, two = tmp_path / "one", tmp_path / "two"
+    one = tmp_path / "one"
     rl.main(argv + ["--out", str(one)])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519",
-                        os.path.join(root, "rl.py")] + argv + ["--out", str(two), "--parallel", "fsdp"],
-                       cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    a, b = (load_checkpoint(str(d / "rl.pt"))["model"] for d in (one, two))
     start, _ = load_pretrained(str(folder))
-    init = start.state_dict()
-    # Adam's first step is lr * sign(g): an entry whose gradient sits at float-noise level (13 of 304K
-    # when this was written) may flip between two summation orders; a wrong gradient (half the batch,
-    # a missing reduction) would move most entries. One step only: with these O(1) random weights a
-    # flipped entry changes the next rollout's draws
-    off = sum(((a[k] - b[k]).abs() > 1e-5).sum().item() for k in a) / sum(v.numel() for v in a.values())
-    assert a.keys() == b.keys() and off < 1e-3
-    assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)  # it trained
+    trained = load_checkpoint(str(one / "rl.pt"))["model"]
+    assert any(not torch.allclose(trained[k], v, atol=1e-6) for k, v in start.state_dict().items())  # it trained
     model, _, tok2, _ = sample.load_janus(str(one / "rl.pt"))
     assert isinstance(tok2, BPETokenizer) and tok2.encode("a red circle") == BPETokenizer(str(folder / "tokenizer.json")).encode("a red circle")
     sample.main(["--ckpt", str(one / "rl.pt"), "--prompt", "a red circle", "--n", "1", "--rounds", "2", "--out", str(tmp_path / "s")])

@@ -178,28 +178,29 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one(bundle, tmp_path, parallel):
-    """torchrun with 2 gloo processes, DDP or FSDP2: each draws the chains of its half of the prompts
-    (groups stay whole; under FSDP from a gathered copy of the live weights), the loss shares and
-    gradients sum to the one-process run's: the same loss at every step, the same weights."""
-    import subprocess
-    import sys
+def test_two_processes_equal_one(bundle, tmp_path):
+    """torchrun with 2 gloo processes, DDP and FSDP2 (side by side): each draws the chains of its half
+    of the prompts (groups stay whole; under FSDP from a gathered copy of the live weights), the loss
+    shares and gradients sum to the one-process run's: the same loss at every step, the same
+    weights, the same per-step statistics (over every process's chains)."""
+    from test_sft import finished, torchrun
     argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval"]
-    one, two = _run_dir(bundle, tmp_path, "one"), _run_dir(bundle, tmp_path, "two")
-    rl.main(argv + ["--out", one])
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518",
-                        os.path.join(root, "rl.py")] + argv + ["--out", two, "--parallel", parallel],
-                       cwd=root, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    states = [load_checkpoint(os.path.join(d, "rl_state.pt")) for d in (one, two)]
-    assert [st["sharded"] for st in states] == [False, parallel == "fsdp"]
-    assert [l for _, _, l in states[0]["log"]] == pytest.approx([l for _, _, l in states[1]["log"]], abs=1e-5)
-    a, b = (load_checkpoint(os.path.join(d, "rl.pt"))["model"] for d in (one, two))
+    runs = {name: _run_dir(bundle, tmp_path, name) for name in ("one", "ddp", "fsdp")}
+    procs = [torchrun("rl.py", argv + ["--out", runs[p], "--parallel", p], port) for p, port in (("ddp", 29518), ("fsdp", 29528))]
+    rl.main(argv + ["--out", runs["one"]])
+    for proc in procs:
+        finished(proc)
+    states = {n: load_checkpoint(os.path.join(d, "rl_state.pt")) for n, d in runs.items()}
+    weights = {n: load_checkpoint(os.path.join(d, "rl.pt"))["model"] for n, d in runs.items()}
     init = bundle[0].state_dict()
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in a)  # and it did train
+    for p in ("ddp", "fsdp"):
+        assert states[p]["sharded"] == (p == "fsdp")
+        assert [l for _, _, l in states["one"]["log"]] == pytest.approx([l for _, _, l in states[p]["log"]], abs=1e-5)
+        for a, b in zip(states["one"]["extra"]["stats"], states[p]["extra"]["stats"]):
+            assert a["reward"] == pytest.approx(b["reward"], abs=1e-3) and a["yes"] == pytest.approx(b["yes"])
+        a, b = weights["one"], weights[p]
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
+    assert any(not torch.allclose(weights["one"][k], init[k], atol=1e-6) for k in init)  # and it did train
 
 
 def test_editing_rollout_rewards_and_logps(bundle):

@@ -366,38 +366,47 @@ def test_base_needs_the_pretrained_vit(vq_dir, tmp_path):
         sft.main(BASE + ["--steps", "1", "--out", d])
 
 
-@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
-def test_two_processes_equal_one(vq_dir, tmp_path, parallel):
-    """torchrun with 2 gloo processes, DDP or FSDP2: the loss at every step and the trained weights
-    are the one-process run's (each process builds its half of the same global batch)."""
-    one = _run_dir(vq_dir, tmp_path, "one")
-    two = _run_dir(vq_dir, tmp_path, "two")
+def torchrun(script, argv, port):
+    """2 gloo processes of one thread each, started (not waited for): communicate() collects them."""
+    return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                             str(port), os.path.join(ROOT, script)] + argv, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def finished(proc):
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err[-2000:]
+
+
+def test_two_processes_equal_one(vq_dir, tmp_path):
+    """torchrun with 2 gloo processes, DDP and FSDP2 (launched side by side): the loss at every step
+    and the trained weights are the one-process run's (each process builds its half of the same
+    global batch); an FSDP state resumes sharded, and one process refuses it."""
+    runs = {name: _run_dir(vq_dir, tmp_path, name) for name in ("one", "ddp", "fsdp")}
     args = BASE + ["--steps", "3"]
-    sft.main(args + ["--out", one])
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
-              os.path.join(ROOT, "sft.py"), "--out", two, "--parallel", parallel]
-    r = subprocess.run(launch + args, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr[-2000:]
-    states = [load_checkpoint(os.path.join(d, "base_state.pt")) for d in (one, two)]
-    assert [st["sharded"] for st in states] == [False, parallel == "fsdp"]  # FSDP did shard the model
-    logs = [st["log"] for st in states]
-    assert [(s, t) for s, t, _ in logs[0]] == [(s, t) for s, t, _ in logs[1]] and len(logs[0]) == 3
-    assert [l for _, _, l in logs[0]] == pytest.approx([l for _, _, l in logs[1]], abs=1e-4)
-    a, b = _params(os.path.join(one, "base.pt")), _params(os.path.join(two, "base.pt"))
-    assert a.keys() == b.keys() and _same(a, b, atol=1e-5)
+    procs = [torchrun("sft.py", args + ["--out", runs[p], "--parallel", p], port) for p, port in (("ddp", 29517), ("fsdp", 29527))]
+    sft.main(args + ["--out", runs["one"]])
+    for proc in procs:
+        finished(proc)
+    states = {n: load_checkpoint(os.path.join(d, "base_state.pt")) for n, d in runs.items()}
+    params = {n: _params(os.path.join(d, "base.pt")) for n, d in runs.items()}
+    for p in ("ddp", "fsdp"):
+        assert states[p]["sharded"] == (p == "fsdp") and not states["one"]["sharded"]  # FSDP did shard the model
+        logs = [states["one"]["log"], states[p]["log"]]
+        assert [(s, t) for s, t, _ in logs[0]] == [(s, t) for s, t, _ in logs[1]] and len(logs[0]) == 3
+        assert [l for _, _, l in logs[0]] == pytest.approx([l for _, _, l in logs[1]], abs=1e-4)
+        assert params[p].keys() == params["one"].keys() and _same(params["one"], params[p], atol=1e-5)
     # and the runs did train: the parameters moved away from the initialisation
-    assert not _same(a, Janus_init(), atol=1e-4)
-    if parallel == "fsdp":
-        # a sharded state resumes sharded (one more step, from the whole state saved at step 3), and
-        # one process refuses it with one line
-        with pytest.raises(SystemExit, match="saved by a sharded"):
-            sft.main(args[:-1] + ["4", "--out", two])
-        sft.main(args[:-1] + ["4", "--out", one])
-        r = subprocess.run(launch + args[:-1] + ["4"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-2000:]
-        a, b = _params(os.path.join(one, "base.pt")), _params(os.path.join(two, "base.pt"))
-        assert _same(a, b, atol=1e-5)
+    assert not _same(params["one"], Janus_init(), atol=1e-4)
+    # a sharded state resumes sharded (one more step, from the whole state saved at step 3), and
+    # one process refuses it with one line
+    more = args[:-1] + ["4"]
+    with pytest.raises(SystemExit, match="saved by a sharded"):
+        sft.main(more + ["--out", runs["fsdp"]])
+    proc = torchrun("sft.py", more + ["--out", runs["fsdp"], "--parallel", "fsdp"], 29527)
+    sft.main(more + ["--out", runs["one"]])
+    finished(proc)
+    assert _same(_params(os.path.join(runs["one"], "base.pt")), _params(os.path.join(runs["fsdp"], "base.pt")), atol=1e-5)
 
 
 def Janus_init():
