@@ -309,7 +309,7 @@ def finish(args, model, vq, tok, settings, step, seconds, curve, per_cat):
     print(f"wrote {path} ({seconds:.0f} s of training)")
     if args.no_final_eval:
         return
-    test = [p for c in shapes.CATEGORIES for p in [q for q in shapes.make_splits(seed=0)["test"] if q.category == c][:per_cat]]
+    test = shapes.per_category(shapes.make_splits(seed=0)["test"], per_cat)
     result = final_eval(model, vq, tok, test, "sft", model.cfg.image_size)
     # editing goes through ShapeWorld's word vocabulary (sample.py): not for a released model's tokenizer
     result["edit"] = evaluate_editing(model, vq, tok, len(test)) if isinstance(tok, TextTokenizer) else None

@@ -141,7 +141,9 @@ def _untrained_eval(args):
     model = Janus(JanusConfig(**PRESETS[args.config])).eval()
     vq, tok = load_vq(os.path.join(args.out, "vq.pt")), TextTokenizer(shapes.WORDS)
     splits = shapes.make_splits(seed=0)
-    first = evaluate.geneval(model, vq, tok, splits["test"], rounds=1, progress=True)["first"]
+    from sft import TRAIN  # the prompts the trained stages are evaluated on
+    test = shapes.per_category(splits["test"], TRAIN[args.config]["test_prompts"])
+    first = evaluate.geneval(model, vq, tok, test, rounds=1, progress=True)["first"]
     ood = ood_prompts(args, splits)
     first["ood"] = evaluate.geneval(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
     return first

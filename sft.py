@@ -51,12 +51,14 @@ from vit import load_vit
 # tokens) is sized to the CPU budget: docs/experiments.md, "The grid world".
 
 TRAIN = {
+    # eval_prompts: val prompts per category for the learning curve; test_prompts: test prompts per
+    # category for the final evaluation (None: all 100; tiny's numbers only prove the plumbing)
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
-                 eval_every=0, eval_prompts=4, sft_prompts=32, samples_per_prompt=2),
+                 eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2),
     "toy": dict(base_steps=1000, easy_steps=400, sft_steps=500, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                eval_every=250, eval_prompts=15, sft_prompts=400, samples_per_prompt=4),
+                eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
-                  eval_every=1000, eval_prompts=20, sft_prompts=2000, samples_per_prompt=4),
+                  eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
@@ -432,7 +434,7 @@ def run(args):
         return collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
 
     per_cat = args.eval_prompts or preset["eval_prompts"]
-    val = [p for cat in shapes.CATEGORIES for p in [q for q in splits["val"] if q.category == cat][:per_cat]]
+    val = shapes.per_category(splits["val"], per_cat)
     validate, measure, curve = learning_curve(model, vq, tok, val, args.stage, master)
     model.train()
     step, seconds, _ = fit(batch_fn, loss_fn, optimizer, model.parameters(), {"model": model}, plan, state_path,
@@ -442,7 +444,7 @@ def run(args):
     if master:
         if not args.no_final_eval and (not curve or curve[-1]["step"] < step):
             measure(full, step, seconds)
-        finish_stage(args, full, vq, tok, settings, inputs, step, seconds, splits["test"], curve)
+        finish_stage(args, full, vq, tok, settings, inputs, step, seconds, shapes.per_category(splits["test"], preset["test_prompts"]), curve)
     if world > 1:
         dist.destroy_process_group()
 

@@ -815,6 +815,11 @@ def _all_texts(cat, rng):
     return [make_prompt(f, cat) for f in facts]
 
 
+def per_category(prompts, n=None):
+    """The first n prompts of each category (all when n is None), in CATEGORIES order."""
+    return [p for c in CATEGORIES for p in [q for q in prompts if q.category == c][:n]]
+
+
 def make_splits(seed=0, n_test=100, n_val=20):
     """Seeded prompt splits: {"train": [...], "val": [...], "test": [...], "ood": [...]}.
 

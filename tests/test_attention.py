@@ -37,12 +37,12 @@ def padded(B, Tk, holes):
 
 
 CASES = {  # name: (T, Tk, key mask, causal, q_off)
-    "causal": (37, 37, None, True, None),
-    "left padding and holes (CFG rows)": (37, 37, "holes", True, None),
+    "causal": (24, 24, None, True, None),
+    "left padding and holes (CFG rows)": (24, 24, "holes", True, None),
     "a chunk after a cache": (6, 29, "holes", True, None),
     "one token against a cache": (1, 29, "pad", True, None),
     "static decoding (whole cache, q_off)": (1, 32, "pad", True, 20),
-    "no mask, not causal (the ViT)": (23, 23, None, False, None),
+    "no mask, not causal (the ViT)": (20, 20, None, False, None),
 }
 
 

@@ -179,28 +179,26 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monke
 
 
 def test_two_processes_equal_one(bundle, tmp_path):
-    """torchrun with 2 gloo processes, DDP and FSDP2 (side by side): each draws the chains of its half
-    of the prompts (groups stay whole; under FSDP from a gathered copy of the live weights), the loss
-    shares and gradients sum to the one-process run's: the same loss at every step, the same
-    weights, the same per-step statistics (over every process's chains)."""
+    """torchrun with 2 gloo processes under FSDP2 (DDP: tests/test_sft.py; both go through
+    train.distribute): each draws the chains of its half of the prompts (groups stay whole) from a
+    gathered copy of the live weights; the loss shares and gradients sum to the one-process run's:
+    the same loss at every step, the same weights, the same per-step statistics (over every
+    process's chains)."""
     from test_sft import finished, torchrun
     argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval"]
-    runs = {name: _run_dir(bundle, tmp_path, name) for name in ("one", "ddp", "fsdp")}
-    procs = [torchrun("rl.py", argv + ["--out", runs[p], "--parallel", p], port) for p, port in (("ddp", 29518), ("fsdp", 29528))]
+    runs = {name: _run_dir(bundle, tmp_path, name) for name in ("one", "fsdp")}
+    proc = torchrun("rl.py", argv + ["--out", runs["fsdp"], "--parallel", "fsdp"], 29518)
     rl.main(argv + ["--out", runs["one"]])
-    for proc in procs:
-        finished(proc)
-    states = {n: load_checkpoint(os.path.join(d, "rl_state.pt")) for n, d in runs.items()}
-    weights = {n: load_checkpoint(os.path.join(d, "rl.pt"))["model"] for n, d in runs.items()}
+    finished(proc)
+    one, two = (load_checkpoint(os.path.join(runs[n], "rl_state.pt")) for n in ("one", "fsdp"))
+    assert two["sharded"] and not one["sharded"]
+    assert [l for _, _, l in one["log"]] == pytest.approx([l for _, _, l in two["log"]], abs=1e-5)
+    for a, b in zip(one["extra"]["stats"], two["extra"]["stats"]):
+        assert a["reward"] == pytest.approx(b["reward"], abs=1e-3) and a["yes"] == pytest.approx(b["yes"])
+    a, b = (load_checkpoint(os.path.join(runs[n], "rl.pt"))["model"] for n in ("one", "fsdp"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
     init = bundle[0].state_dict()
-    for p in ("ddp", "fsdp"):
-        assert states[p]["sharded"] == (p == "fsdp")
-        assert [l for _, _, l in states["one"]["log"]] == pytest.approx([l for _, _, l in states[p]["log"]], abs=1e-5)
-        for a, b in zip(states["one"]["extra"]["stats"], states[p]["extra"]["stats"]):
-            assert a["reward"] == pytest.approx(b["reward"], abs=1e-3) and a["yes"] == pytest.approx(b["yes"])
-        a, b = weights["one"], weights[p]
-        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
-    assert any(not torch.allclose(weights["one"][k], init[k], atol=1e-6) for k in init)  # and it did train
+    assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in init)  # and it did train
 
 
 def test_editing_rollout_rewards_and_logps(bundle):
