@@ -173,7 +173,10 @@ _digests = {}
 
 def digest(path):
     """sha256 of a file's bytes (16 hex digits), remembered per (path, size, mtime): what a stage
-    records about the checkpoints it was built from, to notice when one was rebuilt since."""
+    records about the checkpoints it was built from, to notice when one was rebuilt since. A
+    released model folder (sft.py / rl.py --init): its config.json's."""
+    if os.path.isdir(path):
+        return digest(os.path.join(path, "config.json"))
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _digests:

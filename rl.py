@@ -373,14 +373,6 @@ def rl_settings(args, preset):
                 segments=args.segments, regen=args.regen, task=args.task, edit_weights=edit_weights, bf16=None)
 
 
-def source(path):
-    """What a checkpoint file or a released model folder is, for the run's receipt: its digest (a
-    folder's: its path and its config.json's)."""
-    if os.path.isdir(path):
-        return f"{os.path.abspath(path)}:{digest(os.path.join(path, 'config.json'))}"
-    return digest(path)
-
-
 def run(args):
     preset = TRAIN[args.config]
     settings = rl_settings(args, preset)
@@ -392,7 +384,7 @@ def run(args):
     if not os.path.exists(sft_path):
         raise ValueError(f"{sft_path} not found: run SFT first (python sft.py --stage sft --config {args.config} --out {args.out})")
     # what this stage starts from: a saved state of another SFT model (or judge) is not resumed
-    settings["inputs"] = {"init" if args.init else "sft.pt": source(sft_path), **({"judge": source(args.judge_ckpt)} if args.judge_ckpt else {})}
+    settings["inputs"] = {"init" if args.init else "sft.pt": digest(sft_path), **({"judge": digest(args.judge_ckpt)} if args.judge_ckpt else {})}
     check_run_dir(args.out)
     state_path = os.path.join(args.out, "rl_state.pt")
     st = load_state(state_path, "rl_state", settings, ignore=("steps", "bf16"))

@@ -22,6 +22,7 @@ held-out evaluation, atomic checkpoints, resume after interruption, DDP or FSDP2
     python sft.py --stage sft --config toy --out out/toy
     torchrun --nproc_per_node 2 sft.py --stage base --config tiny --out out/tiny   # DDP (gloo on CPU)
     torchrun --nproc_per_node 8 sft.py --stage sft --config small --out out/small --parallel fsdp --dtype bf16
+    python sft.py --stage sft --init path/to/Janus-Pro-7B --config janus-pro-7b --out out/real   # a released model
 """
 
 import json
@@ -59,6 +60,12 @@ TRAIN = {
                 eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+    # a released model (--init FOLDER) fine-tuned on ShapeWorld: the paper's SFT learning rate (SPEC.md
+    # section 4); no base stage (the released model is the base)
+    "janus-pro-1b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
+                         eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+    "janus-pro-7b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
+                         eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
@@ -299,6 +306,9 @@ def main(argv=None):
     ap.add_argument("--config", choices=list(TRAIN), default="toy", help="model preset and run settings")
     ap.add_argument("--out", required=True, help="run folder: reads vq.pt (and base.pt for sft), writes {stage}.pt")
     ap.add_argument("--seed", type=int, default=0, help="seed of the init and of every batch")
+    ap.add_argument("--init", help="sft: start from this instead of OUT/base.pt and OUT/vq.pt: a released model folder "
+                    "(official or transformers layout, with its tokenizer.json, e.g. Janus-Pro-7B; --config janus-pro-7b "
+                    "picks the run settings) or a Janus checkpoint; sft.pt then carries its tokenizer")
     # optimisation (defaults from TRAIN[config])
     ap.add_argument("--steps", type=pos_int, help="optimizer steps; rerun with more to continue")
     ap.add_argument("--batch-size", type=pos_int, help="sequences per step, over all processes")
@@ -339,6 +349,11 @@ def stage_settings(args, preset):
 def stage_inputs(args, settings):
     """The checkpoints this stage starts from, their digests in settings (a state or pool built from
     other ones is not reused), and the vq tokenizer, checked against the config."""
+    if args.init:  # a released model (or any Janus checkpoint) with its own VQ and tokenizer
+        if args.stage != "sft" or not os.path.exists(args.init):
+            raise ValueError(f"--init {args.init}: " + ("not found" if args.stage == "sft" else "goes with --stage sft"))
+        settings["inputs"] = {"init": digest(args.init)}
+        return ()
     inputs = ("vq.pt", "vit.pt") if args.stage == "base" else ("vq.pt", "base.pt")
     for n in inputs:
         if not os.path.isfile(os.path.join(args.out, n)):
@@ -355,17 +370,18 @@ def sft_data(args, preset, model, vq, tok, by_cat, settings, master, world):
     pool_path = os.path.join(args.out, "sft_pool.pt")
     rng = random.Random(f"sft-prompts-{args.seed}")
     chosen = [train_prompt(rng, by_cat) for _ in range(args.sft_prompts or preset["sft_prompts"])]
-    pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
+    made_from = settings["inputs"]["init" if args.init else "base.pt"]  # the model sampled
+    pool = load_pool(pool_path, chosen, made_from)
     if pool is None:
         if master:
             model.eval()
             pool = build_sft_pool(model, vq, tok, chosen, args.samples_per_prompt or preset["samples_per_prompt"],
                                   model.cfg.image_size, args.seed)
-            save_pool(pool, settings["inputs"]["base.pt"], pool_path)
+            save_pool(pool, made_from, pool_path)
             model.train()
         if world > 1:
             dist.barrier()
-        pool = load_pool(pool_path, chosen, settings["inputs"]["base.pt"])
+        pool = load_pool(pool_path, chosen, made_from)
     n_img = sum(len(v) for v in pool.values())
     n_pos = sum(s[2] for v in pool.values() for s in v)
     if master:
@@ -390,9 +406,14 @@ def run(args):
     state_path = os.path.join(args.out, f"{args.stage}_state.pt")
     st = load_state(state_path, f"{args.stage}_state", settings, ignore=("steps", "bf16"))
 
-    tok = TextTokenizer(shapes.WORDS)
-    vq = load_vq(os.path.join(args.out, "vq.pt"), dev).requires_grad_(False)
-    cfg = JanusConfig(**PRESETS[args.config])
+    if args.init:
+        model, vq, tok, _ = load_janus(args.init, dev)
+        cfg = model.cfg
+    else:
+        tok = TextTokenizer(shapes.WORDS)
+        vq = load_vq(os.path.join(args.out, "vq.pt"), dev)
+        cfg = JanusConfig(**PRESETS[args.config])
+    vq.requires_grad_(False)
     if (vq.cfg.codebook_size, vq.cfg.num_tokens, vq.cfg.scene_grid) != (cfg.image_vocab_size, cfg.image_tokens, cfg.scene_grid):
         raise ValueError(f"{args.out}/vq.pt ({vq.cfg.codebook_size} codes, {vq.cfg.num_tokens} per image, scene grid "
                          f"{vq.cfg.scene_grid}) does not fit config {args.config} ({cfg.image_vocab_size} codes, "
@@ -404,9 +425,10 @@ def run(args):
         model = Janus(cfg).to(dev)
         load_vit(os.path.join(args.out, "vit.pt"), model)  # the SigLIP stand-in: Janus-Pro starts from a pretrained ViT too
     else:
-        model, _, _, _ = load_janus(os.path.join(args.out, "base.pt"), dev)
-        if model.cfg != cfg:
-            raise ValueError(f"{args.out}/base.pt was trained with another config than {args.config}")
+        if not args.init:
+            model, _, _, _ = load_janus(os.path.join(args.out, "base.pt"), dev)
+            if model.cfg != cfg:
+                raise ValueError(f"{args.out}/base.pt was trained with another config than {args.config}")
         model.train()
         chosen, pool = sft_data(args, preset, model, vq, tok, by_cat, settings, master, world)
     if settings["freeze_vit"]:

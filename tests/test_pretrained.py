@@ -296,27 +296,35 @@ def test_sample_and_judge_run_on_a_model_folder(tmp_path, capsys):
     assert out["verdict"] in ("yes", "no") and 0 <= out["p_yes"] <= 1 and out["reason"].startswith(("Yes", "No"))
 
 
-def test_rl_trains_a_model_folder(tmp_path):
-    """rl.py --init FOLDER: GRPO on ShapeWorld prompts from a released-layout model (its BPE tokenizer,
-    its chat template); the rl.pt it writes carries the tokenizer, so sample.py reads it as it reads
-    the folder. (Under torchrun the same path runs as tests/test_rl.py's two-process test.)"""
+def test_sft_and_rl_train_a_model_folder(tmp_path):
+    """sft.py --stage sft --init FOLDER and rl.py --init FOLDER: the SFT tasks and GRPO on ShapeWorld
+    prompts from a released-layout model (its samples as the SFT pool, its BPE tokenizer, chat
+    template and VQ); sft.pt and rl.pt carry the tokenizer, so rl.py (as the judge) and sample.py
+    read them as they read the folder. (Under torchrun the same paths run in tests/test_rl.py.)"""
     import rl
     import sample
+    import sft
     from common import load_checkpoint
     from tokenizer import BPETokenizer
     folder = tmp_path / "model"
     tok = write_tokenizer_json(tmp_path / "tokenizer.json")
     randomized(hf_janus(tiny(vocab_size=tok.get_vocab_size()), VQ)).save_pretrained(folder)
     os.replace(tmp_path / "tokenizer.json", folder / "tokenizer.json")
-    # the reward: the folder's own P(yes) (a random model draws no shapes, so the checker's would be 0 everywhere)
-    argv = ["--config", "tiny", "--init", str(folder), "--reward", "judge", "--judge-ckpt", str(folder), "--steps", "1",
-            "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval", "--dtype", "fp32"]
-    one = tmp_path / "one"
-    rl.main(argv + ["--out", str(one)])
-    start, _ = load_pretrained(str(folder))
-    trained = load_checkpoint(str(one / "rl.pt"))["model"]
-    assert any(not torch.allclose(trained[k], v, atol=1e-6) for k, v in start.state_dict().items())  # it trained
-    model, _, tok2, _ = sample.load_janus(str(one / "rl.pt"))
+    start = load_pretrained(str(folder))[0].state_dict()
+    moved = lambda sd: any(not torch.allclose(sd[k], v, atol=1e-6) for k, v in start.items())
+    out = tmp_path / "run"
+    sft.main(["--stage", "sft", "--config", "tiny", "--init", str(folder), "--out", str(out), "--steps", "3",
+              "--batch-size", "4", "--sft-prompts", "6", "--samples-per-prompt", "2", "--eval-every", "0", "--no-final-eval"])
+    assert {t for _, t, _ in load_checkpoint(str(out / "sft_state.pt"))["log"]} <= {"task1", "task2", "task3"}
+    model, _, tok2, _ = sample.load_janus(str(out / "sft.pt"))
     assert isinstance(tok2, BPETokenizer) and tok2.encode("a red circle") == BPETokenizer(str(folder / "tokenizer.json")).encode("a red circle")
-    sample.main(["--ckpt", str(one / "rl.pt"), "--prompt", "a red circle", "--n", "1", "--rounds", "2", "--out", str(tmp_path / "s")])
+    assert moved(model.state_dict())
+    # GRPO from the folder, rewarded by the fine-tuned model's P(yes) (a random model draws no
+    # shapes: the checker's reward would be 0 everywhere)
+    rl.main(["--config", "tiny", "--init", str(folder), "--reward", "judge", "--judge-ckpt", str(out / "sft.pt"),
+             "--out", str(tmp_path / "rl"), "--steps", "1", "--prompts", "2", "--group", "4", "--lr", "1e-3",
+             "--no-final-eval", "--dtype", "fp32"])
+    assert moved(load_checkpoint(str(tmp_path / "rl" / "rl.pt"))["model"])
+    sample.main(["--ckpt", str(tmp_path / "rl" / "rl.pt"), "--prompt", "a red circle", "--n", "1", "--rounds", "2",
+                 "--out", str(tmp_path / "s")])
     assert (tmp_path / "s" / "chains.jsonl").exists()
