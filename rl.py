@@ -44,10 +44,10 @@ from common import (ATTN_HELP, DTYPE_HELP, Parser, check_run_dir, digest, fracti
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from model import PRESETS, JanusConfig
-from tokenizer import TextTokenizer
 from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
+from tokenizer import TextTokenizer
 from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
 
 TRAIN = {

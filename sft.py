@@ -354,6 +354,8 @@ def stage_inputs(args, settings):
             raise ValueError(f"--init {args.init}: " + ("not found" if args.stage == "sft" else "goes with --stage sft"))
         settings["inputs"] = {"init": digest(args.init)}
         return ()
+    if args.config.startswith("janus-pro"):
+        raise ValueError(f"--config {args.config} fine-tunes a released model: --stage sft --init path/to/its/folder")
     inputs = ("vq.pt", "vit.pt") if args.stage == "base" else ("vq.pt", "base.pt")
     for n in inputs:
         if not os.path.isfile(os.path.join(args.out, n)):

@@ -265,9 +265,9 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
             save()
         if evaluate is not None and plan.eval_every and step % plan.eval_every == 0 and step < plan.steps:
             t_eval = time.time()
-            shown = evaluate(step, seconds + t_eval - t0)
+            result = evaluate(step, seconds + t_eval - t0)
             if master:
-                bar.write(f"step {step} val: {json.dumps(shown)}")
+                bar.write(f"step {step} val: {json.dumps(result)}")
             t0 += time.time() - t_eval  # the clock of training time skips the evaluation
     bar.close()
     if plan.world > 1:
