@@ -142,10 +142,17 @@ def edit_seq(tok, src_codes, instruction):
 DESCRIBE = "Describe the image."
 
 
+# a released model's understanding conversations open with this (janus_pro_facts.md); the toy's do not
+SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content that the "
+          "user provides, and assist the user with a variety of tasks using natural language.")
+
+
 def vqa_seq(tok, image, question, n_tokens, before=False):
     """`<bos><|User|>: <begin_of_image>[image, ViT path]<end_of_image>\\n{question}\\n\\n<|Assistant|>:`, or with
-    before=True `<bos><|User|>: {question}\\n<begin_of_image>[image]<end_of_image>\\n\\n<|Assistant|>:`."""
-    s = Seq().add([tok.bos]).text(tok, f"{USER} " + (question + "\n" if before else "") + "<begin_of_image>")
+    before=True `<bos><|User|>: {question}\\n<begin_of_image>[image]<end_of_image>\\n\\n<|Assistant|>:`.
+    With a released model's tokenizer the official template: SYSTEM + "\\n\\n" before `<|User|>:`."""
+    system = SYSTEM + "\n\n" if isinstance(tok, BPETokenizer) else ""
+    s = Seq().add([tok.bos]).text(tok, f"{system}{USER} " + (question + "\n" if before else "") + "<begin_of_image>")
     s.und_image(tok, image, n_tokens)
     return s.text(tok, "<end_of_image>" + ("" if before else "\n" + question) + "\n\n" + ASSISTANT)
 

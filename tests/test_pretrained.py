@@ -276,6 +276,24 @@ def test_prompt_layout_is_the_official_template_encoded_whole(tmp_path):
     assert tok.decode([i for i, sp in zip(seq.ids, seq.span) if sp == sample.CAPTION]) == " " + caption
 
 
+def test_understanding_layout_is_the_official_template(tmp_path):
+    """janus_pro_facts.md: `{system}\\n\\n<|User|>: <image_placeholder>\\n{question}\\n\\n<|Assistant|>:`, the
+    placeholder becoming <begin_of_image> + the image's positions + <end_of_image>: the ids around
+    the image are those of the official string cut at the image."""
+    import numpy as np
+
+    import sample
+    from tokenizer import BPETokenizer
+    theirs = write_tokenizer_json(tmp_path / "tokenizer.json")
+    tok = BPETokenizer(tmp_path / "tokenizer.json")
+    q, n = "Is the circle red?", 16
+    seq = sample.vqa_seq(tok, np.zeros((32, 32, 3), np.uint8), q, n)
+    text = f"{sample.SYSTEM}\n\n<|User|>: <begin_of_image><image_placeholder><end_of_image>\n{q}\n\n<|Assistant|>:"
+    before, after = text.split("<image_placeholder>")
+    want = theirs.encode(before).ids + [None] * n + theirs.encode(after, add_special_tokens=False).ids
+    assert [i if k == sample.TEXT else None for i, k in zip(seq.ids, seq.kind)] == want
+
+
 def test_sample_and_judge_run_on_a_model_folder(tmp_path, capsys):
     import judge
     import sample
