@@ -107,6 +107,7 @@ PRESETS = {
                          image_vocab_size=16384, image_tokens=576),
 }
 
+
 def image_cost(cfg, prompt_len=32, cache_bytes=2):
     """What drawing one image with CFG costs, counted from the shapes: two rows (the prompt and its
     unconditional twin) of prompt_len tokens prefilled, then the image's N tokens one at a time

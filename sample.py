@@ -530,7 +530,7 @@ def edit(model, vq, tok, sources, instructions, seeds, opt=Options(cfg=4.0)):
 
 def janus_checkpoint(model, vq, tok, **extra):
     """The dict that stage scripts save and sample.py / judge.py load. The text tokenizer: the word
-    vocabulary, or a released model's whole tokenizer.json (rl.py --init FOLDER)."""
+    vocabulary, or a released model's whole tokenizer.json (sft.py / rl.py --init FOLDER)."""
     text = {"vocab": None, "tokenizer_json": tok.spec} if isinstance(tok, BPETokenizer) else {"vocab": list(tok.vocab)}
     return {"kind": "janus", "config": asdict(model.cfg), "model": model.state_dict(),
             "vq_config": asdict(vq.cfg), "vq": vq.state_dict(), **text, **extra}
@@ -552,7 +552,7 @@ def load_janus(path, device="cpu"):
         return model.to(device), vq.to(device), tok, {"kind": "pretrained", "path": path}
     ckpt = load_checkpoint(path, {"kind": "janus"}, keys=("config", "model", "vq_config", "vq", "vocab"),
                            make=JANUS_MAKE, finite=True)
-    if ckpt.get("tokenizer_json") is not None:  # a released model trained on (rl.py --init FOLDER)
+    if ckpt.get("tokenizer_json") is not None:  # a released model trained on (sft.py / rl.py --init FOLDER)
         tok = BPETokenizer(ckpt["tokenizer_json"])
     else:
         tok = TextTokenizer(shapes.WORDS)
