@@ -45,6 +45,12 @@ def available():
 if triton is not None:
 
     @triton.jit
+    def _tile(X, stride, b, h, rows, offs_d, mask):
+        """x[b, h, rows, :] as a (len(rows), BLOCK_D) tile, zeros where mask is False; stride = x's
+        (batch, head, position) strides (the last dimension is contiguous)."""
+        return tl.load(X + b * stride[0] + h * stride[1] + rows[:, None] * stride[2] + offs_d[None, :], mask=mask, other=0.0)
+
+    @triton.jit
     def _visible(offs_n, q_pos, km_row, TK, CAUSAL: tl.constexpr, HAS_KM: tl.constexpr):
         """(BLOCK_M, BLOCK_N) bool: may query (absolute position q_pos) see key offs_n (the rule above)."""
         ok = offs_n[None, :] < TK  # (1, BLOCK_N): keys past the end do not exist
@@ -69,8 +75,7 @@ if triton is not None:
         q_off = tl.load(QOFF)
         q_pos = q_off + offs_m  # absolute positions
         in_d = offs_d[None, :] < D
-        q = tl.load(Q + b * stride_q[0] + h * stride_q[1] + offs_m[:, None] * stride_q[2] + offs_d[None, :],
-                    mask=(offs_m[:, None] < T) & in_d, other=0.0)  # (BLOCK_M, BLOCK_D)
+        q = _tile(Q, stride_q, b, h, offs_m, offs_d, (offs_m[:, None] < T) & in_d)  # (BLOCK_M, BLOCK_D)
         m = tl.full([BLOCK_M], float("-inf"), tl.float32)
         l = tl.zeros([BLOCK_M], tl.float32)
         acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
@@ -80,10 +85,8 @@ if triton is not None:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             in_n = (offs_n[:, None] < TK) & in_d
-            k = tl.load(K + b * stride_k[0] + hk * stride_k[1] + offs_n[:, None] * stride_k[2] + offs_d[None, :],
-                        mask=in_n, other=0.0)  # (BLOCK_N, BLOCK_D)
-            v = tl.load(V + b * stride_v[0] + hk * stride_v[1] + offs_n[:, None] * stride_v[2] + offs_d[None, :],
-                        mask=in_n, other=0.0)
+            k = _tile(K, stride_k, b, hk, offs_n, offs_d, in_n)  # (BLOCK_N, BLOCK_D)
+            v = _tile(V, stride_v, b, hk, offs_n, offs_d, in_n)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale  # (BLOCK_M, BLOCK_N) fp32
             s = tl.where(_visible(offs_n, q_pos, KM + b * stride_km, TK, CAUSAL, HAS_KM), s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, 1))
@@ -114,8 +117,8 @@ if triton is not None:
         offs_d = tl.arange(0, BLOCK_D)
         in_d = offs_d[None, :] < D
         in_n = (offs_n[:, None] < TK) & in_d
-        k = tl.load(K + b * stride_k[0] + hk * stride_k[1] + offs_n[:, None] * stride_k[2] + offs_d[None, :], mask=in_n, other=0.0)
-        v = tl.load(V + b * stride_v[0] + hk * stride_v[1] + offs_n[:, None] * stride_v[2] + offs_d[None, :], mask=in_n, other=0.0)
+        k = _tile(K, stride_k, b, hk, offs_n, offs_d, in_n)
+        v = _tile(V, stride_v, b, hk, offs_n, offs_d, in_n)
         dk = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         dv = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
         q_off = tl.load(QOFF)
@@ -125,8 +128,7 @@ if triton is not None:
         for start_m in range(lo, T, BLOCK_M):
             offs_m = start_m + tl.arange(0, BLOCK_M)
             in_m = offs_m < T
-            q = tl.load(Q + b * stride_q[0] + h * stride_q[1] + offs_m[:, None] * stride_q[2] + offs_d[None, :],
-                        mask=in_m[:, None] & in_d, other=0.0)  # (BLOCK_M, BLOCK_D)
+            q = _tile(Q, stride_q, b, h, offs_m, offs_d, in_m[:, None] & in_d)  # (BLOCK_M, BLOCK_D)
             do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=in_m[:, None] & in_d, other=0.0)
             lse = tl.load(LSE + bh * T + offs_m, mask=in_m, other=0.0)
             delta = tl.load(DELTA + bh * T + offs_m, mask=in_m, other=0.0)
@@ -155,8 +157,7 @@ if triton is not None:
         in_d = offs_d[None, :] < D
         in_m = offs_m < T
         q_off = tl.load(QOFF)
-        q = tl.load(Q + b * stride_q[0] + h * stride_q[1] + offs_m[:, None] * stride_q[2] + offs_d[None, :],
-                    mask=in_m[:, None] & in_d, other=0.0)
+        q = _tile(Q, stride_q, b, h, offs_m, offs_d, in_m[:, None] & in_d)
         do = tl.load(DO + bh * T * D + offs_m[:, None] * D + offs_d[None, :], mask=in_m[:, None] & in_d, other=0.0)
         lse = tl.load(LSE + bh * T + offs_m, mask=in_m, other=0.0)
         delta = tl.load(DELTA + bh * T + offs_m, mask=in_m, other=0.0)
@@ -167,8 +168,8 @@ if triton is not None:
         for start_n in range(0, hi, BLOCK_N):
             offs_n = start_n + tl.arange(0, BLOCK_N)
             in_n = (offs_n[:, None] < TK) & in_d
-            k = tl.load(K + b * stride_k[0] + hk * stride_k[1] + offs_n[:, None] * stride_k[2] + offs_d[None, :], mask=in_n, other=0.0)
-            v = tl.load(V + b * stride_v[0] + hk * stride_v[1] + offs_n[:, None] * stride_v[2] + offs_d[None, :], mask=in_n, other=0.0)
+            k = _tile(K, stride_k, b, hk, offs_n, offs_d, in_n)
+            v = _tile(V, stride_v, b, hk, offs_n, offs_d, in_n)
             s = tl.dot(q, tl.trans(k), input_precision=PREC) * scale
             ok = _visible(offs_n, offs_m + q_off, KM + b * stride_km, TK, CAUSAL, HAS_KM) & in_m[:, None]
             p = tl.where(ok, tl.exp(s - lse[:, None]), 0.0)
@@ -190,8 +191,8 @@ def _launch_args(q, k, v, key_mask, q_off):
     km = (key_mask if key_mask is not None else torch.ones(1, 1, dtype=torch.bool, device=q.device)).to(torch.int8)
     block = 64 if q.is_cuda else 16
     prec = "ieee" if q.dtype == torch.float32 else "tf32"  # fp32 inputs stay exact (no TF32 rounding)
-    return dict(B=B, H=H, T=T, Tk=Tk, D=D, REP=H // k.size(1), km=km, q_off=q_off, BLOCK=block, BLOCK_D=max(16, triton.next_power_of_2(D)),
-                PREC=prec, scale=1.0 / math.sqrt(D), HAS_KM=key_mask is not None)
+    return dict(B=B, H=H, T=T, Tk=Tk, D=D, REP=H // k.size(1), km=km, q_off=q_off, BLOCK=block,
+                BLOCK_D=max(16, triton.next_power_of_2(D)), PREC=prec, scale=1.0 / math.sqrt(D), HAS_KM=key_mask is not None)
 
 
 class FlashAttention(torch.autograd.Function):
