@@ -162,6 +162,19 @@ def set_state(modules, optimizer, module_states, optimizer_state):
     set_optimizer_state_dict(m, optimizer, optimizer_state, options=opts)
 
 
+def resume(st, modules, optimizer, extra_state, sharded_run, state_path):
+    """Put a saved state back into the modules, the optimizer and the trainer's extra state; a
+    sharded (FSDP) state only into a sharded run and an unsharded one only into an unsharded run.
+    Returns (step, seconds, log) where it stopped."""
+    if st.get("sharded", False) != sharded_run:
+        raise ValueError(f"{state_path} was saved by a{' sharded (FSDP)' if st.get('sharded') else 'n unsharded'} run: "
+                         f"resume it the same way (--parallel {'fsdp' if st.get('sharded') else 'ddp'}), or delete it")
+    set_state(modules, optimizer, st["modules"], st["optimizer"])
+    if extra_state is not None:
+        extra_state[1](st["extra"])
+    return st["step"], st["seconds"], st["log"]
+
+
 def sum_over_processes(x, world, device):
     """A float summed over the processes (every rank gets the same number)."""
     if world == 1:
@@ -212,16 +225,9 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
     Returns (steps done, training seconds summed over resumed runs, the loss log)."""
     master = plan.rank == 0
     step, seconds, log = 0, 0.0, []
-    st = state
     sharded_run = any(sharded(m) for m in modules.values())
-    if st is not None:
-        if st.get("sharded", False) != sharded_run:
-            raise ValueError(f"{state_path} was saved by a{' sharded (FSDP)' if st.get('sharded') else 'n unsharded'} run: "
-                             f"resume it the same way (--parallel {'fsdp' if st.get('sharded') else 'ddp'}), or delete it")
-        set_state(modules, optimizer, st["modules"], st["optimizer"])
-        step, seconds, log = st["step"], st["seconds"], st["log"]
-        if extra_state is not None:
-            extra_state[1](st["extra"])
+    if state is not None:
+        step, seconds, log = resume(state, modules, optimizer, extra_state, sharded_run, state_path)
         if master:
             print(f"resuming {state_path} at step {step}")
 
