@@ -76,8 +76,13 @@ def use_bf16(choice, device):
     return choice == "bf16" or (choice == "auto" and bf16_pays(device))
 
 
-ATTN_HELP = ("the language model's attention kernel: sdpa (default: PyTorch's fused kernels), triton "
-             "(attention.py's flash attention; a CUDA GPU with the triton package) or math (the plain reference)")
+def add_attention_arg(ap):
+    """--attn: the language model's attention kernel (model.Janus.set_attention), for every CLI that runs the model."""
+    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa",
+                    help="the language model's attention kernel: sdpa (default: PyTorch's fused kernels), triton "
+                         "(attention.py's flash attention; a CUDA GPU with the triton package) or math (the plain reference)")
+
+
 DTYPE_HELP = ("auto (default): bf16 autocast where it measures faster than fp32 on this device (bf16 "
               "matmuls, fp32 norms, attention, losses and weights), else fp32; or force bf16 / fp32")
 

@@ -39,7 +39,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import shapes
-from common import (ATTN_HELP, DTYPE_HELP, Parser, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
+from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
                     run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, weights_list, write_json)
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
@@ -357,7 +357,7 @@ def main(argv=None):
     ap.add_argument("--no-final-eval", action="store_true", help="write rl.pt only, no evaluation (and no rl_eval.json)")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     add_parallel_args(ap)
-    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa", help=ATTN_HELP)
+    add_attention_arg(ap)
     run_cli(ap, argv, run)
 
 

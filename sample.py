@@ -682,7 +682,7 @@ def _write_edits(model, vq, tok, src, instruction, seeds, opt, tmp):
 
 
 def main(argv=None):
-    from common import ATTN_HELP, Parser, discard_dir, fraction, new_output_dir, nonneg_float, nonneg_int, pos_int, publish_dir
+    from common import Parser, add_attention_arg, discard_dir, fraction, new_output_dir, nonneg_float, nonneg_int, pos_int, publish_dir
     ap = Parser(description="Sample images with the introspective loop (or edit an image) from a trained "
                             "checkpoint; writes PNGs and chains.jsonl (or edits.jsonl) into a new folder.")
     # what to sample
@@ -705,7 +705,7 @@ def main(argv=None):
     ap.add_argument("--top-p", type=fraction, default=1.0, help="nucleus sampling mass for image tokens, in (0, 1]")
     ap.add_argument("--seed", type=int, default=0, help="chain i uses seed + i: any image can be redrawn alone")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
-    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa", help=ATTN_HELP)
+    add_attention_arg(ap)
     ap.add_argument("--compile", action="store_true",
                     help="draw image tokens with a torch.compile'd static decoding step (faster per token, but it "
                          "compiles first, once per batch size and cache length: see README, Speed)")

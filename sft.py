@@ -35,7 +35,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (ATTN_HELP, DTYPE_HELP, Parser, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
+from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
                     pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
@@ -329,7 +329,7 @@ def main(argv=None):
     ap.add_argument("--no-final-eval", action="store_true", help="skip the evaluation on the test split at the end")
     ap.add_argument("--device", default="auto", help="auto | cpu | cuda | mps")
     add_parallel_args(ap)
-    ap.add_argument("--attn", choices=["sdpa", "triton", "math"], default="sdpa", help=ATTN_HELP)
+    add_attention_arg(ap)
     run_cli(ap, argv, run)
 
 
