@@ -39,8 +39,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 import shapes
-from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, fraction, load_state, nonneg_float, pos_float, pos_int,
-                    run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, weights_list, write_json)
+from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, fraction, load_state, nonneg_float,
+                    pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, to_uint8, use_bf16, weights_list,
+                    write_json)
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from model import PRESETS, JanusConfig

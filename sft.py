@@ -35,8 +35,8 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, load_checkpoint, load_state, nonneg_int, pos_float,
-                    pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
+from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, load_checkpoint, load_state, nonneg_int,
+                    pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
 from sample import (Options, add_answer, after_rounds, collate, describe_seq, embed_batch, generate, janus_checkpoint,
