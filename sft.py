@@ -53,19 +53,21 @@ from vit import load_vit
 
 TRAIN = {
     # eval_prompts: val prompts per category for the learning curve; test_prompts: test prompts per
-    # category for the final evaluation (None: all 100; tiny's numbers only prove the plumbing)
+    # category for the final evaluation (None: all 100; tiny's numbers only prove the plumbing);
+    # gen_lr_scale: the generation path (GEN_PATH) trains at this many times the lr; on toy, 10 gets
+    # the prompt's words into the drawn codes sooner (docs/experiments.md, "The drawing path's learning rate")
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
-                 eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2),
+                 gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2),
     "toy": dict(base_steps=1000, easy_steps=400, sft_steps=500, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4),
+                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
-                  eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+                  gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
     # a released model (--init FOLDER) fine-tuned on ShapeWorld: the paper's SFT learning rate (SPEC.md
     # section 4); no base stage (the released model is the base)
     "janus-pro-1b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
-                         eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
     "janus-pro-7b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
-                         eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
@@ -84,6 +86,7 @@ SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
 # towards drawing (docs/experiments.md, "SFT: the ViT fixed or trained").
 VIT_DEFAULT = {"base": "fixed", "sft": "train"}
 PROMPT_DROPOUT = 0.1
+GEN_PATH = ("gen_embed", "gen_aligner", "gen_head")  # the parameters --gen-lr-scale speeds up
 
 def train_prompt(rng, by_cat):
     # categories uniformly, then a text: the train split holds ~100x more compositional texts
@@ -313,6 +316,8 @@ def main(argv=None):
     ap.add_argument("--steps", type=pos_int, help="optimizer steps; rerun with more to continue")
     ap.add_argument("--batch-size", type=pos_int, help="sequences per step, over all processes")
     ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
+    ap.add_argument("--gen-lr-scale", type=pos_float, help="the generation path (gen_embed, gen_aligner, gen_head) "
+                    "trains at this many times --lr")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     ap.add_argument("--vit", choices=["fixed", "train"], help="the pretrained ViT (vit.py): kept fixed or trained "
                     "(default: fixed in base, trained in sft, where Task II alone trains it to read the model's own images)")
@@ -341,6 +346,7 @@ def stage_settings(args, preset):
         vals = weights_list(args.mix, 3, "--mix")
         mix = dict(zip(mix, vals))
     return dict(stage=args.stage, config=args.config, seed=args.seed, lr=pick("lr", f"{args.stage}_lr"),
+                gen_lr_scale=pick("gen_lr_scale", "gen_lr_scale"),
                 batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps"),
                 bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
                 easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
@@ -441,7 +447,8 @@ def run(args):
                 eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
                 parallel=args.parallel, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
     loss_fn = distribute(model, lambda b: step_loss(model, b, world), plan)
-    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.05)  # after distribute: FSDP swaps the parameters
+    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.05,  # after distribute: FSDP swaps the parameters
+                               lr_scale={p: settings["gen_lr_scale"] for p in GEN_PATH})
 
     local = settings["batch_size"] // world
 

@@ -41,14 +41,19 @@ from common import pick_device, save_checkpoint
 # Optimizer and schedule
 
 
-def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95)):
+def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), lr_scale=None):
     """AdamW over the parameters that need a gradient; weight decay on matrices only (not norms,
-    biases or the ViT's positional table), as nanoGPT does. With weight_decay 0 this is Adam."""
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    decay = [p for n, p in named if p.dim() >= 2 and "pos_embed" not in n]
-    rest = [p for n, p in named if not (p.dim() >= 2 and "pos_embed" not in n)]
-    return torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}],
-                             lr=lr, betas=betas)
+    biases or the ViT's positional table), as nanoGPT does. With weight_decay 0 this is Adam.
+    lr_scale {name prefix: factor}: those parameters train at factor x the schedule's lr (nanochat
+    gives its embedding and unembedding their own rates); `fit` applies it every step."""
+    scale = lambda n: next((f for pre, f in (lr_scale or {}).items() if n.startswith(pre)), 1.0)
+    groups = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            decay = p.dim() >= 2 and "pos_embed" not in n
+            groups.setdefault((decay, scale(n)), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": f}
+                              for (decay, f), ps in groups.items()], lr=lr, betas=betas)
 
 
 def lr_at(step, steps, lr, warmup):
@@ -245,7 +250,7 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
     t0 = time.time()
     while step < plan.steps:
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, plan.steps, plan.lr, plan.warmup)
+            g["lr"] = lr_at(step, plan.steps, plan.lr, plan.warmup) * g.get("lr_scale", 1.0)
         total = 0.0
         for micro in range(plan.accum):
             batch, name = batch_fn(step, micro)

@@ -89,3 +89,17 @@ def test_evaluation_time_is_not_training_time(tmp_path):
     assert [s for s, _ in seen] == [1, 2, 3]  # every eval_every steps, not at the end
     assert all(0 <= a < b for (_, a), (_, b) in zip(seen, seen[1:]))
     assert seconds < 0.3 and seen[-1][1] <= seconds
+
+
+def test_lr_scale_moves_a_group_faster(tmp_path):
+    """Adam's first step moves every weight by lr x sign(gradient); with lr_scale {"bias": 3} the bias
+    moves 3 x as far (weight decay 0, warmup 1: the first step is at the peak lr 0.1)."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 1)
+    w0, b0 = model.weight.detach().clone(), model.bias.detach().clone()
+    opt = make_optimizer(model, 0.1, lr_scale={"bias": 3.0})
+    fit(lambda step, micro: ((X, Y), "mse"), lambda b: ((model(b[0])[:, 0] - b[1]) ** 2).mean(), opt,
+        list(model.parameters()), {"model": model}, Plan(1, 0.1, 1, clip=None, ckpt_every=100),
+        str(tmp_path / "s.pt"), "test_state", {})
+    assert torch.allclose((model.weight - w0).abs(), torch.full((1, 3), 0.1), atol=1e-6)
+    assert torch.allclose((model.bias - b0).abs(), torch.tensor([0.3]), atol=1e-6)
