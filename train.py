@@ -52,8 +52,9 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), lr_scale=None
         if p.requires_grad:
             decay = p.dim() >= 2 and "pos_embed" not in n
             groups.setdefault((decay, scale(n)), []).append(p)
-    return torch.optim.AdamW([{"params": ps, "weight_decay": weight_decay if decay else 0.0, "lr_scale": f}
-                              for (decay, f), ps in groups.items()], lr=lr, betas=betas)
+    order = sorted(groups, key=lambda k: (not k[0], k[1]))  # decayed first: a 2-group state of older runs still loads
+    return torch.optim.AdamW([{"params": groups[k], "weight_decay": weight_decay if k[0] else 0.0, "lr_scale": k[1]}
+                              for k in order], lr=lr, betas=betas)
 
 
 def lr_at(step, steps, lr, warmup):
