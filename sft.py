@@ -446,9 +446,8 @@ def run(args):
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
                 eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
                 parallel=args.parallel, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
-    loss_fn = distribute(model, lambda b: step_loss(model, b, world), plan)
-    optimizer = make_optimizer(model, settings["lr"], weight_decay=0.05,  # after distribute: FSDP swaps the parameters
-                               lr_scale={p: settings["gen_lr_scale"] for p in GEN_PATH})
+    loss_fn = distribute(model, lambda b: step_loss(model, b, world), plan)  # first: FSDP swaps the parameters
+    optimizer = make_optimizer(model, settings["lr"], 0.05, lr_scale=dict.fromkeys(GEN_PATH, settings["gen_lr_scale"]))
 
     local = settings["batch_size"] // world
 
