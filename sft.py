@@ -316,7 +316,7 @@ def main(argv=None):
     ap.add_argument("--steps", type=pos_int, help="optimizer steps; rerun with more to continue")
     ap.add_argument("--batch-size", type=pos_int, help="sequences per step, over all processes")
     ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
-    ap.add_argument("--gen-lr-scale", type=pos_float, help="the generation path (gen_embed, gen_aligner, gen_head) "
+    ap.add_argument("--gen-lr-scale", type=pos_float, help=f"the generation path ({', '.join(GEN_PATH)}) "
                     "trains at this many times --lr")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
     ap.add_argument("--vit", choices=["fixed", "train"], help="the pretrained ViT (vit.py): kept fixed or trained "
