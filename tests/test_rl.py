@@ -39,6 +39,25 @@ def test_chain_rewards_by_hand():
     assert r.tolist() == [[0.25, 0.25, 0.25], [1.0, 0.0, 0.5], [0.0, 1.0, 1.0]]
 
 
+def test_balanced_verdicts_by_hand():
+    """One group of 4: three right images (R = 1) and one wrong (R = 0). Plain r1 pays an always-Yes
+    judge 0.75; balanced pays it 0.5, as it pays always-No, and a perfect judge 1."""
+    r0 = torch.tensor([1.0, 1.0, 1.0, 0.0])
+    yes_always, no_always, perfect = torch.ones(4, dtype=torch.bool), torch.zeros(4, dtype=torch.bool), r0 > 0.5
+    mean_r1 = lambda yes: rl.balanced_verdicts(rl.chain_rewards(r0, yes, r0), yes, 4)[:, 1].mean().item()
+    assert rl.chain_rewards(r0, yes_always, r0)[:, 1].mean().item() == 0.75
+    assert mean_r1(yes_always) == pytest.approx(0.5) and mean_r1(no_always) == pytest.approx(0.5)
+    assert mean_r1(perfect) == pytest.approx(1.0)
+    # by hand: a right Yes earns 1 / (2 * 3/4) = 2/3, the caught wrong image 1 / (2 * 1/4) = 2; segments 0, 2 unchanged
+    paid = rl.balanced_verdicts(rl.chain_rewards(r0, perfect, r0), perfect, 4)
+    assert paid[:, 1].tolist() == pytest.approx([2 / 3, 2 / 3, 2 / 3, 2.0])
+    assert paid[:, [0, 2]].tolist() == rl.chain_rewards(r0, perfect, r0)[:, [0, 2]].tolist()
+    # soft scores, two groups of 2: a Yes on R = 0.5 next to R = 1.0 earns 0.5 / (2 * 0.75)
+    soft = rl.balanced_verdicts(rl.chain_rewards(torch.tensor([0.5, 1.0, 0.0, 0.0]), torch.tensor([True, True, False, True]),
+                                                 torch.zeros(4)), torch.tensor([True, True, False, True]), 2)
+    assert soft[:, 1].tolist() == pytest.approx([1 / 3, 2 / 3, 0.5, 0.0])
+
+
 def test_checker_and_verdict_rewards_on_rendered_scenes():
     """checker: the share of facts that hold; verdict: 1 only when all hold (rendered grid scenes)."""
     p = "a red circle and a blue square"
