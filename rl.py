@@ -389,12 +389,15 @@ def rl_settings(args, preset):
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else preset[flag]
     if (args.reward == "judge") != (args.judge_ckpt is not None):
         raise ValueError("--reward judge and --judge-ckpt CKPT go together")
+    if args.verdicts == "balanced" and args.task == "edit":
+        raise ValueError("--verdicts balanced pays the chain's Yes/No; --task edit has none")
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
                 updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
                 cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
-                segments=args.segments, regen=args.regen, verdicts=args.verdicts, task=args.task, edit_weights=edit_weights, bf16=None)
+                segments=args.segments, regen=args.regen, verdicts=args.verdicts, task=args.task,
+                edit_weights=edit_weights, bf16=None)
 
 
 def run(args):

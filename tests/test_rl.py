@@ -197,6 +197,20 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monke
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_balanced_verdicts_reach_the_advantages(bundle, tmp_path, monkeypatch):
+    """--verdicts balanced: the advantages are computed from balanced_verdicts' rewards; plain never calls it."""
+    calls, seen = [], []
+    real_b, real_a = rl.balanced_verdicts, rl.group_advantages
+    monkeypatch.setattr(rl, "balanced_verdicts", lambda r, y, g: calls.append((r.clone(), real_b(r, y, g))) or calls[-1][1])
+    monkeypatch.setattr(rl, "group_advantages", lambda r, g: seen.append(r.clone()) or real_a(r, g))
+    argv = ["--config", "tiny", "--steps", "1", "--prompts", "2", "--group", "4", "--no-final-eval"]
+    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "plain")])
+    assert not calls and len(seen) == 1
+    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "balanced"), "--verdicts", "balanced"])
+    assert len(calls) == 1 and torch.equal(seen[1], calls[0][1])
+    assert torch.equal(seen[1][:, [0, 2]], calls[0][0][:, [0, 2]])  # only segment 1's pay changes
+
+
 def test_two_processes_equal_one(bundle, tmp_path):
     """torchrun with 2 gloo processes under FSDP2 (DDP: tests/test_sft.py; both go through
     train.distribute): each draws the chains of its half of the prompts (groups stay whole) from a
@@ -244,3 +258,5 @@ def test_editing_stage_runs_and_reports(bundle, tmp_path):
     assert set(ev["edit"]) >= {"follow", "preserve"} and {"follow", "preserve"} <= set(ev["curve"][0])
     with pytest.raises(SystemExit, match="--edit-weights"):
         rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--edit-weights", "1"])
+    with pytest.raises(SystemExit, match="--verdicts balanced"):
+        rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--verdicts", "balanced"])
