@@ -53,7 +53,7 @@ from train import Plan, add_parallel_args, distribute, fit, gathered, make_optim
 
 TRAIN = {
     # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included). toy (the grid
-    # world, 16 image tokens): a step of 32 chains takes ~3.6 s on 2 CPU cores; from the same SFT model
+    # world, 16 image tokens): a step of 32 chains takes ~3.8 s on 2 CPU cores; from the same SFT model
     # 120 steps at 5e-5 drew 0.63-0.64 of test prompts right against 60 steps' 0.61 (docs/experiments.md,
     # "RL: more steps, and what the verdict is paid")
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4),
