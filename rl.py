@@ -441,7 +441,9 @@ def run(args):
             ro["adv"] = group_advantages(paid[:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)
-                ro["old"], ro["mask"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)
+                # one update per rollout: the sampling policy is the one being updated, so old = the
+                # loss's own log-probs, detached (loss_fn), and this forward is saved (~15% of a toy step)
+                ro["old"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)[0] if settings["updates"] > 1 else None
                 ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
             ro["k"] = k
             held["rollout"] = ro
@@ -449,7 +451,8 @@ def run(args):
 
     def loss_fn(ro):
         logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg)
-        loss, kl = grpo_loss(logp, ro["old"], ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
+        old = logp.detach() if ro["old"] is None else ro["old"]  # ratio 1 at a rollout's only update
+        loss, kl = grpo_loss(logp, old, ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
         held["kl"] = kl
         return loss / world  # this process's share: every process holds as many chains
 

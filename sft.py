@@ -15,6 +15,9 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
              `--depth` earlier failed rounds, as the loop judges its later images;
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
              new image" -> a POSITIVE image of the same prompt.
+  and, on a share of its steps (`--edit-share`, not in the paper's SFT), editing: a rendered source
+  scene (VQ path) + an instruction -> the edited scene, so that editing RL starts from a model that
+  can copy its source.
 Both stages share one training loop: AdamW, warmup + cosine, grad clip, bf16 autocast, periodic
 held-out evaluation, atomic checkpoints, resume after interruption, DDP or FSDP2 through torchrun.
 
@@ -35,12 +38,12 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, load_checkpoint, load_state, nonneg_int,
-                    pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
+from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, fraction, load_checkpoint, load_state,
+                    nonneg_int, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
-from sample import (Options, add_answer, after_rounds, collate, describe_seq, embed_batch, generate, janus_checkpoint,
-                    load_janus, next_turn, prompt_seq, question, selfcheck_seq)
+from sample import (Options, add_answer, after_rounds, collate, describe_seq, edit_seq, embed_batch, generate,
+                    janus_checkpoint, load_janus, next_turn, prompt_seq, question, selfcheck_seq)
 from tokenizer import TextTokenizer, load_vq, reconstruct
 from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
 from vit import load_vit
@@ -57,17 +60,17 @@ TRAIN = {
     # gen_lr_scale: the generation path (GEN_PATH) trains at this many times the lr; on toy, 10 gets
     # the prompt's words into the drawn codes sooner (docs/experiments.md, "The drawing path's learning rate")
     "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
-                 gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2),
+                 gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1),
     "toy": dict(base_steps=1000, easy_steps=400, sft_steps=500, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4),
+                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.0),
     "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
-                  gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+                  gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0),
     # a released model (--init FOLDER) fine-tuned on ShapeWorld: the paper's SFT learning rate (SPEC.md
     # section 4); no base stage (the released model is the base)
     "janus-pro-1b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
-                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0),
     "janus-pro-7b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
-                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4),
+                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
@@ -163,6 +166,9 @@ def build_seq(ex, tok, n_tokens):
         # the weights sum to 1: 0.8 CE(Yes/No) + 0.2 mean CE(rest) per example (SPEC.md section 4)
         s = selfcheck_seq(tok, ex["prompt"], ex["image"], n_tokens, ex.get("history", ()))
         return add_answer(s, tok, ex["answer"], 0.8, 0.2)
+    if t == "edit":  # dropout pads only the instruction: the source stays in both CFG rows (SPEC.md section 3)
+        s = edit_seq(tok, ex["src_codes"], ex["prompt"])
+        return (s.uncond(tok, False) if ex["drop"] else s).gen_image(tok, ex["codes"], w=1.0)
     # task3: the earlier failed rounds go in through the VQ path, each with its reflection
     s = after_rounds(tok, ex["prompt"], ex["history"])
     s = s.uncond(tok, False) if ex["drop"] else s  # dropout pads only the user's words
@@ -253,6 +259,16 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0):
     return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=history, **positive())
 
 
+def edit_example(rng, size, grid=0):
+    """An editing example: a rendered source scene and the correctly edited one (shapes.sample_edit),
+    the instruction never naming a held-out (ood) colour-shape pairing, not even as a recolour's result."""
+    while True:
+        src, e, out = shapes.sample_edit(rng, size, grid=grid)
+        if not shapes.text_mentions_ood(e.text) and (e.colour2, e.shape) not in shapes.OOD_PAIRS:
+            return dict(task="edit", prompt=e.text, src_image=shapes.render(src), image=shapes.render(out),
+                        drop=rng.random() < PROMPT_DROPOUT)
+
+
 def _hist(neg):
     """A failed round for an example's history: (codes or None until finish_examples, reason, image)."""
     return neg.get("codes"), neg["reason"], neg["image"]
@@ -268,16 +284,18 @@ def finish_examples(exs, vq):
             ex["image"], ex["answer"] = im, shapes.check(im, ex["prompt"]).reason
     need = []
     for ex in exs:
-        if ex["task"] in ("t2i", "task1", "task3") and ex.get("codes") is None:
+        if ex["task"] in ("t2i", "task1", "task3", "edit") and ex.get("codes") is None:
             need.append((ex, "codes", ex["image"]))
+        if ex["task"] == "edit":
+            need.append((ex, "src_codes", ex["src_image"]))
         for j, h in enumerate(ex.get("history", [])):
             if h[0] is None:
                 need.append((ex, j, h[2]))
     if need:
         codes = encode_codes(vq, [im for _, _, im in need])
         for (ex, key, _), c in zip(need, codes):
-            if key == "codes":
-                ex["codes"] = c
+            if isinstance(key, str):
+                ex[key] = c
             else:
                 ex["history"][key] = (c,) + ex["history"][key][1:]
     for ex in exs:
@@ -324,6 +342,8 @@ def main(argv=None):
     # sft data
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
+    ap.add_argument("--edit-share", type=fraction, help="sft: share of steps that train editing (rendered source scene + "
+                    "instruction -> the edited scene), before the task mix is drawn")
     ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
@@ -349,7 +369,8 @@ def stage_settings(args, preset):
                 gen_lr_scale=pick("gen_lr_scale", "gen_lr_scale"),
                 batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps"),
                 bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
-                easy_steps=preset["easy_steps"] if args.stage == "base" else 0)
+                easy_steps=preset["easy_steps"] if args.stage == "base" else 0,
+                edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0)
 
 
 def stage_inputs(args, settings):
@@ -458,8 +479,12 @@ def run(args):
             task, exs = base_batch(rng, settings["mix"], settings["batch_size"], by_cat, cfg.image_size,
                                    easy=step < settings["easy_steps"], grid=cfg.scene_grid)
         else:
-            task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
-            exs = [sft_example(task, rng, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid) for _ in range(settings["batch_size"])]
+            if settings["edit_share"] and rng.random() < settings["edit_share"]:
+                task, exs = "edit", [edit_example(rng, cfg.image_size, cfg.scene_grid) for _ in range(settings["batch_size"])]
+            else:
+                task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
+                exs = [sft_example(task, rng, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
+                       for _ in range(settings["batch_size"])]
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
         return collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
 

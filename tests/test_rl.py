@@ -211,6 +211,27 @@ def test_balanced_verdicts_reach_the_advantages(bundle, tmp_path, monkeypatch):
     assert torch.equal(seen[1][:, [0, 2]], calls[0][0][:, [0, 2]])  # only segment 1's pay changes
 
 
+def test_one_update_per_rollout_takes_old_from_the_loss(bundle, tmp_path, monkeypatch):
+    """--updates-per-batch 1: no separate forward for the old log-probs; the loss's own, detached,
+    equal the sampling (SFT) weights' log-probs computed without grad. With 2 updates old is computed."""
+    calls, seen = [], []
+    real_t, real_g = rl.token_logps, rl.grpo_loss
+    monkeypatch.setattr(rl, "token_logps", lambda m, *a: calls.append((torch.is_grad_enabled(), a)) or real_t(m, *a))
+    monkeypatch.setattr(rl, "grpo_loss", lambda logp, old, *a, **k: seen.append((logp.detach().clone(), old.clone()))
+                        or real_g(logp, old, *a, **k))
+    argv = ["--config", "tiny", "--prompts", "2", "--group", "4", "--no-final-eval"]
+    rl.main(argv + ["--steps", "1", "--out", _run_dir(bundle, tmp_path, "one")])
+    assert [g for g, _ in calls] == [False, True]  # the reference's forward, then the loss's
+    logp, old = seen[0]
+    assert torch.equal(old, logp)
+    with torch.no_grad():
+        want, _ = real_t(bundle[0], *calls[1][1])
+    assert torch.allclose(want, old, atol=1e-6)
+    calls.clear()
+    rl.main(argv + ["--steps", "2", "--updates-per-batch", "2", "--out", _run_dir(bundle, tmp_path, "two")])
+    assert [g for g, _ in calls] == [False, False, True, True]  # old and ref, then two updates
+
+
 def test_two_processes_equal_one(bundle, tmp_path):
     """torchrun with 2 gloo processes under FSDP2 (DDP: tests/test_sft.py; both go through
     train.distribute): each draws the chains of its half of the prompts (groups stay whole) from a

@@ -304,6 +304,30 @@ def test_prompt_dropout_replaces_exactly_the_prompt_text():
     assert [keep.ids[i] for i in changed] == TOK.encode("two red circles")
 
 
+def test_edit_examples_loss_on_the_edited_image_source_in_context():
+    """--edit-share: the example is the sequence the sampler builds (sample.edit_seq), loss on the
+    edited image only, dropout pads only the instruction; the target is a right edit of the source
+    by the checker, the instruction never names an ood pairing, both images are VQ-encoded."""
+    ins = "make the red circle blue"
+    s = sft.build_seq(dict(task="edit", prompt=ins, src_codes=_codes(1), codes=_codes(2), drop=False), TOK, N)
+    assert s.ids == S.edit_seq(TOK, _codes(1), ins).gen_image(TOK, _codes(2)).ids and s.codes == _codes(1) + _codes(2)
+    assert _where(S.collate([s], TOK)) == (list(range(len(s) - N, len(s))), [1.0] * N)
+    drop = sft.build_seq(dict(task="edit", prompt=ins, src_codes=_codes(1), codes=_codes(2), drop=True), TOK, N)
+    changed = [i for i, (a, b) in enumerate(zip(s.ids, drop.ids)) if a != b]
+    assert [s.ids[i] for i in changed] == TOK.encode(ins) and drop.w == s.w and drop.codes == s.codes
+    rng = random.Random(0)
+    exs = [sft.edit_example(rng, 64, grid=4) for _ in range(200)]
+    assert {shapes.parse_edit(ex["prompt"]).kind for ex in exs} == {"recolour", "remove", "add", "move"}
+    for ex in exs:
+        e = shapes.parse_edit(ex["prompt"])
+        assert not shapes.text_mentions_ood(ex["prompt"]) and (e.colour2, e.shape) not in shapes.OOD_PAIRS
+        assert shapes.score_edit(ex["src_image"], ex["image"], e) == (1.0, 1.0), ex["prompt"]
+    torch.manual_seed(0)
+    vq = tokenizer.VQModel(tokenizer.VQ_PRESETS["tiny"])
+    ex = sft.finish_examples([sft.edit_example(random.Random(1), 32)], vq)[0]
+    assert ex["src_codes"] == sft.encode_codes(vq, [ex["src_image"]])[0] and ex["codes"] == sft.encode_codes(vq, [ex["image"]])[0]
+
+
 # -----------------------------------------------------------------------------
 # Training runs on the tiny config (a shared tiny VQ, trained once for this file)
 
@@ -423,7 +447,7 @@ def test_tiny_pipeline_end_to_end_and_loss_drops(vq_dir, tmp_path):
     assert sum(t2i[-5:]) / 5 < 0.9 * sum(t2i[:5]) / 5
     sft.main(["--stage", "sft", "--config", "tiny", "--out", d, "--eval-prompts", "2", "--no-final-eval"])
     st = load_checkpoint(os.path.join(d, "sft_state.pt"))
-    assert {task for _, task, _ in st["log"]} == {"task1", "task2", "task3"}
+    assert {task for _, task, _ in st["log"]} == {"task1", "task2", "task3", "edit"}  # tiny: --edit-share 0.1
     assert os.path.isfile(os.path.join(d, "sft.pt")) and os.path.isfile(os.path.join(d, "sft_pool.pt"))
     import json
     ev = json.load(open(os.path.join(d, "base_eval.json")))
