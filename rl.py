@@ -442,7 +442,7 @@ def run(args):
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)
                 # one update per rollout: the sampling policy is the one being updated, so old = the
-                # loss's own log-probs, detached (loss_fn), and this forward is saved (~15% of a toy step)
+                # loss's own log-probs, detached (loss_fn), and this forward is saved (~10% of a toy step)
                 ro["old"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)[0] if settings["updates"] > 1 else None
                 ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
             ro["k"] = k

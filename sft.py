@@ -38,7 +38,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 import shapes
-from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest, fraction, load_checkpoint, load_state,
+from common import (DTYPE_HELP, Parser, add_attention_arg, bounded, check_run_dir, digest, load_checkpoint, load_state,
                     nonneg_int, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
@@ -342,8 +342,8 @@ def main(argv=None):
     # sft data
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
-    ap.add_argument("--edit-share", type=fraction, help="sft: share of steps that train editing (rendered source scene + "
-                    "instruction -> the edited scene), before the task mix is drawn")
+    ap.add_argument("--edit-share", type=bounded(float, 0, 1), help="sft: share of steps, 0 to 1, that train editing "
+                    "(rendered source scene + instruction -> the edited scene), before the task mix is drawn (toy 0, tiny 0.1)")
     ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
@@ -365,6 +365,8 @@ def stage_settings(args, preset):
     if args.mix:
         vals = weights_list(args.mix, 3, "--mix")
         mix = dict(zip(mix, vals))
+    if args.edit_share and args.init:
+        raise ValueError("--edit-share trains ShapeWorld edits in the toy's word layout; not for --init (a released model)")
     return dict(stage=args.stage, config=args.config, seed=args.seed, lr=pick("lr", f"{args.stage}_lr"),
                 gen_lr_scale=pick("gen_lr_scale", "gen_lr_scale"),
                 batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps"),

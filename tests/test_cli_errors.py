@@ -113,6 +113,9 @@ def cases(w):
         (["sft.py", "--stage", "sft", "--config", "tiny", "--out", "{out}"], "vq.pt not found"),
         (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--mix", "nan,1,1"], "--mix"),
         (["sft.py", "--stage", "base", "--config", "tiny", "--out", run, "--eval-prompts", "0"], "--eval-prompts"),
+        (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--edit-share", "1.5"], "--edit-share"),
+        (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--edit-share", "0.1", "--init", base],
+         "not for --init"),
         (["run.py", "--config", "tiny", "--out", "{out}", "--ood-prompts", "0"], "--ood-prompts"),
         (["run.py", "--config", "tiny", "--out", "{out}", "--edit-prompts", "0"], "--edit-prompts"),
         # a tiny run folder is not a toy run: nothing of it is reused under another name
