@@ -147,6 +147,15 @@ def verdict_reward(images, prompts):
     return torch.tensor([float(shapes.check(im, p).verdict) for im, p in zip(images, prompts)])
 
 
+def make_reward(args, tok, dev):
+    """R(images, prompts) -> (n,) in [0, 1] for --reward: the checker's soft score or verdict, or a
+    trained model's P(yes) (--judge-ckpt, the paper's model-as-reward-model)."""
+    if args.reward == "judge":
+        judge, _, _, _ = load_janus(args.judge_ckpt, dev)
+        return lambda images, prompts: p_yes(judge, tok, images, prompts)
+    return verdict_reward if args.reward == "verdict" else checker_reward
+
+
 @torch.no_grad()
 def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect"):
     """Chains for prompts (each repeated G times by the caller) -> a plain dict of lists and tensors
@@ -421,11 +430,7 @@ def run(args):
     ref.requires_grad_(False)
     vq.requires_grad_(False)
     model.vision_model.requires_grad_(False)  # the released code keeps the ViT (and the VQ) frozen
-    if args.reward == "judge":
-        judge, _, _, _ = load_janus(args.judge_ckpt, dev)
-        reward = lambda images, prompts: p_yes(judge, tok, images, prompts)
-    else:
-        reward = verdict_reward if args.reward == "verdict" else checker_reward
+    reward = make_reward(args, tok, dev)
     by_cat = group(shapes.make_splits(seed=0)["train"])
     n_seg = 1 if settings["segments"] == 0 or settings["task"] == "edit" else 3
     local = settings["prompts"] // world
@@ -441,8 +446,7 @@ def run(args):
             ro["adv"] = group_advantages(paid[:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)
-                # one update per rollout: the sampling policy is the one being updated, so old = the
-                # loss's own log-probs, detached (loss_fn), and this forward is saved (~10% of a toy step)
+                # one update per rollout: old = the loss's own log-probs, detached (loss_fn); ~10% of a toy step saved
                 ro["old"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)[0] if settings["updates"] > 1 else None
                 ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
             ro["k"] = k

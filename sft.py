@@ -269,6 +269,16 @@ def edit_example(rng, size, grid=0):
                         drop=rng.random() < PROMPT_DROPOUT)
 
 
+def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):
+    """One SFT step -> (task, examples): an editing step with probability settings["edit_share"],
+    otherwise one task of settings["mix"] for the whole batch (one task per step, as the paper's code)."""
+    n = settings["batch_size"]
+    if settings["edit_share"] and rng.random() < settings["edit_share"]:
+        return "edit", [edit_example(rng, size, grid) for _ in range(n)]
+    task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
+    return task, [sft_example(task, rng, by_cat, pool, size, depth, grid) for _ in range(n)]
+
+
 def _hist(neg):
     """A failed round for an example's history: (codes or None until finish_examples, reason, image)."""
     return neg.get("codes"), neg["reason"], neg["image"]
@@ -481,12 +491,7 @@ def run(args):
             task, exs = base_batch(rng, settings["mix"], settings["batch_size"], by_cat, cfg.image_size,
                                    easy=step < settings["easy_steps"], grid=cfg.scene_grid)
         else:
-            if settings["edit_share"] and rng.random() < settings["edit_share"]:
-                task, exs = "edit", [edit_example(rng, cfg.image_size, cfg.scene_grid) for _ in range(settings["batch_size"])]
-            else:
-                task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
-                exs = [sft_example(task, rng, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
-                       for _ in range(settings["batch_size"])]
+            task, exs = sft_batch(rng, settings, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
         return collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
 
