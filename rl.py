@@ -100,6 +100,28 @@ def balanced_verdicts(rewards, yes, group):
     return out
 
 
+def strict_verdicts(rewards, yes):
+    """rewards (C, 3) from chain_rewards (checker scores), yes (C,) -> segment 1 paid against the
+    checker's verdict of image 1 (its score is 1) instead of its soft score: r1 = 1 - |1[R(I1) = 1] - SE|.
+    The soft score pays a Yes 0.67 on an image with two of three facts right, which the checker calls
+    wrong; here that Yes earns 0 and the No 1. Images keep their soft-score rewards.
+
+    >>> strict_verdicts(torch.tensor([[2 / 3, 2 / 3, 1.0], [2 / 3, 1 / 3, 1.0], [1.0, 1.0, 1.0]]),
+    ...                 torch.tensor([True, False, True]))[:, 1]
+    tensor([0., 1., 1.])
+    """
+    out = rewards.clone()
+    out[:, 1] = 1 - ((rewards[:, 0] >= 1).float() - yes.float()).abs()
+    return out
+
+
+def pay_verdicts(rewards, yes, group, how):
+    # segment 1's pay, --verdicts: plain (SPEC.md's r1, as chain_rewards computes it), balanced, strict
+    if how == "balanced":
+        return balanced_verdicts(rewards, yes, group)
+    return strict_verdicts(rewards, yes) if how == "strict" else rewards
+
+
 def group_advantages(rewards, group):
     """rewards (C, S), C = prompts x group chains in prompt order -> advantages (C, S): each
     segment normalised within its group, (r - mean) / (std + 1e-4) (std over the group, not
@@ -373,9 +395,10 @@ def main(argv=None):
                     help="checker: the ShapeWorld checker's soft score (the share of facts that hold); verdict: "
                     "its verdict, 1 or 0; judge: --judge-ckpt's P(yes)")
     ap.add_argument("--judge-ckpt", help="a Janus checkpoint whose P(yes) is the reward (with --reward judge)")
-    ap.add_argument("--verdicts", choices=["plain", "balanced"], default="plain",
+    ap.add_argument("--verdicts", choices=["plain", "balanced", "strict"], default="plain",
                     help="segment 1's reward: plain r1 = 1 - |R(I1) - SE| (SPEC.md); balanced: Yes and No paid by "
-                    "balanced accuracy within the group, so that the majority answer earns nothing (rl.balanced_verdicts)")
+                    "balanced accuracy within the group, so that the majority answer earns nothing (rl.balanced_verdicts); "
+                    "strict: r1 = 1 - |1[R(I1) = 1] - SE|, against the checker's verdict, not its soft score (rl.strict_verdicts)")
     ap.add_argument("--task", choices=["chain", "edit"], default="chain",
                     help="chain: the introspective chain (SPEC.md section 5); edit: editing RL on ShapeWorld edits")
     ap.add_argument("--edit-weights", default="0.5,1.0",
@@ -398,8 +421,10 @@ def rl_settings(args, preset):
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else preset[flag]
     if (args.reward == "judge") != (args.judge_ckpt is not None):
         raise ValueError("--reward judge and --judge-ckpt CKPT go together")
-    if args.verdicts == "balanced" and args.task == "edit":
-        raise ValueError("--verdicts balanced pays the chain's Yes/No; --task edit has none")
+    if args.verdicts != "plain" and args.task == "edit":
+        raise ValueError(f"--verdicts {args.verdicts} pays the chain's Yes/No; --task edit has none")
+    if args.verdicts == "strict" and args.reward == "judge":
+        raise ValueError("--verdicts strict compares Yes/No with the checker's verdict (score 1); not with --reward judge")
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
@@ -442,7 +467,7 @@ def run(args):
         if held["rollout"] is None or held["rollout"]["k"] != k:
             sampler = gathered(model)  # the live weights, whole (under FSDP a copy: a collective)
             ro = draw_rollout(sampler, vq, tok, settings, k, rank, local, by_cat, reward)
-            paid = balanced_verdicts(ro["rewards"], ro["yes"], G) if settings["verdicts"] == "balanced" else ro["rewards"]
+            paid = pay_verdicts(ro["rewards"], ro.get("yes"), G, settings["verdicts"])  # edits: no Yes/No, plain
             ro["adv"] = group_advantages(paid[:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)

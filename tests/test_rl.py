@@ -58,6 +58,18 @@ def test_balanced_verdicts_by_hand():
     assert soft[:, 1].tolist() == pytest.approx([1 / 3, 2 / 3, 0.5, 0.0])
 
 
+def test_strict_verdicts_by_hand():
+    """--verdicts strict: a Yes earns 1 only on an image the checker calls right (score 1); plain r1
+    pays a Yes on two of three facts 2/3. Images keep their soft scores."""
+    r0, yes = torch.tensor([2 / 3, 2 / 3, 1.0, 0.0]), torch.tensor([True, False, True, False])
+    plain = rl.chain_rewards(r0, yes, r0)
+    assert plain[:, 1].tolist() == pytest.approx([2 / 3, 1 / 3, 1.0, 1.0])
+    strict = rl.strict_verdicts(plain, yes)
+    assert strict[:, 1].tolist() == [0.0, 1.0, 1.0, 1.0] and torch.equal(strict[:, [0, 2]], plain[:, [0, 2]])
+    assert rl.pay_verdicts(plain, yes, 4, "plain") is plain
+    assert torch.equal(rl.pay_verdicts(plain, yes, 4, "strict"), strict)
+
+
 def test_checker_and_verdict_rewards_on_rendered_scenes():
     """checker: the share of facts that hold; verdict: 1 only when all hold (rendered grid scenes)."""
     p = "a red circle and a blue square"
@@ -198,17 +210,25 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monke
 
 
 def test_balanced_verdicts_reach_the_advantages(bundle, tmp_path, monkeypatch):
-    """--verdicts balanced: the advantages are computed from balanced_verdicts' rewards; plain never calls it."""
-    calls, seen = [], []
-    real_b, real_a = rl.balanced_verdicts, rl.group_advantages
+    """--verdicts balanced / strict: the advantages are computed from balanced_verdicts' / strict_verdicts'
+    rewards; plain calls neither."""
+    calls, seen, strict = [], [], []
+    real_b, real_a, real_s = rl.balanced_verdicts, rl.group_advantages, rl.strict_verdicts
     monkeypatch.setattr(rl, "balanced_verdicts", lambda r, y, g: calls.append((r.clone(), real_b(r, y, g))) or calls[-1][1])
+    monkeypatch.setattr(rl, "strict_verdicts", lambda r, y: strict.append((r.clone(), real_s(r, y))) or strict[-1][1])
     monkeypatch.setattr(rl, "group_advantages", lambda r, g: seen.append(r.clone()) or real_a(r, g))
     argv = ["--config", "tiny", "--steps", "1", "--prompts", "2", "--group", "4", "--no-final-eval"]
     rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "plain")])
-    assert not calls and len(seen) == 1
+    assert not calls and not strict and len(seen) == 1
     rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "balanced"), "--verdicts", "balanced"])
     assert len(calls) == 1 and torch.equal(seen[1], calls[0][1])
     assert torch.equal(seen[1][:, [0, 2]], calls[0][0][:, [0, 2]])  # only segment 1's pay changes
+    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "strict"), "--verdicts", "strict"])
+    assert len(calls) == 1 and len(strict) == 1 and torch.equal(seen[2], strict[0][1])
+    assert torch.equal(seen[2][:, [0, 2]], strict[0][0][:, [0, 2]])
+    with pytest.raises(SystemExit, match="--verdicts strict"):
+        rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "judge"), "--verdicts", "strict", "--reward", "judge",
+                        "--judge-ckpt", "sft.pt"])
 
 
 def test_one_update_per_rollout_takes_old_from_the_loss(bundle, tmp_path, monkeypatch):
