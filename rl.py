@@ -11,6 +11,9 @@ checker's soft score, the fraction of the prompt's facts that hold; --reward ver
     segment 1, the verdict + reason tokens: r1 = 1 - |R(I1) - SE|   (SE = 1 if the model said Yes)
     segment 2, the final image's tokens:    r2 = R(final); on Yes that is image 1 again, credited
                                             in its own context
+On toy (and tiny) r1 reads R(I1) as the checker's verdict, 1[R(I1) = 1] (--verdicts strict): with the
+soft score a Yes to an image with two of three facts right earns 0.67, and the toy judge drifts to
+saying Yes to everything (docs/experiments.md). The other presets keep the paper's r1.
 Each segment's rewards are normalised within the group, A = (r - mean) / (std + 1e-4), and
 broadcast to that segment's tokens. Loss per token: the PPO-clipped ratio times A, plus beta times
 the k3 estimate of KL to the frozen SFT model; a mean over a segment's tokens, then over chains,
@@ -56,8 +59,11 @@ TRAIN = {
     # world, 16 image tokens): a step of 32 chains takes ~3.8 s on 2 CPU cores; from the same SFT model
     # 120 steps at 5e-5 drew 0.63-0.64 of test prompts right against 60 steps' 0.61 (docs/experiments.md,
     # "RL: more steps, and what the verdict is paid")
-    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4),
-    "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=0.04, reason=24, eval_prompts=100),
+    # toy, tiny: segment 1 paid against the checker's verdict (--verdicts strict): with the paper's r1 the
+    # toy judge drifts to Yes (two seeds: AUC within category 0.70 against 0.53, final image 0.02 lower;
+    # docs/experiments.md, "RL: the categories that teach ... strict verdicts")
+    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4, verdicts="strict"),
+    "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=0.04, reason=24, eval_prompts=100, verdicts="strict"),
     "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=0.04, reason=24, eval_prompts=50),
     # a released model (--init FOLDER) on ShapeWorld prompts: the paper's batch (16 x 8 chains), warmup
     # and first learning rate (SPEC.md section 5; its 3K steps decay in steps, ours by cosine)
@@ -395,10 +401,11 @@ def main(argv=None):
                     help="checker: the ShapeWorld checker's soft score (the share of facts that hold); verdict: "
                     "its verdict, 1 or 0; judge: --judge-ckpt's P(yes)")
     ap.add_argument("--judge-ckpt", help="a Janus checkpoint whose P(yes) is the reward (with --reward judge)")
-    ap.add_argument("--verdicts", choices=["plain", "balanced", "strict"], default="plain",
+    ap.add_argument("--verdicts", choices=["plain", "balanced", "strict"],
                     help="segment 1's reward: plain r1 = 1 - |R(I1) - SE| (SPEC.md); balanced: Yes and No paid by "
                     "balanced accuracy within the group, so that the majority answer earns nothing (rl.balanced_verdicts); "
-                    "strict: r1 = 1 - |1[R(I1) = 1] - SE|, against the checker's verdict, not its soft score (rl.strict_verdicts)")
+                    "strict: r1 = 1 - |1[R(I1) = 1] - SE|, against the checker's verdict, not its soft score (rl.strict_verdicts). "
+                    "Default: the preset's (toy, tiny: strict where the rewards are the checker's; else plain)")
     ap.add_argument("--task", choices=["chain", "edit"], default="chain",
                     help="chain: the introspective chain (SPEC.md section 5); edit: editing RL on ShapeWorld edits")
     ap.add_argument("--edit-weights", default="0.5,1.0",
@@ -421,16 +428,18 @@ def rl_settings(args, preset):
     pick = lambda flag: getattr(args, flag) if getattr(args, flag) is not None else preset[flag]
     if (args.reward == "judge") != (args.judge_ckpt is not None):
         raise ValueError("--reward judge and --judge-ckpt CKPT go together")
-    if args.verdicts != "plain" and args.task == "edit":
+    if args.verdicts not in (None, "plain") and args.task == "edit":
         raise ValueError(f"--verdicts {args.verdicts} pays the chain's Yes/No; --task edit has none")
     if args.verdicts == "strict" and args.reward == "judge":
         raise ValueError("--verdicts strict compares Yes/No with the checker's verdict (score 1); not with --reward judge")
+    # the preset's pay of segment 1 where it applies: a judge's P(yes) has no verdict to pay against
+    verdicts = args.verdicts or ("plain" if args.task == "edit" or args.reward == "judge" else preset.get("verdicts", "plain"))
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
                 updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
                 cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
-                segments=args.segments, regen=args.regen, verdicts=args.verdicts, task=args.task,
+                segments=args.segments, regen=args.regen, verdicts=verdicts, task=args.task,
                 edit_weights=edit_weights, bf16=None)
 
 

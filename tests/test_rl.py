@@ -4,6 +4,7 @@ Run: python -m pytest -q tests/test_rl.py   (CPU, about a minute)"""
 
 import json
 import os
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -78,6 +79,18 @@ def test_checker_and_verdict_rewards_on_rendered_scenes():
     images = [shapes.render(both), shapes.render(one)]
     assert rl.checker_reward(images, [p, p]).tolist() == [1.0, 0.5]
     assert rl.verdict_reward(images, [p, p]).tolist() == [1.0, 0.0]
+
+
+def test_preset_pays_verdicts_where_it_can():
+    """toy and tiny pay segment 1 against the checker's verdict; a judge's P(yes) and editing fall
+    back to plain; a flag overrides; the real presets keep the paper's r1."""
+    args = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2,
+                updates_per_batch=1, cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain",
+                edit_weights="0.5,1.0", segments=3, regen="reflect")
+    pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(args, **kw)), rl.TRAIN[preset])["verdicts"]
+    assert pay() == pay("toy") == "strict" and pay("janus-pro-7b") == pay("small") == "plain"
+    assert pay(reward="judge", judge_ckpt="j.pt") == "plain" and pay(task="edit") == "plain"
+    assert pay(verdicts="balanced") == "balanced" and pay(reward="verdict") == "strict"
 
 
 def test_loss_at_ratio_one_is_reinforce_with_a_baseline():
@@ -210,20 +223,20 @@ def test_resume_after_a_kill_equals_an_uninterrupted_run(bundle, tmp_path, monke
 
 
 def test_balanced_verdicts_reach_the_advantages(bundle, tmp_path, monkeypatch):
-    """--verdicts balanced / strict: the advantages are computed from balanced_verdicts' / strict_verdicts'
-    rewards; plain calls neither."""
+    """--verdicts balanced / strict (tiny's preset): the advantages are computed from balanced_verdicts' /
+    strict_verdicts' rewards; plain calls neither."""
     calls, seen, strict = [], [], []
     real_b, real_a, real_s = rl.balanced_verdicts, rl.group_advantages, rl.strict_verdicts
     monkeypatch.setattr(rl, "balanced_verdicts", lambda r, y, g: calls.append((r.clone(), real_b(r, y, g))) or calls[-1][1])
     monkeypatch.setattr(rl, "strict_verdicts", lambda r, y: strict.append((r.clone(), real_s(r, y))) or strict[-1][1])
     monkeypatch.setattr(rl, "group_advantages", lambda r, g: seen.append(r.clone()) or real_a(r, g))
     argv = ["--config", "tiny", "--steps", "1", "--prompts", "2", "--group", "4", "--no-final-eval"]
-    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "plain")])
+    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "plain"), "--verdicts", "plain"])
     assert not calls and not strict and len(seen) == 1
     rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "balanced"), "--verdicts", "balanced"])
     assert len(calls) == 1 and torch.equal(seen[1], calls[0][1])
     assert torch.equal(seen[1][:, [0, 2]], calls[0][0][:, [0, 2]])  # only segment 1's pay changes
-    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "strict"), "--verdicts", "strict"])
+    rl.main(argv + ["--out", _run_dir(bundle, tmp_path, "strict")])  # tiny's preset: strict
     assert len(calls) == 1 and len(strict) == 1 and torch.equal(seen[2], strict[0][1])
     assert torch.equal(seen[2][:, [0, 2]], strict[0][0][:, [0, 2]])
     with pytest.raises(SystemExit, match="--verdicts strict"):
