@@ -123,6 +123,27 @@ def geneval(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False)
     return out
 
 @torch.no_grad()
+def loop_split(model, vq, tok, prompts, batch=64, seed=0):
+    """Where the loop's gain is lost: every image 1 is judged No (Options(force_no=True)), so every
+    chain draws image 2 after the model's own reason. Per category (and overall, their mean): image 1
+    (geneval's first image: the same seeds), image 2, and the ceiling, the final image of a judge
+    that agreed with the checker (image 2 where image 1 is wrong, else image 1). The ceiling minus
+    the first image is what a perfect judge would add with this redraw."""
+    ok = {}
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        chains = introspect(model, vq, tok, [p.text for p in chunk], [seed + i + j for j in range(len(chunk))],
+                            Options(rounds=2, force_no=True))
+        for p, c in zip(chunk, chains):
+            ok.setdefault(p.category, []).append([shapes.check(im, p).verdict for im in c.images])
+    out = {}
+    for name, f in (("first", lambda a, b: a), ("second", lambda a, b: b), ("ceiling", lambda a, b: a or b)):
+        acc = {cat: float(np.mean([f(*v) for v in vs])) for cat, vs in ok.items()}
+        out[name] = dict(acc, overall=float(np.mean(list(acc.values()))))
+    return out
+
+
+@torch.no_grad()
 def evaluate_editing(model, vq, tok, n):
     """n seeded ShapeWorld edits (source scene, instruction): the model's edit of each rendered
     source, scored by the checker's follow (the change happened) and preserve (nothing else changed)."""

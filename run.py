@@ -90,9 +90,10 @@ def ood_prompts(args, splits):
 
 
 def extra_evals(args, stage):
-    """What the stage scripts don't measure themselves: the ood split, editing, example chains."""
+    """What the stage scripts don't measure themselves: the ood split, editing, example chains, and
+    (sft, rl) where the loop's gain is lost."""
     pt = os.path.join(args.out, f"{stage}.pt")
-    key = {"ckpt": digest(pt), "ood_prompts": args.ood_prompts, "edit_prompts": args.edit_prompts}
+    key = {"ckpt": digest(pt), "ood_prompts": args.ood_prompts, "edit_prompts": args.edit_prompts, "loop_split": 1}
     return cached(args, f"{stage}_extra.json", key, lambda: _extra_evals(args, stage))
 
 
@@ -106,6 +107,8 @@ def _extra_evals(args, stage):
     ood = evaluate.geneval(model, vq, tok, ood, rounds=rounds, seed=7, progress=True)
     # editing (no stage trains it yet: this measures what the model does zero-shot)
     edit = evaluate.evaluate_editing(model, vq, tok, args.edit_prompts)
+    # the stage's own test prompts (its first images are the report's): image 2 after every image 1
+    loop = None if stage == "base" else evaluate.loop_split(model, vq, tok, stage_test_prompts(args, stage, splits))
     # a few chains to look at
     prompts = [p for p in splits["test"] if p.category in ("colour_attr", "position", "counting", "compositional")][::25][:8]
     chains = sample.introspect(model, vq, tok, [p.text for p in prompts], list(range(100, 100 + len(prompts))),
@@ -121,7 +124,15 @@ def _extra_evals(args, stage):
         shown.append({"prompt": p.text, "files": files, "verdicts": c.verdicts, "reasons": c.reasons,
                       "checker": [shapes.check(im, p).reason for im in c.images]})
     return {"ood_first": ood["first"]["overall"], "ood_final": ood["final"]["overall"],
-            "edit": edit, "chains": shown}
+            "edit": edit, "chains": shown, "loop": loop}
+
+
+def stage_test_prompts(args, stage, splits):
+    # the test prompts sft.py / rl.py evaluate a stage on, as they pick them
+    import rl
+    import sft
+    per = rl.TRAIN[args.config]["eval_prompts"] if stage == "rl" else sft.TRAIN[args.config]["test_prompts"]
+    return shapes.per_category(splits["test"], per)
 
 
 def untrained_eval(args):
@@ -141,9 +152,7 @@ def _untrained_eval(args):
     model = Janus(JanusConfig(**PRESETS[args.config])).eval()
     vq, tok = load_vq(os.path.join(args.out, "vq.pt")), TextTokenizer(shapes.WORDS)
     splits = shapes.make_splits(seed=0)
-    from sft import TRAIN  # the prompts the trained stages are evaluated on
-    test = shapes.per_category(splits["test"], TRAIN[args.config]["test_prompts"])
-    first = evaluate.geneval(model, vq, tok, test, rounds=1, progress=True)["first"]
+    first = evaluate.geneval(model, vq, tok, stage_test_prompts(args, "untrained", splits), rounds=1, progress=True)["first"]
     ood = ood_prompts(args, splits)
     first["ood"] = evaluate.geneval(model, vq, tok, ood, rounds=1, seed=7)["first"]["overall"]
     return first
@@ -241,7 +250,7 @@ def report(args, seconds):
 
 
 def gather(args, seconds):
-    rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {},
+    rep = {"config": args.config, "geneval": {"untrained": {"first": untrained_eval(args)}}, "judge": {}, "edit": {}, "loop": {},
            "seconds": seconds, "examples": {}, "learning_curve": []}
     vq = read_json(os.path.join(args.out, "vq_eval.json"))
     rep["vq"] = {k: vq[k] for k in vq if k in ("psnr", "usage", "agreement", "agreement_matching", "agreement_mismatching",
@@ -267,6 +276,7 @@ def gather(args, seconds):
         else:
             rep["geneval"][stage] = {m: dict(ev[m], ood=extra[f"ood_{m}"]) for m in ("first", "final")}
             rep["judge"][stage] = dict(ev["judge"], layout="self-check")
+            rep["loop"][stage] = dict(extra["loop"], final=ev["final"])
             if stage == "rl":
                 rep["rl_curve"] = ev["curve"]  # per step: reward per segment, Yes rate, KL, ...
         rep["edit"][stage] = extra["edit"]
@@ -282,6 +292,23 @@ def learning_lines(args, curve):
               + ("n/a" if p["judge_auc_wc"] is None else f"{p['judge_auc_wc']:.3f}") + " |" for p in curve]
     return lines + ["", "Seconds count training only (evaluations left out), SFT's after the base stage's. Base's "
                     "judge is its self-check answer on rendered scenes; SFT's is its verdict on its own images.", ""]
+
+
+def loop_lines(loop, cats):
+    """report.md: the loop's final image against image 2 drawn after every image 1 and against the
+    ceiling of a judge that agreed with the checker."""
+    if not loop:
+        return []
+    lines = ["", "## Where the loop's gain is lost (test split)", "",
+             "| stage | image | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
+    names = {"first": "first", "final": "final (the loop)", "second": "image 2 after a forced No",
+             "ceiling": "a judge that agreed with the checker"}
+    for stage, d in loop.items():
+        lines += [f"| {stage} | {names[k]} | " + " | ".join(f"{d[k][c]:.2f}" for c in cats) + " |" for k in names]
+    return lines + ["", "Image 2 after a forced No: every image 1 judged No, image 2 drawn after the model's own reason "
+                    "(two rounds). A judge that agreed with the checker would keep image 1 where it is right and redraw "
+                    "the rest: its final image minus the first is what this redraw can add, and the loop's final image "
+                    "(up to three rounds, the model's own verdicts) shows how much of it the model's judge takes."]
 
 
 def report_lines(args, rep, seconds):
@@ -306,6 +333,7 @@ def report_lines(args, rep, seconds):
             lines.append(f"| {stage} | {mode} | " + " | ".join(f"{acc[c]:.2f}" for c in cats + ["ood"]) + " |")
     lines += ["", "untrained: the same model with random weights (seed 0) and this run's VQ, i.e. what the checker "
               "credits to chance."]
+    lines += loop_lines(rep["loop"], cats)
     lines += ["", "## The model as a judge (its Yes/No and P(yes) against the checker)", "",
               "| stage | layout | agreement | a judge that always says No | balanced accuracy | AUC of P(yes) | "
               "AUC within category |", "|---|---|---|---|---|---|---|"]

@@ -270,6 +270,7 @@ class Options:
     max_reason: int = 24       # tokens after Yes/No, EOS included
     rounds: int = 3            # most images per chain
     compile: bool = False      # image tokens by the compiled static step (faster per token, compiles first)
+    force_no: bool = False     # every verdict No, whatever P(yes): the redraw measured alone (evaluate.loop_split)
 
     def __post_init__(self):
         # NaN or inf guidance/temperature would turn every draw into the last id, silently: refuse
@@ -386,6 +387,8 @@ def judge(model, tok, prefix_cache, prefix_len, key_mask, images, opt, gens):
     two = model.text_logits(h)[:, [tok.yes, tok.no]]  # (B, 2)
     p_yes = two.softmax(-1)[:, 0]
     first = pick(two, u[:, 0], opt.text_temperature)  # 0 = Yes, 1 = No
+    if opt.force_no:
+        first = torch.ones_like(first)
     ids = torch.where(first == 0, tok.yes, tok.no)
     h = forward_cached(model, model.embed(ids[:, None]), cache, pos, km)[:, -1]
     reasons = decode_text(model, tok, cache, km, h, pos + 1, u[:, 1:], opt.text_temperature)

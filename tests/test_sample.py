@@ -217,6 +217,19 @@ def test_loop_stops_at_yes_and_respects_rounds(bundle):
             assert len({len(c.images) for c in chains}) > 1
 
 
+def test_force_no_redraws_every_image_and_keeps_the_judges_p_yes(bundle):
+    """Options(force_no=True) (evaluate.loop_split): every chain runs all its rounds with No verdicts;
+    image 1 and the judge's P(yes) on it are those of the real loop (same seeds)."""
+    model, vq, tok = bundle
+    real = S.introspect(model, vq, tok, PROMPTS * 2, list(range(50, 56)), S.Options(rounds=2))
+    forced = S.introspect(model, vq, tok, PROMPTS * 2, list(range(50, 56)), S.Options(rounds=2, force_no=True))
+    for r, f in zip(real, forced):
+        assert len(f.images) == 2 and f.verdicts == ["no", "no"] and all(a.startswith("No") for a in f.reasons)
+        assert r.codes[0] == f.codes[0] and r.p_yes[0] == pytest.approx(f.p_yes[0], abs=1e-6)
+        if r.verdicts[0] == "no":  # the real loop redrew too: the same image 2
+            assert r.codes[1] == f.codes[1]
+
+
 @pytest.fixture(scope="module")
 def ckpt(bundle, tmp_path_factory):
     model, vq, tok = bundle
