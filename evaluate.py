@@ -122,6 +122,7 @@ def geneval(model, vq, tok, prompts, rounds=3, batch=64, seed=0, progress=False)
     out["mean_images"] = len(truth) / len(prompts)
     return out
 
+
 @torch.no_grad()
 def loop_split(model, vq, tok, prompts, batch=64, seed=0):
     """Where the loop's gain is lost: every image 1 is judged No (Options(force_no=True)), so every
