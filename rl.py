@@ -60,8 +60,9 @@ TRAIN = {
     # 120 steps at 5e-5 drew 0.63-0.64 of test prompts right against 60 steps' 0.61 (docs/experiments.md,
     # "RL: more steps, and what the verdict is paid")
     # toy, tiny: segment 1 paid against the checker's verdict (--verdicts strict): with the paper's r1 the
-    # toy judge drifts to Yes (two seeds: AUC within category 0.70 against 0.53, final image 0.02 lower;
-    # docs/experiments.md, "RL: the categories that teach ... strict verdicts")
+    # toy judge drifts to Yes. From a 500-step SFT: AUC within category 0.70 against 0.53 (two seeds),
+    # final image 0.02 lower; from the 800-step SFT: balanced accuracy 0.81 against 0.52, AUC within
+    # category 0.54 against 0.62, the same final image (one seed; docs/experiments.md, "A longer SFT")
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=0.04, reason=8, eval_prompts=4, verdicts="strict"),
     "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=0.04, reason=24, eval_prompts=100, verdicts="strict"),
     "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=0.04, reason=24, eval_prompts=50),
