@@ -211,6 +211,12 @@ OWN_SHARE = 1.0
 # samples taught the toy model their mess (docs/experiments.md, "OWN_POSITIVE"). The renderer is the
 # toy's strong (and perfect) external generator; own images still feed Task II and Task III's inputs.
 OWN_POSITIVE = 0.0
+# Task II: the chance that a "No" example shows, instead of one of the prompt's own wrong images, an
+# own image drawn for a NEIGHBOUR prompt (same category, one word changed: "a red circle" / "a blue
+# circle"), answered by the checker against this prompt: wrong images that look like right ones and
+# differ from the prompt in one named fact. 0: at 0.5 the judge was no better over two seeds (AUC
+# within category 0.78 / 0.77 against 0.73 / 0.79; docs/experiments.md, "SFT: neighbours' images").
+NEIGHBOUR_SHARE = 0.0
 
 
 def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0):
@@ -250,6 +256,10 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0):
         yes = rng.random() < 0.5
         history = [_hist(negative()) for _ in range(rng.randint(0, depth))]
         if pos and neg and rng.random() < OWN_SHARE:
+            near = neighbours(p, by_cat[p.category]) if NEIGHBOUR_SHARE and not yes else []
+            if near and rng.random() < NEIGHBOUR_SHARE:  # (no draw at 0: the data stream stays as it was)
+                _, im, _, _ = rng.choice(pool[rng.choice(near).text])
+                return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history)
             _, im, _, reason = rng.choice(pos if yes else neg)
             return dict(task=task, prompt=p.text, image=im, answer=reason, history=history)
         # a rendered scene is shown as the judge sees every image at inference: VQ-decoded
@@ -259,6 +269,15 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0):
                     roundtrip=True)
     history = [_hist(negative()) for _ in range(rng.randint(1, depth))]
     return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=history, **positive())
+
+
+def neighbours(p, prompts):
+    """The prompts whose words differ from p's in exactly one place, articles aside ("an orange
+    circle" / "a red circle", "two circles" / "three circles", "left of" / "right of")."""
+    words = lambda t: [w for w in t.split() if w not in ("a", "an")]
+    mine = words(p.text)
+    return [q for q in prompts if len(words(q.text)) == len(mine)
+            and sum(a != b for a, b in zip(words(q.text), mine)) == 1]
 
 
 def edit_example(rng, size, grid=0):

@@ -96,6 +96,24 @@ def test_task2_answers_are_balanced_per_prompt_and_per_look():
             assert share == 0 if p is not mixed else abs(share - sft.OWN_SHARE) < 0.07, (p.text, yes, share)
 
 
+def test_task2_no_shows_a_neighbours_image_answered_against_this_prompt(monkeypatch):
+    # "a red circle" and "a blue circle" differ in one word: a "No" for red may show blue's own
+    # image (looking as clean as red's right ones), answered by the checker against "a red circle"
+    monkeypatch.setattr(sft, "NEIGHBOUR_SHARE", 0.5)  # the preset's 0 shows none
+    red, blue = shapes.parse_prompt("a red circle"), shapes.parse_prompt("a blue circle")
+    assert sft.neighbours(red, [red, blue, shapes.parse_prompt("a blue square")]) == [blue]
+    assert sft.neighbours(shapes.parse_prompt("an orange circle"), [red]) == [red]  # articles aside
+    draw = lambda c: shapes.render(shapes.Scene(32, [shapes.Obj("circle", c, 16, 16, 10)]))
+    pool = {red.text: [(_codes(), draw("red"), True, "Yes."), (_codes(), draw("green"), False, "No, wrong.")],
+            blue.text: [(_codes(), draw("blue"), True, "Yes.")]}
+    rng = random.Random(0)
+    nos = [ex for ex in (sft.sft_example("task2", rng, sft.group([red, blue]), pool, 32, depth=0) for _ in range(800))
+           if ex["prompt"] == red.text and ex["answer"].startswith("No")]
+    shown_blue = [ex for ex in nos if ex["image"] is pool[blue.text][0][1]]
+    assert abs(len(shown_blue) / len(nos) - sft.NEIGHBOUR_SHARE) < 0.08, (len(shown_blue), len(nos))
+    assert shown_blue[0]["answer"] == shapes.check(draw("blue"), red).reason != "No, wrong."
+
+
 def test_task2_loss_on_the_answer_weighted():
     ex = dict(task="task2", prompt="a red circle", image=_image(), answer="No, the circle is green, not red.")
     s = sft.build_seq(ex, TOK, N)
