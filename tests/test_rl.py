@@ -86,11 +86,13 @@ def test_preset_pays_verdicts_where_it_can():
     back to plain; a flag overrides; the real presets keep the paper's r1."""
     args = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2,
                 updates_per_batch=1, cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain",
-                edit_weights="0.5,1.0", segments=3, regen="reflect")
+                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0)
     pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(args, **kw)), rl.TRAIN[preset])["verdicts"]
     assert pay() == pay("toy") == "strict" and pay("janus-pro-7b") == pay("small") == "plain"
     assert pay(reward="judge", judge_ckpt="j.pt") == "plain" and pay(task="edit") == "plain"
     assert pay(verdicts="balanced") == "balanced" and pay(reward="verdict") == "strict"
+    with pytest.raises(ValueError, match="--judge-sft"):  # the checker answers for the chain's judge only
+        rl.rl_settings(SimpleNamespace(**dict(args, judge_sft=0.3, reward="judge", judge_ckpt="j.pt")), rl.TRAIN["tiny"])
 
 
 def test_loss_at_ratio_one_is_reinforce_with_a_baseline():
@@ -173,6 +175,37 @@ def test_logps_recomputed_equal_the_samplers(bundle):
             assert torch.equal(logp[c, 2], logp[c, 0])
 
 
+def test_judge_sft_loss_is_task_two_balanced_by_hand(bundle):
+    """judge_sft_loss: per chain, Task II's loss (0.8 CE(Yes/No) + 0.2 mean CE of the rest) on image 1
+    answered by the checker, each computed here alone in its own batch; within a group the Yes half
+    and the No half weigh 0.5 each, a group with one answer only nothing; a mean over groups."""
+    model, vq = bundle
+    prompts = ["a red circle"] * 3 + ["two squares"] * 3 + ["a circle to the left of a square"] * 3  # 3 groups of 3
+    ro = rl.rollout(model, vq, TOK, prompts, list(range(9)), rl.SimpleNamespace(cfg=5.0, max_reason=6), rl.checker_reward)
+    images = rl._decode(vq, ro["codes1"])
+    assert ro["truth"] == [shapes.check(im, p).reason for im, p in zip(images, prompts)]
+    no = "No, there is no square."
+    # group 1: two Yes, one No -> 1/4, 1/4, 1/2; group 2: all Yes -> 0; group 3: one Yes, two No -> 1/2, 1/4, 1/4
+    ro["truth"] = ["Yes.", "Yes.", no] + ["Yes."] * 3 + ["Yes.", no, no]
+    weights = [0.25, 0.25, 0.5, 0, 0, 0, 0.5, 0.25, 0.25]
+    N = model.cfg.image_tokens
+
+    def alone(p, im, answer):
+        b = S.collate([S.add_answer(S.selfcheck_seq(TOK, p, im, N), TOK, answer)], TOK, "cpu")
+        losses = model.token_losses(model(S.embed_batch(model, b)), b.text_targets, b.image_targets)[0]
+        ids = TOK.encode(answer) + [TOK.eos]
+        at = torch.nonzero(b.text_targets[0] >= 0).flatten()  # the answer's positions, verdict first
+        assert b.text_targets[0][at].tolist() == ids
+        return 0.8 * losses[at[0]] + 0.2 * losses[at[1:]].mean()
+
+    with torch.no_grad():
+        want = sum(w * alone(p, im, a) for w, p, im, a in zip(weights, prompts, images, ro["truth"])) / 2
+        got = rl.judge_sft_loss(model, TOK, vq, ro, N, 3)
+        assert got.item() == pytest.approx(want.item(), rel=1e-5)
+        ro["truth"] = ["Yes."] * 9  # no group with both answers: nothing to learn
+        assert rl.judge_sft_loss(model, TOK, vq, ro, N, 3).item() == 0
+
+
 # -----------------------------------------------------------------------------
 # The stage
 
@@ -193,7 +226,7 @@ def test_a_learnable_reward_rises(bundle, tmp_path, monkeypatch):
     monkeypatch.setattr(rl, "checker_reward", red)
     out = _run_dir(bundle, tmp_path, "red")
     rl.main(["--config", "tiny", "--out", out, "--steps", "24", "--segments", "0", "--lr", "3e-3", "--prompts", "2",
-             "--group", "8", "--beta", "0", "--eval-prompts", "1"])
+             "--group", "8", "--beta", "0", "--eval-prompts", "1", "--dtype", "fp32"])  # fp32: the test's margin is fp32's
     curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
     r = [s["reward"][0] for s in curve]
     assert np.mean(r[-6:]) > np.mean(r[:6]) + 0.05, r
@@ -244,6 +277,28 @@ def test_balanced_verdicts_reach_the_advantages(bundle, tmp_path, monkeypatch):
                         "--judge-ckpt", "sft.pt"])
 
 
+def test_judge_sft_joins_the_loss_and_the_curve(bundle, tmp_path, monkeypatch):
+    """--judge-sft W adds W x judge_sft_loss to every update's loss and logs it; 0 skips it. With the
+    GRPO loss zeroed and a stand-in judge loss on one weight, only W > 0 moves that weight."""
+    def first_trainable(model):
+        return next((n, p) for n, p in model.named_parameters() if not n.startswith("vision_model"))  # RL freezes the ViT
+
+    seen = []
+    monkeypatch.setattr(rl, "judge_sft_loss", lambda model, *a: seen.append(1) or first_trainable(model)[1].square().sum())
+    real_g = rl.grpo_loss
+    monkeypatch.setattr(rl, "grpo_loss", lambda *a, **k: (lambda loss, kl: (loss * 0, kl))(*real_g(*a, **k)))
+    argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--no-final-eval"]
+    name, before = first_trainable(bundle[0])
+    moved = {}
+    for w in ("0", "0.5"):
+        out = _run_dir(bundle, tmp_path, f"w{w}")
+        rl.main(argv + ["--out", out, "--judge-sft", w])
+        moved[w] = not torch.equal(load_checkpoint(os.path.join(out, "rl.pt"))["model"][name], before)
+        stats = load_checkpoint(os.path.join(out, "rl_state.pt"))["extra"]["stats"]
+        assert all(("judge_ce" in s) == (w != "0") for s in stats)
+    assert len(seen) == 2 and moved == {"0": False, "0.5": True}
+
+
 def test_one_update_per_rollout_takes_old_from_the_loss(bundle, tmp_path, monkeypatch):
     """--updates-per-batch 1: no separate forward for the old log-probs; the loss's own, detached,
     equal the sampling (SFT) weights' log-probs computed without grad. With 2 updates old is computed."""
@@ -252,7 +307,7 @@ def test_one_update_per_rollout_takes_old_from_the_loss(bundle, tmp_path, monkey
     monkeypatch.setattr(rl, "token_logps", lambda m, *a: calls.append((torch.is_grad_enabled(), a)) or real_t(m, *a))
     monkeypatch.setattr(rl, "grpo_loss", lambda logp, old, *a, **k: seen.append((logp.detach().clone(), old.clone()))
                         or real_g(logp, old, *a, **k))
-    argv = ["--config", "tiny", "--prompts", "2", "--group", "4", "--no-final-eval"]
+    argv = ["--config", "tiny", "--prompts", "2", "--group", "4", "--no-final-eval", "--dtype", "fp32"]  # fp32: compared to 1e-6
     rl.main(argv + ["--steps", "1", "--out", _run_dir(bundle, tmp_path, "one")])
     assert [g for g, _ in calls] == [False, True]  # the reference's forward, then the loss's
     logp, old = seen[0]
@@ -272,7 +327,8 @@ def test_two_processes_equal_one(bundle, tmp_path):
     the same loss at every step, the same weights, the same per-step statistics (over every
     process's chains)."""
     from test_sft import finished, torchrun
-    argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval"]
+    # fp32: equal to 1e-6 (on a CPU with native bf16, --dtype auto trains in bf16, where two half-batches round otherwise)
+    argv = ["--config", "tiny", "--steps", "2", "--prompts", "2", "--group", "4", "--lr", "1e-3", "--no-final-eval", "--dtype", "fp32"]
     runs = {name: _run_dir(bundle, tmp_path, name) for name in ("one", "fsdp")}
     proc = torchrun("rl.py", argv + ["--out", runs["fsdp"], "--parallel", "fsdp"], 29518)
     rl.main(argv + ["--out", runs["one"]])
