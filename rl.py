@@ -48,7 +48,7 @@ from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from model import PRESETS, JanusConfig
-from sample import (Options, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
+from sample import (Options, add_answer, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
 from tokenizer import TextTokenizer
@@ -210,6 +210,7 @@ def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect"):
     r_final = torch.where(yes, r1, reward(final, prompts))
     model.train()
     return {"prompts": list(prompts), "codes1": [c.codes[0] for c in chains], "codes2": [c.codes[-1] for c in chains],
+            "truth": [shapes.check(im, p).reason for im, p in zip(first, prompts)],  # the checker's answer on image 1
             "answers": [c.reason_ids[0] for c in chains],
             "eos": [len(c.reason_ids[0]) - 1 < opt.max_reason for c in chains],  # cut at the limit: no EOS drawn
             "yes": yes, "rewards": chain_rewards(r1, yes, r_final), "regen": regen}
@@ -299,6 +300,29 @@ def token_logps(model, tok, rows, twins, where, cfg_w, n_seg):
             logp[c, s, :len(out[i])] = out[i]
             mask[c, s, :len(out[i])] = True
     return logp, mask
+
+
+def judge_sft_loss(model, tok, vq, ro, n_tokens, group):
+    """--judge-sft: Task II's loss (SPEC.md section 4) on the rollout's own first images, answered
+    by the checker: the judge learns to read exactly the images the policy draws now, where RL alone
+    pays whatever answer the group's majority earns (docs/experiments.md). Within each group (one
+    prompt) the Yes-answered and the No-answered chains weigh half each, and a group whose images
+    all got one answer weighs nothing: the prompt alone never tells the answer; a mean over groups."""
+    yes = torch.tensor([a.startswith("Yes") for a in ro["truth"]]).reshape(-1, group)  # (P, G)
+    n_yes = yes.sum(1, keepdim=True)
+    mixed = (n_yes > 0) & (n_yes < group)  # (P, 1)
+    share = torch.where(yes, 0.5 / n_yes.clamp(min=1), 0.5 / (group - n_yes).clamp(min=1)) * mixed
+    share = share.reshape(-1) / mixed.sum().clamp(min=1)  # (C,)
+    keep = share.nonzero().flatten().tolist()  # only the mixed groups' chains weigh: only they are run
+    dev = next(model.parameters()).device
+    if not keep:
+        return torch.zeros((), device=dev)
+    images1 = _decode(vq, [ro["codes1"][i] for i in keep])
+    rows = [add_answer(selfcheck_seq(tok, ro["prompts"][i], im, n_tokens), tok, ro["truth"][i], 0.8, 0.2)
+            for i, im in zip(keep, images1)]
+    b = collate(rows, tok, dev)
+    losses = model.token_losses(model(embed_batch(model, b)), b.text_targets, b.image_targets)  # (K, T)
+    return ((losses * b.weights).sum(1) * share[keep].to(dev)).sum()  # Task II's loss of each kept chain, weighed
 
 
 # -----------------------------------------------------------------------------
@@ -407,6 +431,10 @@ def main(argv=None):
                     "balanced accuracy within the group, so that the majority answer earns nothing (rl.balanced_verdicts); "
                     "strict: r1 = 1 - |1[R(I1) = 1] - SE|, against the checker's verdict, not its soft score (rl.strict_verdicts). "
                     "Default: the preset's (toy, tiny: strict where the rewards are the checker's; else plain)")
+    ap.add_argument("--judge-sft", type=nonneg_float, default=0.0,
+                    help="weight of Task II's loss on the rollouts' own first images answered by the checker, Yes and No "
+                    "balanced within each group (rl.judge_sft_loss), added to the GRPO loss; 0 (default, the paper): none. "
+                    "On toy it did not make the judge read its images better (docs/experiments.md)")
     ap.add_argument("--task", choices=["chain", "edit"], default="chain",
                     help="chain: the introspective chain (SPEC.md section 5); edit: editing RL on ShapeWorld edits")
     ap.add_argument("--edit-weights", default="0.5,1.0",
@@ -433,6 +461,8 @@ def rl_settings(args, preset):
         raise ValueError(f"--verdicts {args.verdicts} pays the chain's Yes/No; --task edit has none")
     if args.verdicts == "strict" and args.reward == "judge":
         raise ValueError("--verdicts strict compares Yes/No with the checker's verdict (score 1); not with --reward judge")
+    if args.judge_sft and (args.reward == "judge" or args.task == "edit"):
+        raise ValueError("--judge-sft teaches the checker's answers to the chain's judge; not with --reward judge or --task edit")
     # the preset's pay of segment 1 where it applies: a judge's P(yes) has no verdict to pay against
     verdicts = args.verdicts or ("plain" if args.task == "edit" or args.reward == "judge" else preset.get("verdicts", "plain"))
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
@@ -440,7 +470,7 @@ def rl_settings(args, preset):
                 lr=pick("lr"), warmup=preset["warmup"], beta=pick("beta"), clip_eps=args.clip_eps,
                 updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
                 cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
-                segments=args.segments, regen=args.regen, verdicts=verdicts, task=args.task,
+                segments=args.segments, regen=args.regen, verdicts=verdicts, judge_sft=args.judge_sft, task=args.task,
                 edit_weights=edit_weights, bf16=None)
 
 
@@ -493,6 +523,9 @@ def run(args):
         old = logp.detach() if ro["old"] is None else ro["old"]  # ratio 1 at a rollout's only update
         loss, kl = grpo_loss(logp, old, ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
         held["kl"] = kl
+        if settings["judge_sft"]:
+            held["judge_ce"] = judge_sft_loss(model, tok, vq, ro, N, G)
+            loss = loss + settings["judge_sft"] * held["judge_ce"]
         return loss / world  # this process's share: every process holds as many chains
 
     def after_step(step):
@@ -501,6 +534,8 @@ def run(args):
         held["stats"].append(dict(step=step, **s))
         if settings["task"] == "edit":
             return {"reward": s["reward"][0], "follow": s["follow"], "preserve": s["preserve"]}
+        if "judge_ce" in held:  # --judge-sft: its loss on this rollout (before the update)
+            held["stats"][-1]["judge_ce"] = round(held["judge_ce"].item(), 4)
         return {"r0": s["reward"][0], "r1": s["reward"][1], "r2": s["reward"][2], "yes": s["yes"]}
 
     def set_held(saved):
