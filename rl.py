@@ -491,8 +491,7 @@ def run(args):
     st = load_state(state_path, "rl_state", settings, ignore=("steps", "bf16"))
 
     model, vq, tok, _ = load_janus(sft_path, dev)
-    ref, _, _, _ = load_janus(sft_path, dev)  # the frozen SFT model of the KL term
-    ref.requires_grad_(False)
+    ref = load_janus(sft_path, dev)[0].requires_grad_(False)  # the frozen SFT model of the KL term
     vq.requires_grad_(False)
     model.vision_model.requires_grad_(False)  # the released code keeps the ViT (and the VQ) frozen
     reward = make_reward(args, tok, dev)
@@ -523,19 +522,17 @@ def run(args):
         old = logp.detach() if ro["old"] is None else ro["old"]  # ratio 1 at a rollout's only update
         loss, kl = grpo_loss(logp, old, ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
         held["kl"] = kl
-        if settings["judge_sft"]:
+        if settings["judge_sft"]:  # Task II on the rollout's own first images
             held["judge_ce"] = judge_sft_loss(model, tok, vq, ro, N, G)
-            loss = loss + settings["judge_sft"] * held["judge_ce"]
-        return loss / world  # this process's share: every process holds as many chains
+        return (loss + settings["judge_sft"] * held.get("judge_ce", 0)) / world  # this process's share (equal chains)
 
     def after_step(step):
         ro, kl = everyone(held["rollout"], held["kl"], world)
         s = step_stats(ro, ro["adv"], kl, G)
-        held["stats"].append(dict(step=step, **s))
+        ce = {"judge_ce": round(held["judge_ce"].item(), 4)} if "judge_ce" in held else {}  # --judge-sft's loss
+        held["stats"].append(dict(step=step, **s, **ce))
         if settings["task"] == "edit":
             return {"reward": s["reward"][0], "follow": s["follow"], "preserve": s["preserve"]}
-        if "judge_ce" in held:  # --judge-sft: its loss on this rollout (before the update)
-            held["stats"][-1]["judge_ce"] = round(held["judge_ce"].item(), 4)
         return {"r0": s["reward"][0], "r1": s["reward"][1], "r2": s["reward"][2], "yes": s["yes"]}
 
     def set_held(saved):
