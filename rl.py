@@ -304,10 +304,11 @@ def token_logps(model, tok, rows, twins, where, cfg_w, n_seg):
 
 def judge_sft_loss(model, tok, vq, ro, n_tokens, group):
     """--judge-sft: Task II's loss (SPEC.md section 4) on the rollout's own first images, answered
-    by the checker: the judge learns to read exactly the images the policy draws now, where RL alone
-    pays whatever answer the group's majority earns (docs/experiments.md). Within each group (one
-    prompt) the Yes-answered and the No-answered chains weigh half each, and a group whose images
-    all got one answer weighs nothing: the prompt alone never tells the answer; a mean over groups."""
+    by the checker, so that the judge learns on exactly the images the policy draws now (RL alone
+    pays whatever answer a group's majority earns). Within each group (one prompt) the Yes-answered
+    and the No-answered chains weigh half each, and a group whose images all got one answer weighs
+    nothing: the prompt alone never tells the answer; a mean over groups. On toy the judge read no
+    better (docs/experiments.md, "RL: the judge taught on its own rollouts")."""
     yes = torch.tensor([a.startswith("Yes") for a in ro["truth"]]).reshape(-1, group)  # (P, G)
     n_yes = yes.sum(1, keepdim=True)
     mixed = (n_yes > 0) & (n_yes < group)  # (P, 1)
