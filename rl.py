@@ -186,12 +186,13 @@ def make_reward(args, tok, dev):
 
 
 @torch.no_grad()
-def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect"):
+def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect", truth=False):
     """Chains for prompts (each repeated G times by the caller) -> a plain dict of lists and tensors
     (what the loss needs, and what a resumed run reloads): codes of image 1 and of the final image,
     the answer ids (verdict first, and whether its EOS was sampled), verdicts, rewards (C, 3).
     regen="plain": after a No, image 2 is a fresh sample from the prompt alone (the loop without
-    reflection: the ablation that separates reflection from judge-guided resampling)."""
+    reflection: the ablation that separates reflection from judge-guided resampling). truth: also
+    the checker's answer on each image 1 (--judge-sft teaches it)."""
     model.eval()
     chains = introspect(model, vq, tok, prompts, seeds, Options(cfg=opt.cfg, rounds=1 if regen == "plain" else 2,
                                                               text_temperature=1.0, max_reason=opt.max_reason))
@@ -210,7 +211,7 @@ def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect"):
     r_final = torch.where(yes, r1, reward(final, prompts))
     model.train()
     return {"prompts": list(prompts), "codes1": [c.codes[0] for c in chains], "codes2": [c.codes[-1] for c in chains],
-            "truth": [shapes.check(im, p).reason for im, p in zip(first, prompts)],  # the checker's answer on image 1
+            "truth": [shapes.check(im, p).reason for im, p in zip(first, prompts)] if truth else None,
             "answers": [c.reason_ids[0] for c in chains],
             "eos": [len(c.reason_ids[0]) - 1 < opt.max_reason for c in chains],  # cut at the limit: no EOS drawn
             "yes": yes, "rewards": chain_rewards(r1, yes, r_final), "regen": regen}
@@ -373,7 +374,8 @@ def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
     else:
         prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
         prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
-        ro = rollout(model, vq, tok, prompts, _seeds(settings["seed"], k, rank, len(prompts)), opt, reward, settings["regen"])
+        ro = rollout(model, vq, tok, prompts, _seeds(settings["seed"], k, rank, len(prompts)), opt, reward, settings["regen"],
+                     truth=settings["judge_sft"] > 0)
         drawn = len(prompts) + int((~ro["yes"]).sum())
     # rollouts are most of a step: image tokens drawn per second (CFG rows counted once)
     ro["tok_s"] = model.cfg.image_tokens * drawn / (time.time() - t0)

@@ -181,7 +181,8 @@ def test_judge_sft_loss_is_task_two_balanced_by_hand(bundle):
     and the No half weigh 0.5 each, a group with one answer only nothing; a mean over groups."""
     model, vq = bundle
     prompts = ["a red circle"] * 3 + ["two squares"] * 3 + ["a circle to the left of a square"] * 3  # 3 groups of 3
-    ro = rl.rollout(model, vq, TOK, prompts, list(range(9)), rl.SimpleNamespace(cfg=5.0, max_reason=6), rl.checker_reward)
+    ro = rl.rollout(model, vq, TOK, prompts, list(range(9)), rl.SimpleNamespace(cfg=5.0, max_reason=6), rl.checker_reward,
+                    truth=True)
     images = rl._decode(vq, ro["codes1"])
     assert ro["truth"] == [shapes.check(im, p).reason for im, p in zip(images, prompts)]
     no = "No, there is no square."
