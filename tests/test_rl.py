@@ -226,8 +226,10 @@ def test_a_learnable_reward_rises(bundle, tmp_path, monkeypatch):
 
     monkeypatch.setattr(rl, "checker_reward", red)
     out = _run_dir(bundle, tmp_path, "red")
-    rl.main(["--config", "tiny", "--out", out, "--steps", "24", "--segments", "0", "--lr", "3e-3", "--prompts", "2",
-             "--group", "8", "--beta", "0", "--eval-prompts", "1", "--dtype", "fp32"])  # fp32: the test's margin is fp32's
+    rl.main(["--config", "tiny", "--out", out, "--steps", "48", "--segments", "0", "--lr", "3e-3", "--prompts", "2",
+             "--group", "8", "--beta", "0", "--eval-prompts", "1", "--dtype", "fp32"])
+    # 48 steps: at 24 the red ink rose for seed 0 (0.02 -> 0.13) but not for seed 1 (0.024 -> 0.020), and in bf16
+    # not for seed 0: the tiny policy's path is chaotic; at 48, fp32 rose for seeds 0-2 (to 0.36, 0.13, 0.14)
     curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
     r = [s["reward"][0] for s in curve]
     assert np.mean(r[-6:]) > np.mean(r[:6]) + 0.05, r
