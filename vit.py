@@ -10,12 +10,6 @@ pretraining on ShapeWorld: every patch learns what it shows, from the scene grap
     shape of the object that covers the patch (circle / square / triangle / background)
     colour of that object (6 colours / background)
     whether the object's centre lies in the patch (one patch per object: what counting needs)
-    the patch's row and column in the grid (where it is: what "left of" and "above" need)
-
-The last targets are the same for every image. Without them the features forgot where a patch is: a
-linear probe on the frozen features of the ViT pretrained without them read a patch's row and column
-at chance (0.25 each on toy; docs/experiments.md, "The ViT forgot where a patch is"), so the LLM
-could tell which shapes an image holds but not where: a SigLIP's features keep that.
 
 A patch belongs to the object covering most of its pixels, if that is at least COVER of them.
 The dense labels give ~64 targets per image instead of one, so this takes seconds, not hours.
@@ -74,49 +68,37 @@ def make_batch(rng, n, size, patch, grid=0):
 
 
 class PatchHead(nn.Module):
-    """ViT features (B, n, width) -> shape logits (B, n, S+1), colour logits (B, n, C+1), centre logit
-    (B, n), row and column logits (B, n, g) each (g x g = n patches)."""
+    """ViT features (B, n, width) -> shape logits (B, n, S+1), colour logits (B, n, C+1), centre logit (B, n)."""
 
-    def __init__(self, width, grid):
+    def __init__(self, width):
         super().__init__()
-        self.grid = grid
-        self.proj = nn.Linear(width, (S + 1) + (C + 1) + 1 + 2 * grid)
+        self.proj = nn.Linear(width, (S + 1) + (C + 1) + 1)
 
     def forward(self, h):
         out = self.proj(h).float()
-        return out.split([S + 1, C + 1, 1, self.grid, self.grid], dim=-1)
-
-
-def where(n, grid):
-    """Row and column (n,) each of the n patches in raster order."""
-    i = torch.arange(n)
-    return i // grid, i % grid
+        return out[..., :S + 1], out[..., S + 1:S + C + 2], out[..., -1]
 
 
 def losses(head_out, shape, colour, centre):
-    a, b, c, r, k = head_out
-    row, col = (t.to(r.device).repeat(shape.size(0)) for t in where(shape.size(1), r.size(-1)))
+    a, b, c = head_out
     return (F.cross_entropy(a.flatten(0, 1), shape.flatten()) + F.cross_entropy(b.flatten(0, 1), colour.flatten())
-            + F.binary_cross_entropy_with_logits(c[..., 0], centre.float())
-            + F.cross_entropy(r.flatten(0, 1), row) + F.cross_entropy(k.flatten(0, 1), col))
+            + F.binary_cross_entropy_with_logits(c, centre.float()))
 
 
 @torch.no_grad()
 def patch_metrics(vit, head, n, size, patch, device, grid=0):
     """On held-out random scenes (seed space "vit-eval"): per-patch shape and colour accuracy on the
-    patches an object owns, background accuracy, the share of scenes whose number of predicted
-    centres equals the number of objects, and the share of patches whose row and column are read right."""
+    patches an object owns, background accuracy, and the share of scenes whose number of predicted
+    centres equals the number of objects."""
     vit.eval()
     pixels, shape, colour, centre = make_batch(random.Random("vit-eval"), n, size, patch, grid)
-    a, b, c, r, k = (t.cpu() for t in head(vit(pixels.to(device))))
-    a, b, c = a.argmax(-1), b.argmax(-1), c[..., 0] > 0
-    row, col = where(shape.size(1), head.grid)
+    a, b, c = head(vit(pixels.to(device)))
+    a, b, c = a.argmax(-1).cpu(), b.argmax(-1).cpu(), (c > 0).cpu()
     obj = shape < S
     vit.train()
     return {"shape": float((a[obj] == shape[obj]).float().mean()), "colour": float((b[obj] == colour[obj]).float().mean()),
             "background": float((a[~obj] == S).float().mean()),
-            "count": float((c.sum(1) == centre.sum(1)).float().mean()),
-            "where": float(((r.argmax(-1) == row) & (k.argmax(-1) == col)).float().mean()), "scenes": n}
+            "count": float((c.sum(1) == centre.sum(1)).float().mean()), "scenes": n}
 
 
 def vit_config(cfg):
@@ -153,10 +135,9 @@ def run(args):
     pick = lambda name: getattr(args, name) if getattr(args, name) is not None else preset[name]
     check_run_dir(args.out)
     settings = dict(config=vit_config(cfg), seed=args.seed, steps=pick("steps"), batch_size=pick("batch_size"),
-                    lr=pick("lr"), warmup=preset["warmup"], bf16=use_bf16(args.dtype, dev), cover=COVER,
-                    targets="shape colour centre where")
+                    lr=pick("lr"), warmup=preset["warmup"], bf16=use_bf16(args.dtype, dev), cover=COVER)
     torch.manual_seed(args.seed)
-    vit, head = VisionTransformer(cfg).to(dev), PatchHead(cfg.vit_width, cfg.image_size // cfg.vit_patch).to(dev)
+    vit, head = VisionTransformer(cfg).to(dev), PatchHead(cfg.vit_width).to(dev)
     params = list(vit.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=settings["lr"], betas=(0.9, 0.95), weight_decay=0.05)  # decay on all
 

@@ -5,7 +5,6 @@ import os
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import shapes
 import vit
@@ -27,20 +26,6 @@ def test_patch_labels_hand_computed():
     assert shape.tolist() == [SQUARE if i in owned else BG_S for i in range(16)]
     assert colour.tolist() == [owned.get(i, BG_C) for i in range(16)]
     assert centre.tolist() == [int(i in (5, 10)) for i in range(16)]
-
-
-def test_where_a_patch_is_hand_computed():
-    """Raster order on a 4 x 4 grid: patch 6 is row 1, column 2; the loss of a head that reads every
-    target with certainty is ~0, and a head that swaps rows and columns pays for it."""
-    row, col = vit.where(16, 4)
-    assert (row[6].item(), col[6].item()) == (1, 2) and row.tolist() == [i // 4 for i in range(16)]
-    shape, colour, centre = (torch.zeros(1, 16, dtype=torch.long) for _ in range(3))
-    one_hot = lambda t, k: 50.0 * F.one_hot(t, k).float()[None]  # (1, 16, k): certain logits
-    right = (one_hot(shape[0], BG_S + 1), one_hot(colour[0], BG_C + 1), torch.full((1, 16, 1), -50.0),
-             one_hot(row, 4), one_hot(col, 4))
-    assert vit.losses(right, shape, colour, centre).item() < 1e-6
-    swapped = right[:3] + (right[4], right[3])
-    assert vit.losses(swapped, shape, colour, centre).item() > 10
 
 
 def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
@@ -68,14 +53,13 @@ def test_resume_after_interruption_equals_uninterrupted(tmp_path, monkeypatch):
 
 def test_pretraining_learns_colours_and_shapes(tmp_path):
     """The tiny run (150 steps, 2 seconds) against its own initialisation, on held-out scenes:
-    colour 0.08 -> 0.92, shape 0.20 -> 0.45, row and column 0.07 -> 0.92 when written."""
+    colour 0.07 -> 0.99, shape 0.18 -> 0.51 when written."""
     cfg = JanusConfig(**PRESETS["tiny"])
     torch.manual_seed(0)
-    before = vit.patch_metrics(vit.VisionTransformer(cfg), vit.PatchHead(cfg.vit_width, 4), 64, 32, 8, "cpu")
+    before = vit.patch_metrics(vit.VisionTransformer(cfg), vit.PatchHead(cfg.vit_width), 64, 32, 8, "cpu")
     vit.main(["--config", "tiny", "--out", str(tmp_path)])
     after = json.load(open(tmp_path / "vit_eval.json"))
     assert after["colour"] > 0.9 > before["colour"] and after["shape"] > before["shape"] + 0.1
-    assert after["where"] > 0.9 > before["where"]
 
 
 def test_a_vit_of_another_shape_is_refused(tmp_path):
