@@ -12,13 +12,12 @@ image 1, the model's verdict and reason, image 2 ...). Every number in them come
 """
 
 import os
-import sys
 import time
 
 from PIL import Image
 
 import shapes
-from common import Parser, check_run_dir, digest, pos_int, read_json, write_json, write_text
+from common import Parser, check_run_dir, digest, pos_int, read_json, run_cli, write_json, write_text
 
 STAGES = ("base", "sft", "rl")
 
@@ -396,7 +395,10 @@ def main(argv=None):
     ap.add_argument("--out", help="run folder (default out/CONFIG)")
     ap.add_argument("--ood-prompts", type=pos_int, default=300, help="prompts of the ood split to evaluate")
     ap.add_argument("--edit-prompts", type=pos_int, default=100, help="edits to evaluate per stage")
-    args = ap.parse_args(argv)
+    run_cli(ap, argv, run)
+
+
+def run(args):
     args.out = args.out or os.path.join("out", args.config)
     check_run_dir(args.out)
     sp = os.path.join(args.out, "seconds.json")
@@ -411,7 +413,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except ValueError as e:
-        sys.exit(f"error: {e}")
+    main()
