@@ -60,24 +60,33 @@ TRAIN = {
     # gen_lr_scale: the generation path (GEN_PATH) trains at this many times the lr; on toy, 10 gets
     # the prompt's words into the drawn codes sooner (docs/experiments.md, "The drawing path's learning rate");
     # toy sft_steps 800: against 500, first image 0.51 -> 0.59 after SFT and 0.62 -> 0.70 after RL, for
-    # ~3 more minutes (docs/experiments.md, "A longer SFT")
-    "tiny": dict(base_steps=60, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
+    # ~3 more minutes (docs/experiments.md, "A longer SFT");
+    # und_steps: base steps after base_steps that train understanding only (UND_MIX), the lr schedule
+    # started again; on toy 200 (~150 s) teach the self-check to read what the base stops short of
+    # (docs/experiments.md, "The base reads colour after more VQA")
+    "tiny": dict(base_steps=60, und_steps=10, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1),
-    "toy": dict(base_steps=1000, easy_steps=400, sft_steps=800, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
+    "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=800, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
                 gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.0),
-    "small": dict(base_steps=6000, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
+    "small": dict(base_steps=6000, und_steps=0, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0),
     # a released model (--init FOLDER) fine-tuned on ShapeWorld: the paper's SFT learning rate (SPEC.md
     # section 4); no base stage (the released model is the base)
-    "janus-pro-1b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
+    "janus-pro-1b": dict(base_steps=0, und_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
                          gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0),
-    "janus-pro-7b": dict(base_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
+    "janus-pro-7b": dict(base_steps=0, und_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
                          gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
 # examples (docs/experiments.md, "Base stage: the share of drawing steps").
 BASE_MIX = {"t2i": 0.625, "describe": 0.1125, "vqa": 0.2625}
+# The base stage's last und_steps: understanding only, its conversations opening on EASY_CATEGORIES
+# prompts, as a second run continuing a finished base (its own warmup and decay). At step 1,000 the
+# toy base's self-check was still learning to read (renders: AUC within category 0.68); 200 such
+# steps took it to 0.83 (colour 0.73 -> 0.89), and the judge SFT makes of it ranks its own images
+# better (docs/experiments.md, "The base reads colour after more VQA").
+UND_MIX = {"t2i": 0.0, "describe": 0.1, "vqa": 0.9}
 # Questions per VQA image: a conversation, as VLM instruction data has, so that each pass through the
 # ViT teaches several answers for little more time (docs/experiments.md, "questions per VQA image").
 VQA_QUESTIONS = 4
@@ -86,10 +95,10 @@ VQA_QUESTIONS = 4
 # where the toy LM first learns to join the prompt with the image after it (docs/experiments.md).
 EASY_CATEGORIES = ("single", "colour")
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
-# The ViT: base keeps vit.py's pretraining (the SigLIP stand-in). SFT trains it: only Task II reaches
-# it, so it can learn to read the model's own images while Tasks I and III pull the shared LM
-# towards drawing (docs/experiments.md, "SFT: the ViT fixed or trained").
-VIT_DEFAULT = {"base": "fixed", "sft": "train"}
+# The ViT: both stages keep vit.py's pretraining (the SigLIP stand-in). Trained in SFT (where only
+# Task II reaches it) the judge read its own images no better and lost the base's reading of
+# rendered scenes (docs/experiments.md, "SFT: the ViT fixed or trained", "The base reads colour").
+VIT_DEFAULT = {"base": "fixed", "sft": "fixed"}
 PROMPT_DROPOUT = 0.1
 GEN_PATH = ("gen_embed", "gen_aligner", "gen_head")  # the parameters --gen-lr-scale speeds up
 
@@ -362,14 +371,16 @@ def main(argv=None):
                     "(official or transformers layout, with its tokenizer.json, e.g. Janus-Pro-7B; --config janus-pro-7b "
                     "picks the run settings) or a Janus checkpoint; sft.pt then carries its tokenizer")
     # optimisation (defaults from TRAIN[config])
-    ap.add_argument("--steps", type=pos_int, help="optimizer steps; rerun with more to continue")
+    ap.add_argument("--steps", type=pos_int, help="optimizer steps (base: before --und-steps); rerun with more to continue")
+    ap.add_argument("--und-steps", type=nonneg_int, help="base: understanding-only steps after --steps, the lr schedule "
+                    "started again (toy 200, tiny 10)")
     ap.add_argument("--batch-size", type=pos_int, help="sequences per step, over all processes")
     ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
     ap.add_argument("--gen-lr-scale", type=pos_float, help=f"the generation path ({', '.join(GEN_PATH)}) "
                     "trains at this many times --lr")
     ap.add_argument("--dtype", choices=["auto", "bf16", "fp32"], default="auto", help=DTYPE_HELP)
-    ap.add_argument("--vit", choices=["fixed", "train"], help="the pretrained ViT (vit.py): kept fixed or trained "
-                    "(default: fixed in base, trained in sft, where Task II alone trains it to read the model's own images)")
+    ap.add_argument("--vit", choices=["fixed", "train"], help="the pretrained ViT (vit.py): kept fixed (the default) or trained "
+                    "(in sft only Task II reaches it)")
     # sft data
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
@@ -398,9 +409,13 @@ def stage_settings(args, preset):
         mix = dict(zip(mix, vals))
     if args.edit_share and args.init:
         raise ValueError("--edit-share trains ShapeWorld edits in the toy's word layout; not for --init (a released model)")
+    if args.und_steps and args.stage != "base":
+        raise ValueError("--und-steps goes with --stage base")
+    und = pick("und_steps", "und_steps") if args.stage == "base" else 0
     return dict(stage=args.stage, config=args.config, seed=args.seed, lr=pick("lr", f"{args.stage}_lr"),
                 gen_lr_scale=pick("gen_lr_scale", "gen_lr_scale"),
-                batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps"),
+                batch_size=pick("batch_size", "batch_size"), warmup=preset["warmup"], steps=pick("steps", f"{args.stage}_steps") + und,
+                und_steps=und,
                 bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
                 easy_steps=preset["easy_steps"] if args.stage == "base" else 0,
                 edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0)
@@ -497,7 +512,9 @@ def run(args):
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient
     model.checkpointing = args.checkpointing
     model.set_attention(args.attn)
-    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
+    tail = settings["steps"] - settings["und_steps"]  # where the base's understanding tail starts
+    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], restart=tail if settings["und_steps"] else 0,
+                bf16=settings["bf16"], ckpt_every=args.ckpt_every,
                 eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
                 parallel=args.parallel, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
     loss_fn = distribute(model, lambda b: step_loss(model, b, world), plan)  # first: FSDP swaps the parameters
@@ -509,8 +526,9 @@ def run(args):
         # the global batch of this step, a function of (seed, step) only; this process's share
         rng = random.Random(f"{args.stage}-{args.seed}-{step}")
         if args.stage == "base":
-            task, exs = base_batch(rng, settings["mix"], settings["batch_size"], by_cat, cfg.image_size,
-                                   easy=step < settings["easy_steps"], grid=cfg.scene_grid)
+            mix = settings["mix"] if step < tail else UND_MIX
+            task, exs = base_batch(rng, mix, settings["batch_size"], by_cat, cfg.image_size,
+                                   easy=step < settings["easy_steps"] or step >= tail, grid=cfg.scene_grid)
         else:
             task, exs = sft_batch(rng, settings, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)

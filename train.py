@@ -57,8 +57,14 @@ def make_optimizer(model, lr, weight_decay=0.0, betas=(0.9, 0.95), lr_scale=None
                               for k in order], lr=lr, betas=betas)
 
 
-def lr_at(step, steps, lr, warmup):
-    """The learning rate of every training loop here: linear warmup, then cosine decay to 10% of the peak."""
+def lr_at(step, steps, lr, warmup, restart=0):
+    """The learning rate of every training loop here: linear warmup, then cosine decay to 10% of the peak.
+    restart > 0: two phases, [0, restart) and [restart, steps), each with its own warmup and decay
+    (the base stage's understanding tail: as if a second run continued the first)."""
+    if restart and step >= restart:
+        step, steps = step - restart, steps - restart
+    elif restart:
+        steps = restart
     if step < warmup:
         return lr * (step + 1) / warmup
     t = (step - warmup) / max(1, steps - warmup)
@@ -199,6 +205,7 @@ class Plan:
     steps: int
     lr: float
     warmup: int
+    restart: int = 0               # the schedule starts again at this step (0: one schedule); lr_at
     clip: float | None = 1.0       # max gradient norm (None: no clipping)
     accum: int = 1                 # micro-batches per optimizer step
     bf16: bool = False             # bf16 autocast for the forward pass (weights, optimizer, losses fp32)
@@ -251,7 +258,7 @@ def fit(batch_fn, loss_fn, optimizer, params, modules, plan, state_path, kind, s
     t0 = time.time()
     while step < plan.steps:
         for g in optimizer.param_groups:
-            g["lr"] = lr_at(step, plan.steps, plan.lr, plan.warmup) * g.get("lr_scale", 1.0)
+            g["lr"] = lr_at(step, plan.steps, plan.lr, plan.warmup, plan.restart) * g.get("lr_scale", 1.0)
         total = 0.0
         for micro in range(plan.accum):
             batch, name = batch_fn(step, micro)

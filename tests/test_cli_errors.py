@@ -157,15 +157,17 @@ def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path):
     before = tree_hash(world)
     todo = [(i, argv, want) for i, (argv, want) in enumerate(cases(world))]
     assert len(todo) >= 40
-    first = {}  # script -> index of its first case, the one run as a subprocess
+    first = {}  # script -> index of its first case
     for i, argv, _ in todo:
         first.setdefault(argv[0], i)
+    # a subprocess for each script's first case, and for bench.py (its main parses sys.argv itself)
+    as_user = lambda case: first[case[1][0]] == case[0] or case[1][0] == "bench.py"
 
     def one(case):
         i, argv, want = case
         out = str(tmp_path / f"out{i}")
         argv = [argv[0]] + [a.replace("{out}", out) for a in argv[1:]]
-        if first[argv[0]] == i or argv[0] == "bench.py":  # bench.py parses sys.argv itself
+        if as_user(case):
             r = subprocess.run([sys.executable, os.path.join(ROOT, argv[0])] + argv[1:], cwd=world,
                                capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
             status, err = r.returncode, r.stderr
@@ -174,9 +176,9 @@ def test_bad_input_is_one_line_and_touches_nothing(world, tmp_path):
         return argv, want, status, err.strip(), os.path.exists(out)
 
     with ThreadPoolExecutor(2) as pool:  # the subprocesses, two at a time
-        results = list(pool.map(one, [c for c in todo if first[c[1][0]] == c[0] or c[1][0] == "bench.py"]))
-    results += [one(c) for c in todo if not (first[c[1][0]] == c[0] or c[1][0] == "bench.py")]
-    assert len(results) == len(todo) and sum(first[c[1][0]] == c[0] for c in todo) >= 7
+        results = list(pool.map(one, [c for c in todo if as_user(c)]))
+    results += [one(c) for c in todo if not as_user(c)]
+    assert len(results) == len(todo) and len(first) >= 7
     bad = []
     for argv, want, status, err, made in results:
         if status == 0 or "Traceback" in err or len(err.splitlines()) != 1 or want not in err or made:

@@ -15,6 +15,7 @@ import sample as S
 import sft
 import shapes
 import tokenizer
+import train
 import vit
 from common import load_checkpoint
 
@@ -375,12 +376,15 @@ def _same(a, b, atol):
     return all(torch.allclose(a[k].float(), b[k].float(), atol=atol) for k in a)
 
 
-BASE = ["--stage", "base", "--config", "tiny", "--dtype", "fp32", "--no-final-eval", "--eval-every", "0", "--batch-size", "8"]
+BASE = ["--stage", "base", "--config", "tiny", "--dtype", "fp32", "--no-final-eval", "--eval-every", "0", "--batch-size", "8",
+        "--und-steps", "0"]
 
 
 def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkeypatch):
+    # 4 steps, then 2 of the understanding tail: the kill falls in the tail, the resume at its start
     full = _run_dir(vq_dir, tmp_path, "full")
-    sft.main(BASE + ["--steps", "6", "--out", full])
+    steps = ["--steps", "4", "--und-steps", "2"]
+    sft.main(BASE + steps + ["--out", full])
     cut = _run_dir(vq_dir, tmp_path, "cut")
     real, calls = sft.step_loss, []
 
@@ -392,13 +396,33 @@ def test_resume_after_interruption_equals_uninterrupted(vq_dir, tmp_path, monkey
 
     monkeypatch.setattr(sft, "step_loss", dying_step)
     with pytest.raises(KeyboardInterrupt):
-        sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
+        sft.main(BASE + steps + ["--ckpt-every", "2", "--out", cut])
     assert load_checkpoint(os.path.join(cut, "base_state.pt"))["step"] == 4
     assert not os.path.exists(os.path.join(cut, "base.pt"))  # nothing half-done looks finished
     monkeypatch.setattr(sft, "step_loss", real)
-    sft.main(BASE + ["--steps", "6", "--ckpt-every", "2", "--out", cut])
+    sft.main(BASE + steps + ["--ckpt-every", "2", "--out", cut])
     a, b = _params(os.path.join(full, "base.pt")), _params(os.path.join(cut, "base.pt"))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_base_ends_with_understanding_steps_on_a_restarted_schedule(vq_dir, tmp_path, monkeypatch):
+    """--und-steps 2 after --steps 3: the last 2 steps draw UND_MIX conversations opening on easy
+    prompts, and their lr starts a new warmup (tiny: 10 steps, so each step's lr is (i + 1) / 10 of the peak)."""
+    seen, lrs = [], []
+    real_batch, real_lr = sft.base_batch, train.lr_at
+
+    def batch(rng, mix, n, by_cat, size, easy=False, grid=0):
+        seen.append((dict(mix), easy))
+        return real_batch(rng, mix, n, by_cat, size, easy, grid)
+
+    monkeypatch.setattr(sft, "base_batch", batch)
+    monkeypatch.setattr(train, "lr_at", lambda *a: lrs.append(real_lr(*a)) or lrs[-1])
+    sft.main(BASE + ["--steps", "3", "--und-steps", "2", "--out", _run_dir(vq_dir, tmp_path, "tail")])
+    assert [m for m, _ in seen] == [sft.BASE_MIX] * 3 + [sft.UND_MIX] * 2
+    assert [e for _, e in seen][3:] == [True, True]
+    peak = sft.TRAIN["tiny"]["base_lr"]
+    groups = len(lrs) // 5  # lr_at runs once per parameter group and step
+    assert len(lrs) == 5 * groups and lrs[::groups] == pytest.approx([peak * k / 10 for k in (1, 2, 3, 1, 2)])
 
 
 def test_base_needs_the_pretrained_vit(vq_dir, tmp_path):

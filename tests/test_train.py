@@ -20,6 +20,11 @@ def test_lr_schedule_by_hand():
     assert lr_at(10, 100, 1.0, 10) == pytest.approx(1.0)  # the cosine starts at the peak...
     assert lr_at(55, 100, 1.0, 10) == pytest.approx(0.55)  # ...is halfway at the middle...
     assert lr_at(100, 100, 1.0, 10) == pytest.approx(0.1)  # ...and ends at 10% of it
+    # restart=100: [0, 100) and [100, 200) are two such schedules, each with its warmup
+    assert lr_at(55, 200, 1.0, 10, restart=100) == pytest.approx(0.55)
+    assert lr_at(100, 200, 1.0, 10, restart=100) == pytest.approx(0.1)
+    assert lr_at(109, 200, 1.0, 10, restart=100) == pytest.approx(1.0)
+    assert lr_at(155, 200, 1.0, 10, restart=100) == pytest.approx(0.55)
 
 
 def _train(tmp_path, name, accum, steps=5, loss_hook=None):
