@@ -62,8 +62,8 @@ TRAIN = {
     # toy sft_steps 800: against 500, first image 0.51 -> 0.59 after SFT and 0.62 -> 0.70 after RL, for
     # ~3 more minutes (docs/experiments.md, "A longer SFT");
     # und_steps: base steps after base_steps that train understanding only (UND_MIX), the lr schedule
-    # started again; on toy 200 (~150 s) teach the self-check to read what the base stops short of
-    # (docs/experiments.md, "The base reads colour after more VQA")
+    # started again; on toy 200 (150-170 s of training) teach the self-check to read what the base
+    # stops short of (docs/experiments.md, "The base reads colour after more VQA")
     "tiny": dict(base_steps=60, und_steps=10, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1),
     "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=800, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
@@ -84,8 +84,10 @@ BASE_MIX = {"t2i": 0.625, "describe": 0.1125, "vqa": 0.2625}
 # The base stage's last und_steps: understanding only, its conversations opening on EASY_CATEGORIES
 # prompts, as a second run continuing a finished base (its own warmup and decay). At step 1,000 the
 # toy base's self-check was still learning to read (renders: AUC within category 0.68); 200 such
-# steps took it to 0.83 (colour 0.73 -> 0.89), and the judge SFT makes of it ranks its own images
-# better (docs/experiments.md, "The base reads colour after more VQA").
+# steps took it to 0.83 (colour 0.73 -> 0.89). SFT's judge ranked its own images better in two runs
+# (0.76, 0.76 against 0.69, 0.68), not in the whole job (0.67); RL's did there (0.73 against 0.54);
+# the base draws worse at its end (0.44 -> 0.34), SFT better (0.59 -> 0.61). docs/experiments.md,
+# "The base reads colour after more VQA".
 UND_MIX = {"t2i": 0.0, "describe": 0.1, "vqa": 0.9}
 # Questions per VQA image: a conversation, as VLM instruction data has, so that each pass through the
 # ViT teaches several answers for little more time (docs/experiments.md, "questions per VQA image").
@@ -96,8 +98,9 @@ VQA_QUESTIONS = 4
 EASY_CATEGORIES = ("single", "colour")
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
 # The ViT: both stages keep vit.py's pretraining (the SigLIP stand-in). Trained in SFT (where only
-# Task II reaches it) the judge read its own images no better and lost the base's reading of
-# rendered scenes (docs/experiments.md, "SFT: the ViT fixed or trained", "The base reads colour").
+# Task II reaches it), SFT from the longer base judged its own images worse (AUC within category
+# 0.716 against 0.762) and kept less of the base's reading of rendered scenes (docs/experiments.md,
+# "SFT: the ViT fixed or trained", "The base reads colour after more VQA").
 VIT_DEFAULT = {"base": "fixed", "sft": "fixed"}
 PROMPT_DROPOUT = 0.1
 GEN_PATH = ("gen_embed", "gen_aligner", "gen_head")  # the parameters --gen-lr-scale speeds up
