@@ -160,6 +160,14 @@ def base_batch(rng, mix, n, by_cat, size, easy=False, grid=0):
     return "und", [base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size, easy, grid) for _ in range(n)]
 
 
+def base_phase(settings, step):
+    """(mix, easy) of base step `step`: the last und_steps train understanding only (UND_MIX), their
+    conversations opening on easy prompts, as the first easy_steps do."""
+    if step >= settings["steps"] - settings["und_steps"]:
+        return UND_MIX, True
+    return settings["mix"], step < settings["easy_steps"]
+
+
 def build_seq(ex, tok, n_tokens):
     """One training example (a dict) -> Seq, with the loss where SPEC.md puts it."""
     t = ex["task"]
@@ -515,9 +523,8 @@ def run(args):
         model.vision_model.requires_grad_(False)  # make_optimizer leaves out what has no gradient
     model.checkpointing = args.checkpointing
     model.set_attention(args.attn)
-    tail = settings["steps"] - settings["und_steps"]  # where the base's understanding tail starts
-    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], restart=tail if settings["und_steps"] else 0,
-                bf16=settings["bf16"], ckpt_every=args.ckpt_every,
+    plan = Plan(settings["steps"], settings["lr"], settings["warmup"], restart=settings["steps"] - settings["und_steps"]
+                if settings["und_steps"] else 0, bf16=settings["bf16"], ckpt_every=args.ckpt_every,
                 eval_every=preset["eval_every"] if args.eval_every is None else args.eval_every, world=world, rank=rank,
                 parallel=args.parallel, desc=f"{args.stage} {args.config} {'bf16' if settings['bf16'] else 'fp32'}")
     loss_fn = distribute(model, lambda b: step_loss(model, b, world), plan)  # first: FSDP swaps the parameters
@@ -529,9 +536,8 @@ def run(args):
         # the global batch of this step, a function of (seed, step) only; this process's share
         rng = random.Random(f"{args.stage}-{args.seed}-{step}")
         if args.stage == "base":
-            mix = settings["mix"] if step < tail else UND_MIX
-            task, exs = base_batch(rng, mix, settings["batch_size"], by_cat, cfg.image_size,
-                                   easy=step < settings["easy_steps"] or step >= tail, grid=cfg.scene_grid)
+            mix, easy = base_phase(settings, step)
+            task, exs = base_batch(rng, mix, settings["batch_size"], by_cat, cfg.image_size, easy=easy, grid=cfg.scene_grid)
         else:
             task, exs = sft_batch(rng, settings, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
