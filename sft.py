@@ -312,10 +312,14 @@ def edit_example(rng, size, grid=0):
 
 def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):
     """One SFT step -> (task, examples): an editing step with probability settings["edit_share"],
-    otherwise one task of settings["mix"] for the whole batch (one task per step, as the paper's code)."""
+    a base understanding step ("und") with probability settings["und_share"], otherwise one task of settings["mix"] for the whole batch (one task per step, as the paper's code)."""
     n = settings["batch_size"]
     if settings["edit_share"] and rng.random() < settings["edit_share"]:
         return "edit", [edit_example(rng, size, grid) for _ in range(n)]
+    if settings["und_share"] and rng.random() < settings["und_share"]:
+        # the base's reading of rendered scenes, rehearsed (its last steps' mix): without it SFT
+        # forgets colour (docs/experiments.md, "The base reads colour after more VQA")
+        return base_batch(rng, UND_MIX, n, by_cat, size, easy=True, grid=grid)
     task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
     return task, [sft_example(task, rng, by_cat, pool, size, depth, grid) for _ in range(n)]
 
@@ -397,6 +401,8 @@ def main(argv=None):
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
     ap.add_argument("--edit-share", type=bounded(float, 0, 1), help="sft: share of steps, 0 to 1, that train editing "
                     "(rendered source scene + instruction -> the edited scene), before the task mix is drawn (toy 0, tiny 0.1)")
+    ap.add_argument("--und-share", type=bounded(float, 0, 1), default=0.0, help="sft: share of steps, 0 to 1, that "
+                    "rehearse the base's understanding (describe and VQA on rendered scenes, as its last steps)")
     ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
@@ -429,7 +435,8 @@ def stage_settings(args, preset):
                 und_steps=und,
                 bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
                 easy_steps=preset["easy_steps"] if args.stage == "base" else 0,
-                edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0)
+                edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0,
+                und_share=args.und_share if args.stage == "sft" else 0)
 
 
 def stage_inputs(args, settings):

@@ -203,6 +203,25 @@ def test_easy_steps_open_conversations_with_easy_prompts():
     assert sum(t not in easy for t in firsts) > 20  # afterwards every category (5 of 7 are not easy)
 
 
+def test_sft_und_share_rehearses_the_bases_reading():
+    """--und-share: that share of SFT steps is a base understanding step (describe and VQA on rendered
+    scenes in UND_MIX's proportion, conversations opening on easy prompts); at 0 no step is."""
+    by_cat = sft.group(shapes.make_splits(seed=0)["train"])
+    pool = {p.text: [] for ps in by_cat.values() for p in ps}  # no own samples: rendered scenes only
+    easy = {p.text for c in sft.EASY_CATEGORIES for p in by_cat.get(c, [])}
+    settings = dict(batch_size=8, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX)
+    steps = [sft.sft_batch(random.Random(s), settings, by_cat, pool, 32) for s in range(40)]
+    und = [exs for task, exs in steps if task == "und"]
+    assert 10 <= len(und) <= 30 and all(task in sft.SFT_MIX for task, _ in steps if task != "und")
+    exs = [ex for batch in und for ex in batch]
+    assert {ex["task"] for ex in exs} == {"describe", "vqa"}
+    assert sum(ex["task"] == "vqa" for ex in exs) > 0.8 * len(exs)  # UND_MIX: 0.9 VQA
+    assert all(ex["qa"][0][0] in easy for ex in exs if ex["task"] == "vqa")
+    assert all(sft.build_seq(ex, TOK, N).ids for ex in exs)
+    settings["und_share"] = 0.0
+    assert not any(sft.sft_batch(random.Random(s), settings, by_cat, pool, 32)[0] == "und" for s in range(40))
+
+
 def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
     by_cat = {}
     for p in shapes.make_splits(seed=0)["train"]:
