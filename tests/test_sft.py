@@ -204,22 +204,27 @@ def test_easy_steps_open_conversations_with_easy_prompts():
 
 
 def test_sft_und_share_rehearses_the_bases_reading():
-    """--und-share: that share of SFT steps is a base understanding step (describe and VQA on rendered
-    scenes in UND_MIX's proportion, conversations opening on easy prompts); at 0 no step is."""
+    """--und-share: that share of a Task II step's examples are the base's understanding examples
+    (describe and VQA on rendered scenes in UND_MIX's proportion, conversations opening on easy
+    prompts), each weighing 1 in all as a Task II example does; other steps untouched; at 0 none."""
     by_cat = sft.group(shapes.make_splits(seed=0)["train"])
     pool = {p.text: [] for ps in by_cat.values() for p in ps}  # no own samples: rendered scenes only
-    easy = {p.text for c in sft.EASY_CATEGORIES for p in by_cat.get(c, [])}
-    settings = dict(batch_size=8, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX)
-    steps = [sft.sft_batch(random.Random(s), settings, by_cat, pool, 32) for s in range(40)]
-    und = [exs for task, exs in steps if task == "und"]
-    assert 10 <= len(und) <= 30 and all(task in sft.SFT_MIX for task, _ in steps if task != "und")
-    exs = [ex for batch in und for ex in batch]
-    assert {ex["task"] for ex in exs} == {"describe", "vqa"}
-    assert sum(ex["task"] == "vqa" for ex in exs) > 0.8 * len(exs)  # UND_MIX: 0.9 VQA
-    assert all(ex["qa"][0][0] in easy for ex in exs if ex["task"] == "vqa")
-    assert all(sft.build_seq(ex, TOK, N).ids for ex in exs)
+    easy = {p.text for c in sft.EASY_CATEGORIES for p in by_cat[c]}
+    settings = dict(batch_size=20, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX)
+    steps = [sft.sft_batch(random.Random(s), settings, by_cat, pool, 32) for s in range(30)]
+    for task, exs in steps:
+        kinds = [ex["task"] for ex in exs]
+        assert set(kinds) <= ({"task2", "describe", "vqa"} if task == "task2" else {task})
+    und = [ex for task, exs in steps if task == "task2" for ex in exs if ex["task"] != "task2"]
+    n2 = sum(len(exs) for task, exs in steps if task == "task2")
+    assert 0.35 * n2 <= len(und) <= 0.65 * n2 and sum(ex["task"] == "vqa" for ex in und) > 0.8 * len(und)
+    assert all(ex["qa"][0][0] in easy for ex in und if ex["task"] == "vqa")
+    for ex in und:
+        s = sft.build_seq(ex, TOK, N)
+        assert abs(sum(s.w) - 1) < 1e-6 and sum(sft.build_seq(dict(ex, unit=False), TOK, N).w) > 1.5
     settings["und_share"] = 0.0
-    assert not any(sft.sft_batch(random.Random(s), settings, by_cat, pool, 32)[0] == "und" for s in range(40))
+    assert all(ex["task"] == task for s in range(30) for task, exs in [sft.sft_batch(random.Random(s), settings, by_cat, pool, 32)]
+               for ex in exs)
 
 
 def test_vqa_answers_are_the_checkers_and_the_first_is_balanced():
