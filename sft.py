@@ -13,6 +13,7 @@ Stage 1 of the method (SPEC.md section 4), preceded by the base model it starts 
              loss 0.8 CE(Yes/No) + 0.2 mean CE(rest of the answer) per example; even odds for every
              prompt, and own images as often behind Yes as behind No (OWN_SHARE); after 0 to
              `--depth` earlier failed rounds, as the loop judges its later images;
+             on toy half its examples are the base's describe and VQA instead (`--und-share`);
     Task III prompt + a NEGATIVE image (VQ path) + cue + "No, <reason>" + EOS + "Next, I will draw a
              new image" -> a POSITIVE image of the same prompt.
   and, on a share of its steps (`--edit-share`, not in the paper's SFT), editing: a rendered source
