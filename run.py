@@ -89,15 +89,17 @@ def ood_prompts(args, splits):
 
 
 def extra_evals(args, stage):
-    """What the stage scripts don't measure themselves: the ood split, editing, example chains, and
-    (sft, rl) where the loop's gain is lost."""
+    """What the stage scripts don't measure themselves: the ood split, editing, example chains, the
+    judge on judge.py's balanced set, and (sft, rl) where the loop's gain is lost."""
     pt = os.path.join(args.out, f"{stage}.pt")
-    key = {"ckpt": digest(pt), "ood_prompts": args.ood_prompts, "edit_prompts": args.edit_prompts, "loop_split": 1}
+    key = {"ckpt": digest(pt), "ood_prompts": args.ood_prompts, "edit_prompts": args.edit_prompts, "loop_split": 1,
+           "judge_n": args.judge_n}
     return cached(args, f"{stage}_extra.json", key, lambda: _extra_evals(args, stage))
 
 
 def _extra_evals(args, stage):
     import evaluate
+    import judge
     import sample
     model, vq, tok, _ = sample.load_janus(os.path.join(args.out, f"{stage}.pt"))
     splits = shapes.make_splits(seed=0)
@@ -108,6 +110,10 @@ def _extra_evals(args, stage):
     edit = evaluate.evaluate_editing(model, vq, tok, args.edit_prompts)
     # the stage's own test prompts (its first images are the report's): image 2 after every image 1
     loop = None if stage == "base" else evaluate.loop_split(model, vq, tok, stage_test_prompts(args, stage, splits))
+    # the judge on the same kind of set for every stage (`judge.py --eval`): rendered matches and near
+    # misses, and its own first images balanced per category; its own images alone are a moving
+    # yardstick (docs/experiments.md, "SFT rehearses the base's reading")
+    balanced = judge.judge_eval(model, vq, tok, n=args.judge_n)
     # a few chains to look at
     prompts = [p for p in splits["test"] if p.category in ("colour_attr", "position", "counting", "compositional")][::25][:8]
     chains = sample.introspect(model, vq, tok, [p.text for p in prompts], list(range(100, 100 + len(prompts))),
@@ -123,7 +129,7 @@ def _extra_evals(args, stage):
         shown.append({"prompt": p.text, "files": files, "verdicts": c.verdicts, "reasons": c.reasons,
                       "checker": [shapes.check(im, p).reason for im in c.images]})
     return {"ood_first": ood["first"]["overall"], "ood_final": ood["final"]["overall"],
-            "edit": edit, "chains": shown, "loop": loop}
+            "edit": edit, "chains": shown, "loop": loop, "balanced": balanced}
 
 
 def stage_test_prompts(args, stage, splits):
@@ -278,6 +284,8 @@ def gather(args, seconds):
             rep["loop"][stage] = dict(extra["loop"], final=ev["final"])
             if stage == "rl":
                 rep["rl_curve"] = ev["curve"]  # per step: reward per segment, Yes rate, KL, ...
+        rep["judge"][f"{stage} balanced"] = dict(extra["balanced"], layout=f"balanced set (judge.py --eval --n {args.judge_n})",
+                                                 stage=stage)
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
     return rep
@@ -395,6 +403,8 @@ def main(argv=None):
     ap.add_argument("--out", help="run folder (default out/CONFIG)")
     ap.add_argument("--ood-prompts", type=pos_int, default=300, help="prompts of the ood split to evaluate")
     ap.add_argument("--edit-prompts", type=pos_int, default=100, help="edits to evaluate per stage")
+    ap.add_argument("--judge-n", type=pos_int, default=50, help="the judge's balanced set per stage (judge.py --eval "
+                    "--n): rendered matching and mismatching scenes per category, and up to as many own images of each")
     run_cli(ap, argv, run)
 
 

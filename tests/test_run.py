@@ -15,7 +15,7 @@ import shapes
 
 def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     out = str(tmp_path / "tiny")
-    argv = ["--config", "tiny", "--out", out, "--ood-prompts", "14", "--edit-prompts", "8"]
+    argv = ["--config", "tiny", "--out", out, "--ood-prompts", "14", "--edit-prompts", "8", "--judge-n", "2"]
     run.main(argv)
     rep = json.load(open(os.path.join(out, "report.json")))
     assert rep["config"] == "tiny" and set(rep["seconds"]) == {"vq", "vit", "base", "sft", "rl"}
@@ -50,6 +50,11 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
     # beside agreement: balanced accuracy and the AUC within category (the mean of the categories' AUCs)
     for stage, jj in rep["judge"].items():
         assert "balanced_accuracy" in jj and "auc_within_category" in jj, stage
+    for stage in ("base", "sft", "rl"):  # judge.py --eval's balanced set: 2 matching + 2 mismatching renders per category
+        jb = rep["judge"][f"{stage} balanced"]
+        assert jb["stage"] == stage and jb["rendered"]["n"] == 4 * len(shapes.CATEGORIES)
+        assert jb["rendered"]["checker_yes_rate"] == 0.5 and jb["drawn"]["checker_yes_rate"] in (0.5, None)
+        assert jb["n"] == jb["rendered"]["n"] + jb["drawn"]["n"]
     per = [b["auc"] for b in j["by_category"].values() if b["auc"] is not None]
     assert np.isclose(j["auc_within_category"], np.mean(per)) if per else j["auc_within_category"] is None
     assert "| balanced accuracy | AUC of P(yes) | AUC within category |" in md
