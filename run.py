@@ -403,13 +403,14 @@ def main(argv=None):
     ap.add_argument("--out", help="run folder (default out/CONFIG)")
     ap.add_argument("--ood-prompts", type=pos_int, default=300, help="prompts of the ood split to evaluate")
     ap.add_argument("--edit-prompts", type=pos_int, default=100, help="edits to evaluate per stage")
-    ap.add_argument("--judge-n", type=pos_int, default=50, help="the judge's balanced set per stage (judge.py --eval "
-                    "--n): rendered matching and mismatching scenes per category, and up to as many own images of each")
+    ap.add_argument("--judge-n", type=pos_int, help="the judge's balanced set per stage (judge.py --eval --n): rendered "
+                    "matching and mismatching scenes per category, and up to as many own images of each (default 50; tiny 5)")
     run_cli(ap, argv, run)
 
 
 def run(args):
     args.out = args.out or os.path.join("out", args.config)
+    args.judge_n = args.judge_n or (5 if args.config == "tiny" else 50)
     check_run_dir(args.out)
     sp = os.path.join(args.out, "seconds.json")
     seconds = read_json(sp) if os.path.isfile(sp) else {}
