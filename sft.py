@@ -162,8 +162,12 @@ def base_batch(rng, mix, n, by_cat, size, easy=False, grid=0):
     task = rng.choices(list(mix), weights=list(mix.values()))[0]
     if task not in UND_TASKS:
         return task, [base_example(task, rng, by_cat, size, grid=grid) for _ in range(n)]
-    w = [mix[t] for t in UND_TASKS]
-    return "und", [base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size, easy, grid) for _ in range(n)]
+    return "und", [und_example(rng, mix, by_cat, size, easy, grid) for _ in range(n)]
+
+
+def und_example(rng, mix, by_cat, size, easy=False, grid=0):
+    """A describe or a VQA example, drawn in the proportion mix["describe"] : mix["vqa"]."""
+    return base_example(rng.choices(UND_TASKS, weights=[mix[t] for t in UND_TASKS])[0], rng, by_cat, size, easy, grid)
 
 
 def base_phase(settings, step):
@@ -335,11 +339,11 @@ def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):
     if settings["edit_share"] and rng.random() < settings["edit_share"]:
         return "edit", [edit_example(rng, size, grid) for _ in range(n)]
     task = rng.choices(list(settings["mix"]), weights=list(settings["mix"].values()))[0]
-    und, w = settings["und_share"] if task == "task2" else 0, [UND_MIX[t] for t in UND_TASKS]
+    und = settings["und_share"] if task == "task2" else 0
     # the base's reading rehearsed beside the judge's own task: without it SFT forgets colour
     # (docs/experiments.md, "The base reads colour after more VQA"); per example, not whole steps,
     # which cost drawing steps
-    return task, [dict(base_example(rng.choices(UND_TASKS, weights=w)[0], rng, by_cat, size, True, grid), unit=True)
+    return task, [dict(und_example(rng, UND_MIX, by_cat, size, True, grid), unit=True)
                   if und and rng.random() < und else sft_example(task, rng, by_cat, pool, size, depth, grid)
                   for _ in range(n)]
 
