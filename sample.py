@@ -12,6 +12,7 @@ disagree on where a token goes, which positions are padded for CFG, or where the
 """
 
 import json
+import math
 import os
 import sys
 import weakref
@@ -223,6 +224,28 @@ def collate(seqs, tok, device="cpu", left=False):
                            gen_ids=d(gen_ids), und_pixels=d(und_pixels), text_targets=d(text_t),
                            image_targets=d(image_t), weights=d(weights))
 
+
+def collate_groups(seqs, tok, device="cpu", overhead=128):
+    """Training batches (right padded, as collate) of seqs grouped by length: sorted, then cut
+    where the padding a cut saves outweighs `overhead` tokens (one more forward call's fixed cost),
+    by dynamic programming over the cut points. The loss summed over the groups is collate's over
+    all of them (causal attention: trailing pads are never seen, and they carry no weight). A step
+    that mixes a VQA conversation (~180 tokens) with a Task II answer (~45) pads ~1.5x the tokens
+    it holds in one batch (docs/experiments.md, "Batches grouped by length")."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    n, size = len(order), [len(seqs[i]) for i in order]
+    # best[j]: the least cost of the j shortest; a group of sorted i..j-1 costs size[j-1] * (j - i) + overhead
+    best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
+    for j in range(1, n + 1):
+        for i in range(j):
+            cost = best[i] + size[j - 1] * (j - i) + overhead
+            if cost < best[j]:
+                best[j], cut[j] = cost, i
+    groups, j = [], n
+    while j:
+        groups.append([seqs[k] for k in order[cut[j]:j]])
+        j = cut[j]
+    return [collate(g, tok, device) for g in reversed(groups)]
 
 def embed_batch(model, b):
     return model.embed(b.idx, und_pixels=b.und_pixels, und_mask=b.und_mask if b.und_pixels is not None else None,

@@ -43,7 +43,7 @@ from common import (DTYPE_HELP, Parser, add_attention_arg, bounded, check_run_di
                     nonneg_int, pos_float, pos_int, run_cli, save_checkpoint, stage_receipt, to_tensor, use_bf16, weights_list, write_json)
 from evaluate import final_eval, quick_eval
 from model import PRESETS, Janus, JanusConfig
-from sample import (Options, add_answer, after_rounds, collate, describe_seq, edit_seq, embed_batch, generate,
+from sample import (Options, add_answer, after_rounds, collate_groups, describe_seq, edit_seq, embed_batch, generate,
                     janus_checkpoint, load_janus, next_turn, prompt_seq, question, selfcheck_seq)
 from tokenizer import TextTokenizer, load_vq, reconstruct
 from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
@@ -386,17 +386,20 @@ def finish_examples(exs, vq):
 # The training loop, shared by both stages
 
 
-def step_loss(model, batch, world):
+def step_loss(model, groups, world):
     """This process's share of the step's loss: the weighted mean over the GLOBAL batch (its weight
     summed over processes), so the shares add up to it. An SFT step is one task, so this is a mean
     over examples: Task II's weights sum to 1 per example (add_answer), and Tasks I and III weigh
-    each of their N image tokens 1 (every example has N)."""
-    h = model(embed_batch(model, batch))
-    losses = model.token_losses(h, batch.text_targets, batch.image_targets)  # (B, T) fp32
-    wsum = batch.weights.sum()
+    each of their N image tokens 1 (every example has N). groups: this process's examples as
+    collate_groups batches them by length, one forward each."""
+    wsum = sum(b.weights.sum() for b in groups)
     if world > 1:
         dist.all_reduce(wsum)
-    return (losses * batch.weights).sum() / wsum
+    total = 0.0
+    for b in groups:
+        h = model(embed_batch(model, b))
+        total = total + (model.token_losses(h, b.text_targets, b.image_targets) * b.weights).sum()  # (B, T) fp32
+    return total / wsum
 
 
 def main(argv=None):
@@ -572,7 +575,7 @@ def run(args):
         else:
             task, exs = sft_batch(rng, settings, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
-        return collate([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
+        return collate_groups([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
 
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = shapes.per_category(splits["val"], per_cat)

@@ -159,7 +159,33 @@ def test_task2_loss_is_per_example_verdict_and_rest_means():
         at = torch.nonzero(b.weights[row]).flatten()  # the answer's targets, Yes/No first
         assert b.text_targets[row, at[0]] in (TOK.yes, TOK.no) and len(at) == (3, 11)[row]
         table[row, at[0]], table[row, at[1:]] = first, rest
-    assert sft.step_loss(_TableModel(table), b, 1).item() == pytest.approx(1.85)
+    assert sft.step_loss(_TableModel(table), [b], 1).item() == pytest.approx(1.85)
+
+
+def test_batches_grouped_by_length_give_the_one_batch_loss_and_gradient():
+    # a Task II step rehearsing the base's reading: VQA conversations beside short answers, and
+    # prompts of every length in Task I; collate_groups cuts it into shorter-padded batches whose
+    # summed loss and gradient equal one right-padded batch's (the padding saved is real)
+    torch.manual_seed(0)
+    model = M.Janus(M.JanusConfig(**M.PRESETS["tiny"]))
+    rng, by_cat = random.Random(0), sft.group(shapes.make_splits(seed=0)["train"])
+    exs = [dict(sft.und_example(rng, sft.UND_MIX, by_cat, 32), unit=True) for _ in range(6)]
+    exs += [dict(task="task2", prompt=shapes.sample_prompt(rng).text, image=_image(), answer="Yes.") for _ in range(6)]
+    exs += [dict(task="task1", prompt=shapes.sample_prompt(rng).text, codes=_codes(k), drop=k == 0) for k in range(6)]
+    seqs = [sft.build_seq(ex, TOK, N) for ex in exs]
+    one, groups = S.collate(seqs, TOK), S.collate_groups(seqs, TOK, overhead=8)
+    assert len(groups) > 1 and sum(g.idx.shape[0] for g in groups) == len(seqs)
+    assert sum(g.idx.numel() for g in groups) < 0.8 * one.idx.numel()
+    assert sorted(len(s) for s in seqs) == [int(n) for g in groups for n in g.key_mask.sum(1)]  # shortest first
+    grads = []
+    for batches in ([one], groups):
+        model.zero_grad()
+        loss = sft.step_loss(model, batches, 1)
+        loss.backward()
+        grads.append((loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]))
+    assert grads[0][0] == pytest.approx(grads[1][0], rel=1e-6)
+    assert len(grads[0][1]) == len(grads[1][1]) and all(torch.allclose(a, b, atol=1e-6, rtol=1e-4)
+                                                        for a, b in zip(grads[0][1], grads[1][1]))
 
 
 def test_vqa_conversation_loss_on_every_answer():
