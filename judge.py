@@ -138,18 +138,22 @@ def rendered_set(prompts, n, size, seed, grid=0):
 
 @torch.no_grad()
 def drawn_set(model, vq, tok, prompts, n, seed, draws=4):
-    """The model's own first images (sample.generate, CFG 5) of each category's prompts, draws x 2n
-    per category, labelled by the checker; kept balanced: the first k checker-Yes and the first k
-    checker-No of each category, k = min(n, either class's count). Returns the kept (image, prompt)
-    pairs and how many were drawn."""
+    """The model's own first images (sample.generate, CFG 5) of each category's prompts, up to
+    draws x 2n per category, labelled by the checker; kept balanced: the first k checker-Yes and the
+    first k checker-No of each category, k = min(n, either class's count). Drawing stops once both
+    classes have n (the batches after that could not change what is kept). Returns the kept
+    (image, prompt) pairs and how many were drawn."""
     out, drawn = [], 0
     for c, (cat, ps) in enumerate(_by_category(prompts).items()):
         chosen = [ps[k % len(ps)] for k in range(draws * 2 * n)]
         seeds = [seed + 1000 * c + k for k in range(len(chosen))]
-        images = np.concatenate([generate(model, vq, tok, [p.text for p in chosen[i:i + BATCH]], seeds[i:i + BATCH])[0]
-                                 for i in range(0, len(chosen), BATCH)])
+        images, ok = [], []
+        for i in range(0, len(chosen), BATCH):
+            if min(sum(ok), len(ok) - sum(ok)) >= n:
+                break
+            images += list(generate(model, vq, tok, [p.text for p in chosen[i:i + BATCH]], seeds[i:i + BATCH])[0])
+            ok += [shapes.check(im, p).verdict for im, p in zip(images[i:], chosen[i:])]
         drawn += len(images)
-        ok = [shapes.check(im, p).verdict for im, p in zip(images, chosen)]
         k = min(n, sum(ok), len(ok) - sum(ok))
         yes = [j for j, v in enumerate(ok) if v][:k]
         no = [j for j, v in enumerate(ok) if not v][:k]

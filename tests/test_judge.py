@@ -138,3 +138,23 @@ def test_reason_match_exact_and_loose():
     m = judge.judge_metrics(said, [0.1, 0.2, 0.3, 0.9], [False] * 4, ["colour_attr"] * 4, answers, [c] * 4, [p] * 4)
     assert m["reason_exact"] == 0.25 and m["reason_loose"] == 0.5  # a Yes never names the failed fact
     assert m["agreement"] == 0.75 and m["n_checker_no"] == 4
+
+
+def test_drawn_set_stops_once_both_classes_are_full(monkeypatch):
+    # a stand-in generator: even seeds draw the prompt's scene, odd seeds a near miss, so the first
+    # batch of 64 already holds n = 3 of each class; no second batch is drawn, and what is kept is
+    # the first 3 checker-Yes and the first 3 checker-No (alternating: the first 6 draws)
+    calls, prompts = [], shapes.make_splits(seed=0)["test"]
+    ps = {p.text: p for p in prompts}
+
+    def fake_generate(model, vq, tok, texts, seeds):
+        calls.append(len(texts))
+        rng = random.Random(0)
+        return np.stack([shapes.render(shapes.sample_scene(rng, 32, ps[t], match=s % 2 == 0)) for t, s in zip(texts, seeds)]), None
+
+    monkeypatch.setattr(judge, "generate", fake_generate)
+    kept, drawn = judge.drawn_set(None, None, None, prompts, n=3, seed=0, draws=40)
+    cats = len({p.category for p in prompts})
+    assert calls == [judge.BATCH] * cats and drawn == judge.BATCH * cats
+    assert len(kept) == 6 * cats
+    assert all(shapes.check(im, p).verdict == (k % 2 == 0) for k, (im, p) in enumerate(kept))
