@@ -48,7 +48,7 @@ from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from model import PRESETS, JanusConfig
-from sample import (Options, add_answer, add_reflection, cfg_logits, collate, edit, edit_seq, embed_batch, introspect,
+from sample import (Options, add_answer, add_reflection, cfg_logits, collate, collate_groups, edit, edit_seq, embed_batch, introspect,
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
 from tokenizer import TextTokenizer
@@ -272,30 +272,35 @@ def _decode(vq, codes):
 
 
 def token_logps(model, tok, rows, twins, where, cfg_w, n_seg):
-    """Per-token log-probs of the sampled tokens, (C, S, L) with a mask, in one forward over all
-    rows (cond rows, then the uncond twins of image rows). Images: log_softmax of the CFG-combined
+    """Per-token log-probs of the sampled tokens, (C, S, L) with a mask, from all rows (cond rows,
+    then the uncond twins of image rows) in one forward per length group. Images: log_softmax of the CFG-combined
     logits; text: the text head over the tokenizer's vocabulary, the verdict over {Yes, No}."""
     img_rows = [i for i, t in enumerate(twins) if t is not None]
-    b = collate(rows + [twins[i] for i in img_rows], tok, next(model.parameters()).device)
-    h = model(embed_batch(model, b))  # (R + R_img, T, D)
+    dev = next(model.parameters()).device
+    at = {}  # row -> (hidden states (T_g, D), its text targets (T_g,), its image targets (T_g,))
+    for b in collate_groups(rows + [twins[i] for i in img_rows], tok, dev):  # one forward per length group
+        h = model(embed_batch(model, b))
+        at.update((r, (h[j], b.text_targets[j], b.image_targets[j])) for j, r in enumerate(b.rows))
     R, out = len(rows), {}
     for k, i in enumerate(img_rows):
-        sel = b.image_targets[i] >= 0  # the uncond twin has the same length: the same positions
-        g = cfg_logits(model.image_logits(h[i][sel]), model.image_logits(h[R + k][sel]), cfg_w)
-        out[i] = F.log_softmax(g, -1).gather(-1, b.image_targets[i][sel][:, None])[:, 0]
+        h, _, targets = at[i]
+        pos = (targets >= 0).nonzero()[:, 0]  # the uncond twin has the same length: the same positions
+        g = cfg_logits(model.image_logits(h[pos]), model.image_logits(at[R + k][0][pos]), cfg_w)
+        out[i] = F.log_softmax(g, -1).gather(-1, targets[pos][:, None])[:, 0]
     for i, t in enumerate(twins):
         if t is None:
-            sel = b.text_targets[i] >= 0
-            logits = model.text_logits(h[i][sel])
+            h, targets, _ = at[i]
+            sel = targets >= 0
+            logits = model.text_logits(h[sel])
             logits[:, len(tok):] = float("-inf")  # as decode_text samples
-            lp = F.log_softmax(logits, -1).gather(-1, b.text_targets[i][sel][:, None])[:, 0]
+            lp = F.log_softmax(logits, -1).gather(-1, targets[sel][:, None])[:, 0]
             verdict = F.log_softmax(logits[:1, [tok.yes, tok.no]], -1)  # the first answer token: Yes or No only
-            first = b.text_targets[i][sel][0]
+            first = targets[sel][0]
             out[i] = torch.cat([verdict[0, 0 if first == tok.yes else 1].reshape(1), lp[1:]])
     C = 1 + max(c for c, _, _, _ in where)
     L = max(len(v) for v in out.values())
-    logp = torch.zeros(C, n_seg, L, device=h.device)
-    mask = torch.zeros(C, n_seg, L, dtype=torch.bool, device=h.device)
+    logp = torch.zeros(C, n_seg, L, device=dev)
+    mask = torch.zeros(C, n_seg, L, dtype=torch.bool, device=dev)
     for c, s, i, _ in where:
         if s < n_seg:
             logp[c, s, :len(out[i])] = out[i]

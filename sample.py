@@ -231,7 +231,8 @@ def collate_groups(seqs, tok, device="cpu", overhead=128):
     by dynamic programming over the cut points. The loss summed over the groups is collate's over
     all of them (causal attention: trailing pads are never seen, and they carry no weight). A step
     that mixes a VQA conversation (~180 tokens) with a Task II answer (~45) pads ~1.5x the tokens
-    it holds in one batch (docs/experiments.md, "Batches grouped by length")."""
+    it holds in one batch (docs/experiments.md, "Batches grouped by length"). Each batch's `rows`:
+    the index in seqs of each of its rows."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
     n, size = len(order), [len(seqs[i]) for i in order]
     # best[j]: the least cost of the j shortest; a group of sorted i..j-1 costs size[j-1] * (j - i) + overhead
@@ -243,9 +244,12 @@ def collate_groups(seqs, tok, device="cpu", overhead=128):
                 best[j], cut[j] = cost, i
     groups, j = [], n
     while j:
-        groups.append([seqs[k] for k in order[cut[j]:j]])
+        groups.append(order[cut[j]:j])
         j = cut[j]
-    return [collate(g, tok, device) for g in reversed(groups)]
+    out = [collate([seqs[k] for k in g], tok, device) for g in reversed(groups)]
+    for b, g in zip(out, reversed(groups)):
+        b.rows = g  # the index in seqs of each row
+    return out
 
 def embed_batch(model, b):
     return model.embed(b.idx, und_pixels=b.und_pixels, und_mask=b.und_mask if b.und_pixels is not None else None,
