@@ -52,7 +52,7 @@ from sample import (Options, add_answer, add_reflection, cfg_logits, collate, co
                     janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
 from tokenizer import TextTokenizer
-from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
+from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed, sharded
 
 TRAIN = {
     # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included). toy (the grid
@@ -271,14 +271,15 @@ def _decode(vq, codes):
     return list(to_uint8(vq.decode(torch.tensor(codes, device=dev))))
 
 
-def token_logps(model, tok, rows, twins, where, cfg_w, n_seg):
+def token_logps(model, tok, rows, twins, where, cfg_w, n_seg, grouped=True):
     """Per-token log-probs of the sampled tokens, (C, S, L) with a mask, from all rows (cond rows,
-    then the uncond twins of image rows) in one forward per length group. Images: log_softmax of the CFG-combined
+    then the uncond twins of image rows) in one forward per length group (grouped=False: one
+    forward, as a model sharded by FSDP needs; collate_groups). Images: log_softmax of the CFG-combined
     logits; text: the text head over the tokenizer's vocabulary, the verdict over {Yes, No}."""
     img_rows = [i for i, t in enumerate(twins) if t is not None]
     dev = next(model.parameters()).device
     at = {}  # row -> (hidden states (T_g, D), its text targets (T_g,), its image targets (T_g,))
-    for b in collate_groups(rows + [twins[i] for i in img_rows], tok, dev):  # one forward per length group
+    for b in collate_groups(rows + [twins[i] for i in img_rows], tok, dev, grouped):
         h = model(embed_batch(model, b))
         at.update((r, (h[j], b.text_targets[j], b.image_targets[j])) for j, r in enumerate(b.rows))
     R, out = len(rows), {}
@@ -526,7 +527,7 @@ def run(args):
         return held["rollout"], "loss"
 
     def loss_fn(ro):
-        logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg)
+        logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg, not sharded(model))
         old = logp.detach() if ro["old"] is None else ro["old"]  # ratio 1 at a rollout's only update
         loss, kl = grpo_loss(logp, old, ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
         held["kl"] = kl

@@ -225,19 +225,21 @@ def collate(seqs, tok, device="cpu", left=False):
                            image_targets=d(image_t), weights=d(weights))
 
 
-def collate_groups(seqs, tok, device="cpu", overhead=128):
+def collate_groups(seqs, tok, device="cpu", grouped=True, overhead=128):
     """Training batches (right padded, as collate) of seqs grouped by length: sorted, then cut
     where the padding a cut saves outweighs `overhead` tokens (one more forward call's fixed cost),
     by dynamic programming over the cut points. The loss summed over the groups is collate's over
     all of them (causal attention: trailing pads are never seen, and they carry no weight). A step
     that mixes a VQA conversation (~180 tokens) with a Task II answer (~45) pads ~1.5x the tokens
-    it holds in one batch (docs/experiments.md, "Batches grouped by length"). Each batch's `rows`:
-    the index in seqs of each of its rows."""
-    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+    it holds in one batch (docs/experiments.md, "Batches grouped by length"). grouped=False: one
+    batch, as a model sharded by FSDP needs (it gathers each block's weights at every forward, so
+    every process must run as many). Each batch's `rows`: the index in seqs of each of its rows."""
+    order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if grouped else list(range(len(seqs)))
     n, size = len(order), [len(seqs[i]) for i in order]
-    # best[j]: the least cost of the j shortest; a group of sorted i..j-1 costs size[j-1] * (j - i) + overhead
+    # best[j]: the least cost of the j shortest; a group of sorted i..j-1 costs size[j-1] * (j - i) + overhead;
+    # cut[j]: where the last of those groups starts (all 0: one group)
     best, cut = [0.0] + [math.inf] * n, [0] * (n + 1)
-    for j in range(1, n + 1):
+    for j in range(1, n + 1 if grouped else 1):
         for i in range(j):
             cost = best[i] + size[j - 1] * (j - i) + overhead
             if cost < best[j]:
@@ -246,10 +248,12 @@ def collate_groups(seqs, tok, device="cpu", overhead=128):
     while j:
         groups.append(order[cut[j]:j])
         j = cut[j]
-    out = [collate([seqs[k] for k in g], tok, device) for g in reversed(groups)]
-    for b, g in zip(out, reversed(groups)):
-        b.rows = g  # the index in seqs of each row
+    out = []
+    for g in reversed(groups):
+        out.append(collate([seqs[k] for k in g], tok, device))
+        out[-1].rows = g  # the index in seqs of each row
     return out
+
 
 def embed_batch(model, b):
     return model.embed(b.idx, und_pixels=b.und_pixels, und_mask=b.und_mask if b.und_pixels is not None else None,

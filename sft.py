@@ -46,7 +46,7 @@ from model import PRESETS, Janus, JanusConfig
 from sample import (Options, add_answer, after_rounds, collate_groups, describe_seq, edit_seq, embed_batch, generate,
                     janus_checkpoint, load_janus, next_turn, prompt_seq, question, selfcheck_seq)
 from tokenizer import TextTokenizer, load_vq, reconstruct
-from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed
+from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed, sharded
 from vit import load_vit
 
 # -----------------------------------------------------------------------------
@@ -575,7 +575,7 @@ def run(args):
         else:
             task, exs = sft_batch(rng, settings, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
-        return collate_groups([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev), task
+        return collate_groups([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev, not sharded(model)), task
 
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = shapes.per_category(splits["val"], per_cat)
