@@ -48,8 +48,8 @@ from common import (DTYPE_HELP, Parser, add_attention_arg, check_run_dir, digest
 from evaluate import evaluate_editing, final_eval
 from judge import p_yes
 from model import PRESETS, JanusConfig
-from sample import (Options, add_answer, add_reflection, cfg_logits, collate, collate_groups, edit, edit_seq, embed_batch, introspect,
-                    janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
+from sample import (Options, add_answer, add_reflection, cfg_logits, collate, collate_groups, edit, edit_seq, embed_batch,
+                    introspect, janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
 from sft import group, train_prompt
 from tokenizer import TextTokenizer
 from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed, sharded
@@ -284,15 +284,15 @@ def token_logps(model, tok, rows, twins, where, cfg_w, n_seg, grouped=True):
         at.update((r, (h[j], b.text_targets[j], b.image_targets[j])) for j, r in enumerate(b.rows))
     R, out = len(rows), {}
     for k, i in enumerate(img_rows):
-        h, _, targets = at[i]
+        hr, _, targets = at[i]
         pos = (targets >= 0).nonzero()[:, 0]  # the uncond twin has the same length: the same positions
-        g = cfg_logits(model.image_logits(h[pos]), model.image_logits(at[R + k][0][pos]), cfg_w)
+        g = cfg_logits(model.image_logits(hr[pos]), model.image_logits(at[R + k][0][pos]), cfg_w)
         out[i] = F.log_softmax(g, -1).gather(-1, targets[pos][:, None])[:, 0]
     for i, t in enumerate(twins):
         if t is None:
-            h, targets, _ = at[i]
+            hr, targets, _ = at[i]
             sel = targets >= 0
-            logits = model.text_logits(h[sel])
+            logits = model.text_logits(hr[sel])
             logits[:, len(tok):] = float("-inf")  # as decode_text samples
             lp = F.log_softmax(logits, -1).gather(-1, targets[sel][:, None])[:, 0]
             verdict = F.log_softmax(logits[:1, [tok.yes, tok.no]], -1)  # the first answer token: Yes or No only
@@ -321,10 +321,10 @@ def judge_sft_loss(model, tok, vq, ro, n_tokens, group):
     mixed = (n_yes > 0) & (n_yes < group)  # (P, 1)
     share = torch.where(yes, 0.5 / n_yes.clamp(min=1), 0.5 / (group - n_yes).clamp(min=1)) * mixed
     share = share.reshape(-1) / mixed.sum().clamp(min=1)  # (C,)
-    keep = share.nonzero().flatten().tolist()  # only the mixed groups' chains weigh: only they are run
+    # only the mixed groups' chains weigh: only they are run; with none, one chain of share 0 still is
+    # (under FSDP every process must run as many forwards)
+    keep = share.nonzero().flatten().tolist() or [0]
     dev = next(model.parameters()).device
-    if not keep:
-        return torch.zeros((), device=dev)
     images1 = _decode(vq, [ro["codes1"][i] for i in keep])
     rows = [add_answer(selfcheck_seq(tok, ro["prompts"][i], im, n_tokens), tok, ro["truth"][i], 0.8, 0.2)
             for i, im in zip(keep, images1)]
@@ -527,7 +527,7 @@ def run(args):
         return held["rollout"], "loss"
 
     def loss_fn(ro):
-        logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg, not sharded(model))
+        logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg, grouped=not sharded(model))
         old = logp.detach() if ro["old"] is None else ro["old"]  # ratio 1 at a rollout's only update
         loss, kl = grpo_loss(logp, old, ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"])
         held["kl"] = kl

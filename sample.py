@@ -229,11 +229,12 @@ def collate_groups(seqs, tok, device="cpu", grouped=True, overhead=128):
     """Training batches (right padded, as collate) of seqs grouped by length: sorted, then cut
     where the padding a cut saves outweighs `overhead` tokens (one more forward call's fixed cost),
     by dynamic programming over the cut points. The loss summed over the groups is collate's over
-    all of them (causal attention: trailing pads are never seen, and they carry no weight). A step
-    that mixes a VQA conversation (~180 tokens) with a Task II answer (~45) pads ~1.5x the tokens
-    it holds in one batch (docs/experiments.md, "Batches grouped by length"). grouped=False: one
-    batch, as a model sharded by FSDP needs (it gathers each block's weights at every forward, so
-    every process must run as many). Each batch's `rows`: the index in seqs of each of its rows."""
+    all of them (causal attention: trailing pads are never seen, and they carry no weight). A base
+    understanding step, VQA conversations (~180 tokens) beside describe answers (~40), pads 1.55x
+    the tokens it holds in one batch, 1.08x grouped (docs/experiments.md, "Batches grouped by
+    length"). The overhead was measured on the toy on CPU. grouped=False: one batch, as a model
+    sharded by FSDP needs (it gathers each block's weights at every forward, so every process must
+    run as many). Each batch's `rows`: the index in seqs of each of its rows."""
     order = sorted(range(len(seqs)), key=lambda i: len(seqs[i])) if grouped else list(range(len(seqs)))
     n, size = len(order), [len(seqs[i]) for i in order]
     # best[j]: the least cost of the j shortest; a group of sorted i..j-1 costs size[j-1] * (j - i) + overhead;

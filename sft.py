@@ -398,7 +398,8 @@ def step_loss(model, groups, world):
     total = 0.0
     for b in groups:
         h = model(embed_batch(model, b))
-        total = total + (model.token_losses(h, b.text_targets, b.image_targets) * b.weights).sum()  # (B, T) fp32
+        losses = model.token_losses(h, b.text_targets, b.image_targets)  # (B, T) fp32
+        total = total + (losses * b.weights).sum()
     return total / wsum
 
 
@@ -575,7 +576,7 @@ def run(args):
         else:
             task, exs = sft_batch(rng, settings, chosen, pool, cfg.image_size, args.depth, cfg.scene_grid)
         exs = finish_examples(exs[rank * local:(rank + 1) * local], vq)
-        return collate_groups([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev, not sharded(model)), task
+        return collate_groups([build_seq(ex, tok, cfg.image_tokens) for ex in exs], tok, dev, grouped=not sharded(model)), task
 
     per_cat = args.eval_prompts or preset["eval_prompts"]
     val = shapes.per_category(splits["val"], per_cat)

@@ -173,6 +173,11 @@ def test_logps_recomputed_equal_the_samplers(bundle):
         assert mask[c, 1].sum() == len(ro["answers"][c]) + ro["eos"][c]
         if ro["yes"][c]:  # the final image is image 1 again
             assert torch.equal(logp[c, 2], logp[c, 0])
+    # the rows ran in length groups (here more than one); in one batch, as under FSDP, the same
+    rows = rl.chain_seqs(ro, TOK, vq, model.cfg.image_tokens)
+    assert len(S.collate_groups(rows[0] + [t for t in rows[1] if t is not None], TOK)) > 1
+    one, one_mask = rl.token_logps(model, TOK, *rows, 5.0, 3, grouped=False)
+    assert torch.equal(mask, one_mask) and torch.allclose(logp, one, atol=1e-5)
 
 
 def test_judge_sft_loss_is_task_two_balanced_by_hand(bundle):

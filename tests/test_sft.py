@@ -188,6 +188,17 @@ def test_batches_grouped_by_length_give_the_one_batch_loss_and_gradient():
                                                         for a, b in zip(grads[0][1], grads[1][1]))
 
 
+def test_collate_groups_covers_every_sequence_once():
+    # lengths 5, 40, 6, 41, 5: two groups at a small overhead (the short three, the long two), rows
+    # naming each sequence once; grouped=False: one batch in the given order
+    seqs = [S.Seq(ids=[7] * n, kind=[S.TEXT] * n, w=[1.0] * n, span=[0] * n) for n in (5, 40, 6, 41, 5)]
+    groups = S.collate_groups(seqs, TOK, overhead=8)
+    assert [sorted(b.rows) for b in groups] == [[0, 2, 4], [1, 3]]
+    assert [tuple(b.idx.shape) for b in groups] == [(3, 6), (2, 41)]
+    one = S.collate_groups(seqs, TOK, grouped=False)
+    assert len(one) == 1 and list(one[0].rows) == [0, 1, 2, 3, 4] and one[0].idx.shape == (5, 41)
+
+
 def test_vqa_conversation_loss_on_every_answer():
     """One image, several questions: the first in the self-check layout (prompt, image, cue), the
     others after the image; each answer (+ EOS) carries the loss, 0.8 on its Yes/No and 0.2 on the
