@@ -312,7 +312,7 @@ def test_one_update_per_rollout_takes_old_from_the_loss(bundle, tmp_path, monkey
     equal the sampling (SFT) weights' log-probs computed without grad. With 2 updates old is computed."""
     calls, seen = [], []
     real_t, real_g = rl.token_logps, rl.grpo_loss
-    monkeypatch.setattr(rl, "token_logps", lambda m, *a: calls.append((torch.is_grad_enabled(), a)) or real_t(m, *a))
+    monkeypatch.setattr(rl, "token_logps", lambda m, *a, **k: calls.append((torch.is_grad_enabled(), a)) or real_t(m, *a, **k))
     monkeypatch.setattr(rl, "grpo_loss", lambda logp, old, *a, **k: seen.append((logp.detach().clone(), old.clone()))
                         or real_g(logp, old, *a, **k))
     argv = ["--config", "tiny", "--prompts", "2", "--group", "4", "--no-final-eval", "--dtype", "fp32"]  # fp32: compared to 1e-6
