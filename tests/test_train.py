@@ -47,6 +47,26 @@ def _train(tmp_path, name, accum, steps=5, loss_hook=None):
     return model
 
 
+def test_a_restart_is_a_second_run_with_fresh_moments(tmp_path):
+    """Plan(restart=3) over 5 steps = 3 steps, then a new optimizer and a 2-step run from there:
+    the same weights (the schedule restarts, and so do AdamW's moments)."""
+    def run(model, steps, restart=0, first=0):
+        opt = make_optimizer(model, 0.1)
+        fit(lambda step, micro: ((X[step + first:], Y[step + first:]), "mse"),  # data by absolute step
+            lambda b: ((model(b[0])[:, 0] - b[1]) ** 2).mean(), opt, list(model.parameters()), {"model": model},
+            Plan(steps, 0.1, 2, restart=restart, ckpt_every=100), str(tmp_path / f"{steps}{restart}{first}.pt"),
+            "test_state", {})
+        return opt
+    torch.manual_seed(0)
+    one, two = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    two.load_state_dict(one.state_dict())
+    opt = run(one, 5, restart=3)
+    run(two, 3)
+    run(two, 2, first=3)
+    assert torch.allclose(one.weight, two.weight, atol=1e-7) and torch.allclose(one.bias, two.bias, atol=1e-7)
+    assert all(float(st["step"]) == 2 for st in opt.state.values())  # counted from the restart
+
+
 def test_micro_batches_equal_one_batch(tmp_path):
     a, b = _train(tmp_path, "one", 1), _train(tmp_path, "four", 4)
     assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
