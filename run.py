@@ -368,7 +368,7 @@ def target_lines(rep):
     met = sum(t["met"] for t in rep["targets"])
     lines = [f"## Targets: {met} of {len(rep['targets'])} met", "",
              "| issue | target | this run | met |", "|---|---|---|---|"]
-    lines += [f"| {t['issue']} | {t['target']} | " + ("n/a" if t["value"] is None else f"{t['value']:.3f}".rstrip("0").rstrip("."))
+    lines += [f"| {t['issue']} | {t['target']} | " + ("n/a" if t["value"] is None else f"{t['value']:.4f}".rstrip("0").rstrip("."))
               + " | " + ("yes" if t["met"] else "**no**") + " |" for t in rep["targets"]]
     return lines + ["", "Where a target is missed, the curves below show where it stands: learning.png (drawing and "
                     "judging against training seconds, the targets dashed) and curves.png (RL's rewards per step). "
