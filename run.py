@@ -72,15 +72,19 @@ def run_stage(stage, args, seconds):
 
 def cached(args, name, key, compute):
     """OUT/name's result if it was computed for `key` (the digests and settings it depends on),
-    else compute() now and store it with its key."""
+    else compute() now and store it with its key and the seconds it took (EVAL_SECONDS: the
+    report's time after the stages)."""
     path = os.path.join(args.out, name)
-    if os.path.isfile(path):
-        got = read_json(path)
-        if got.get("key") == key:
-            return got["result"]
-    result = compute()
-    write_json({"key": key, "result": result}, path)
-    return result
+    if not (os.path.isfile(path) and read_json(path).get("key") == key):
+        t = time.time()
+        result = compute()
+        write_json({"key": key, "result": result, "seconds": round(time.time() - t, 1)}, path)
+    got = read_json(path)
+    EVAL_SECONDS[name] = got.get("seconds")  # None: computed by a version that did not time it
+    return got["result"]
+
+
+EVAL_SECONDS = {}  # cached()'s file name -> the seconds its evaluation took, for the whole job's time
 
 
 def ood_prompts(args, splits):
@@ -183,7 +187,8 @@ def targets(rep):
         return []
     g, j, s = rep["geneval"], rep["judge"], rep["seconds"]
     auc = lambda key: j.get(key, {}).get("auc_within_category")  # None: one class only, or not measured
-    pre = sum(s.get(k, 0) for k in ("vq", "vit", "base", "sft"))
+    total = lambda names: sum(s[k] for k in names) if all(k in s for k in names) else None  # None: not timed here
+    pre = total(("vq", "vit", "base", "sft"))
     draw, judge = SFT_GOALS[rep["config"]]
     sft1, sftF = g["sft"]["first"], g["sft"]["final"]
     rows = [(23, "vq + vit + base + sft <= 900 stage seconds", pre, "<= 900"),
@@ -191,8 +196,9 @@ def targets(rep):
             (23, f"SFT judge AUC within category >= {judge:.2f} (own images)", auc("sft"), f">= {judge}")]
     if rep["config"] == "small":  # issue 23's targets for small (on one GPU)
         return _rows(rows)
-    low = min(shapes.CATEGORIES, key=lambda c: sft1[c])
-    rows += [(23, f"SFT first image >= 0.30 in every category (lowest: {low})", sft1[low], ">= 0.30"),
+    low = [c for c in shapes.CATEGORIES if sft1[c] < 0.30] or [min(shapes.CATEGORIES, key=lambda c: sft1[c])]
+    rows += [(23, f"SFT first image >= 0.30 in every category ({'below' if sft1[low[0]] < 0.30 else 'lowest'}: "
+              f"{', '.join(low)})", min(sft1[c] for c in low), ">= 0.30"),
              (23, f"SFT judge AUC within category >= {judge:.2f} (balanced set)", auc("sft balanced"), f">= {judge}"),
              (23, "SFT final - SFT first > 0 (the loop helps)", sftF["overall"] - sft1["overall"], "> 0")]
     if "rl" not in g:
@@ -210,7 +216,8 @@ def targets(rep):
              (24, "RL judge AUC within category - SFT's > 0 (balanced set)", _diff(auc("rl balanced"), auc("sft balanced")), "> 0"),
              (24, "RL's gain over SFT final on ood - on test >= 0", rlF["ood"] - sftF["ood"] - gain, ">= 0"),
              (24, "rl <= 600 stage seconds", s.get("rl"), "<= 600"),
-             (25, "vq + vit + base + sft + rl <= 1800 stage seconds", sum(s.values()), "<= 1800"),
+             (25, "the whole job <= 1800 s (the stages, then the report's evaluations)", _plus(total(
+                 ("vq", "vit", "base", "sft", "rl")), rep.get("eval_seconds")), "<= 1800"),
              (25, "RL final >= 0.70", rlF["overall"], ">= 0.70"),
              (25, "RL judge AUC within category >= 0.80 (own images)", auc("rl"), ">= 0.80"),
              (25, "RL judge AUC within category >= 0.80 (balanced set)", auc("rl balanced"), ">= 0.80"),
@@ -224,16 +231,19 @@ def _diff(a, b):
     return None if a is None or b is None else a - b
 
 
+def _plus(a, b):
+    return None if a is None or b is None else a + b
+
+
 def _rows(rows):
     """(issue, target, value, rule) -> dicts; rule ">= x", "> x" or "<= x"; a value None is not met."""
     def met(v, rule):
         if v is None:
             return False
         op, x = rule.split()
-        return {">=": v >= float(x), ">": v > float(x), "<=": v <= float(x)}[op]
-    # the check reads the value as shown, to 4 decimals (0.70 - 0.60 is 0.0999... in floats)
-    rows = [(i, t, None if v is None else round(float(v), 4), r) for i, t, v, r in rows]
-    return [dict(issue=i, target=t, value=v, met=met(v, r)) for i, t, v, r in rows]
+        eps = 1e-9  # 0.70 - 0.60 is 0.0999... in floats
+        return {">=": v >= float(x) - eps, ">": v > float(x) + eps, "<=": v <= float(x) + eps}[op]
+    return [dict(issue=i, target=t, value=None if v is None else round(float(v), 4), met=met(v, r)) for i, t, v, r in rows]
 
 
 TINY_NOTE = ("config tiny: these numbers only prove the plumbing (a 2-layer model trained for seconds learns "
@@ -315,7 +325,8 @@ def report(args, seconds):
     write_json(rep, os.path.join(args.out, "report.json"))
     lines = report_lines(args, rep, seconds)
     write_text("\n".join(lines) + "\n", os.path.join(args.out, "report.md"))
-    print("\n".join(lines[:40]))
+    top = lines.index("## GenEval-style accuracy on the test split (checker verdicts)")
+    print("\n".join(target_lines(rep) + lines[top:top + 4 + 2 * len(rep["geneval"])]))
     if rep["targets"]:
         print(f"targets met: {sum(t['met'] for t in rep['targets'])} of {len(rep['targets'])} (report.md, Targets)")
     if args.config == "tiny":
@@ -357,6 +368,8 @@ def gather(args, seconds):
                                                  stage=stage)
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
+    timed = [EVAL_SECONDS.get(n) for n in ["untrained_eval.json"] + [f"{st}_extra.json" for st in rep["examples"]]]
+    rep["eval_seconds"] = None if None in timed else round(sum(timed), 1)
     rep["targets"] = targets(rep)
     return rep
 
@@ -372,7 +385,7 @@ def target_lines(rep):
               + " | " + ("yes" if t["met"] else "**no**") + " |" for t in rep["targets"]]
     return lines + ["", "Where a target is missed, the curves below show where it stands: learning.png (drawing and "
                     "judging against training seconds, the targets dashed) and curves.png (RL's rewards per step). "
-                    "Stage seconds leave out the evaluations for this report, which come after the stages.", ""]
+                    "A stage's seconds include its own evaluation; the whole job adds this report's evaluations.", ""]
 
 
 def learning_lines(args, curve):

@@ -92,7 +92,8 @@ BASE_MIX = {"t2i": 0.625, "describe": 0.1125, "vqa": 0.2625}
 # toy base's self-check was still learning to read (renders: AUC within category 0.68); 200 such
 # steps took it to 0.83 (colour 0.73 -> 0.89). SFT's judge ranked its own images better in two runs
 # (0.76, 0.76 against 0.69, 0.68), not in the whole job (0.67); RL's did there (0.73 against 0.54);
-# the base draws worse at its end (0.44 -> 0.34), SFT better (0.59 -> 0.61). docs/experiments.md,
+# with the first phase's AdamW moments the base drew worse at its end (0.44 -> 0.34), SFT better
+# (0.59 -> 0.61). docs/experiments.md,
 # "The base reads colour after more VQA". Fresh AdamW moments at the restart (train.fit) keep the
 # drawing: 0.45 against 0.37 from the same step-1,000 base (section 44 there).
 UND_MIX = {"t2i": 0.0, "describe": 0.1, "vqa": 0.9}
@@ -417,7 +418,7 @@ def main(argv=None):
     # optimisation (defaults from TRAIN[config])
     ap.add_argument("--steps", type=pos_int, help="optimizer steps (base: before --und-steps); rerun with more to continue")
     ap.add_argument("--und-steps", type=nonneg_int, help="base: understanding-only steps after --steps, the lr schedule "
-                    "started again (toy 200, tiny 10)")
+                    "and AdamW's moments started again (toy 200, tiny 10)")
     ap.add_argument("--batch-size", type=pos_int, help="sequences per step, over all processes")
     ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
     ap.add_argument("--gen-lr-scale", type=pos_float, help=f"the generation path ({', '.join(GEN_PATH)}) "

@@ -67,6 +67,34 @@ def test_a_restart_is_a_second_run_with_fresh_moments(tmp_path):
     assert all(float(st["step"]) == 2 for st in opt.state.values())  # counted from the restart
 
 
+def test_resume_at_the_restart_equals_an_uninterrupted_run(tmp_path):
+    """Killed in the first step after the restart: the state saved just before it holds the first
+    phase's moments, and the resumed run clears them there, as the uninterrupted one did."""
+    def run(name, hook=lambda: None):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(3, 1)
+        path, settings = str(tmp_path / f"{name}.pt"), {}
+
+        def loss_fn(b):
+            hook()
+            return ((model(b[0])[:, 0] - b[1]) ** 2).mean()
+        fit(lambda step, micro: ((X[step:], Y[step:]), "mse"), loss_fn, make_optimizer(model, 0.1),
+            list(model.parameters()), {"model": model}, Plan(5, 0.1, 2, restart=3, ckpt_every=1), path, "test_state",
+            settings, load_state(path, "test_state", settings))
+        return model
+    full, calls = run("full"), []
+
+    def die_in_step_3():
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run("cut", die_in_step_3)
+    assert torch.load(str(tmp_path / "cut.pt"), weights_only=True)["step"] == 3
+    cut = run("cut")
+    assert torch.equal(full.weight, cut.weight) and torch.equal(full.bias, cut.bias)
+
+
 def test_micro_batches_equal_one_batch(tmp_path):
     a, b = _train(tmp_path, "one", 1), _train(tmp_path, "four", 4)
     assert torch.allclose(a.weight, b.weight, atol=1e-6) and torch.allclose(a.bias, b.bias, atol=1e-6)
