@@ -72,19 +72,17 @@ def run_stage(stage, args, seconds):
 
 def cached(args, name, key, compute):
     """OUT/name's result if it was computed for `key` (the digests and settings it depends on),
-    else compute() now and store it with its key and the seconds it took (EVAL_SECONDS: the
-    report's time after the stages)."""
+    else compute() now and store it with its key and the seconds it took (the whole job's time
+    counts them: gather)."""
     path = os.path.join(args.out, name)
-    if not (os.path.isfile(path) and read_json(path).get("key") == key):
-        t = time.time()
-        result = compute()
-        write_json({"key": key, "result": result, "seconds": round(time.time() - t, 1)}, path)
-    got = read_json(path)
-    EVAL_SECONDS[name] = got.get("seconds")  # None: computed by a version that did not time it
-    return got["result"]
-
-
-EVAL_SECONDS = {}  # cached()'s file name -> the seconds its evaluation took, for the whole job's time
+    if os.path.isfile(path):
+        got = read_json(path)
+        if got.get("key") == key:
+            return got["result"]
+    t = time.time()
+    result = compute()
+    write_json({"key": key, "result": result, "seconds": round(time.time() - t, 1)}, path)
+    return result
 
 
 def ood_prompts(args, splits):
@@ -368,7 +366,10 @@ def gather(args, seconds):
                                                  stage=stage)
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
-    timed = [EVAL_SECONDS.get(n) for n in ["untrained_eval.json"] + [f"{st}_extra.json" for st in rep["examples"]]]
+    # the report's own evaluations (cached): the whole job's time after the stages; None where a
+    # version that did not time them cached one
+    timed = [read_json(os.path.join(args.out, n)).get("seconds")
+             for n in ["untrained_eval.json"] + [f"{st}_extra.json" for st in rep["examples"]]]
     rep["eval_seconds"] = None if None in timed else round(sum(timed), 1)
     rep["targets"] = targets(rep)
     return rep
