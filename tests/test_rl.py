@@ -2,6 +2,7 @@
 a reward the tiny model learns in a few steps, resume after a kill.
 Run: python -m pytest -q tests/test_rl.py   (CPU, about a minute)"""
 
+import argparse
 import json
 import os
 from types import SimpleNamespace
@@ -126,6 +127,27 @@ def test_loss_clips_and_kl_by_hand():
     # a negative advantage takes the other side of the clip: max(1.5, 1.2) = 1.5 and max(0.5, 0.8) = 0.8
     loss, _ = rl.grpo_loss(logp, old, ref, torch.tensor([[-1.0]]), mask, eps=0.2, beta=0.0)
     assert loss.item() == pytest.approx((1.5 + 0.8) / 2, abs=1e-6)
+
+
+def test_kl_weight_per_segment():
+    """beta per segment: each segment's KL term carries its own weight (hand-computed k3), the
+    policy-gradient part is unchanged; --beta takes one number or three."""
+    mask = torch.ones(1, 3, 1, dtype=torch.bool)
+    logp, old = torch.zeros(1, 3, 1), torch.zeros(1, 3, 1)
+    ref = torch.log(torch.tensor([[[2.0], [0.5], [2.0]]]))  # k3 = 2 - log 2 - 1, 0.5 + log 2 - 1, as segment 0
+    adv = torch.tensor([[0.3, -0.6, 0.9]])
+    k3 = np.array([1 - np.log(2), np.log(2) - 0.5, 1 - np.log(2)])
+    loss, kl = rl.grpo_loss(logp, old, ref, adv, mask, beta=[0.04, 0.4, 0.0])
+    assert loss.item() == pytest.approx((-0.3 + 0.6 - 0.9 + 0.04 * k3[0] + 0.4 * k3[1]) / 3, abs=1e-6)
+    assert torch.allclose(kl, torch.tensor(k3, dtype=torch.float32), atol=1e-6)
+    # one weight for all equals the same weight given three times
+    assert rl.grpo_loss(logp, old, ref, adv, mask, beta=0.1)[0].item() == pytest.approx(
+        rl.grpo_loss(logp, old, ref, adv, mask, beta=[0.1] * 3)[0].item(), abs=1e-7)
+    assert rl.segment_betas("0.04") == [0.04] * 3 and rl.segment_betas("0,1,0.5") == [0.0, 1.0, 0.5]
+    for bad in ("0.1,0.2", "-1", "0.1,x,0.2"):
+        with pytest.raises(argparse.ArgumentTypeError):
+            rl.segment_betas(bad)
+    assert rl.TRAIN["toy"]["beta"] == (0.04, 0.4, 0.04) and rl.TRAIN["janus-pro-7b"]["beta"] == (0.04,) * 3
 
 
 # -----------------------------------------------------------------------------
