@@ -18,8 +18,9 @@ Each segment's rewards are normalised within the group, A = (r - mean) / (std + 
 broadcast to that segment's tokens. Loss per token: the PPO-clipped ratio times A, plus beta times
 the k3 estimate of KL to the frozen SFT model; a mean over a segment's tokens, then over chains,
 then over segments. With one update per rollout the ratio is 1: REINFORCE with a group baseline.
-beta may differ per segment: toy holds the verdict and reason 10x closer to SFT (0.4) than the images
-(0.04), so that RL keeps SFT's reading of images while it draws better (docs/experiments.md).
+beta may differ per segment: toy weighs the verdict and reason's KL 10x the images' (0.4 against 0.04);
+they stay nearer SFT (KL 0.03-0.04 a token against 0.08-0.20), the judge drifts less, and the images
+train as at 0.04 (docs/experiments.md, section 46).
 
 Image log-probs come from the CFG-combined logits at temperature 1, w * l_c + (1 - w) * l_u: the
 distribution the tokens were drawn from. (The released code uses l_c - ((w-1)/w) l_u, the same
@@ -68,7 +69,7 @@ TRAIN = {
     # category 0.54 against 0.62, the same final image (one seed; docs/experiments.md, "A longer SFT")
     # beta per segment (image 1, verdict + reason, final image). toy 0.4 on the verdict and reason: at 0.04 the
     # verdict and reason drift from SFT's (KL 0.08-0.20 a token) and the judge's AUC within category on the
-    # balanced set lands at 0.754-0.784 over three seeds; at 0.4 (KL 0.03) at 0.784-0.785, the images as at
+    # balanced set lands at 0.754-0.784 over three seeds; at 0.4 (KL 0.03-0.04) at 0.784-0.785, the images as at
     # 0.04 (docs/experiments.md, "RL: the judge held to SFT")
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=(0.04,) * 3, reason=8, eval_prompts=4, verdicts="strict"),
     "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=(0.04, 0.4, 0.04), reason=24, eval_prompts=100, verdicts="strict"),
@@ -167,6 +168,7 @@ def grpo_loss(logp, old, ref, adv, mask, eps=0.2, beta=0.04):
     m = mask.float()
     n = m.sum(-1).clamp(min=1)  # (C, S)
     beta = torch.as_tensor(beta, dtype=kl.dtype, device=kl.device).reshape(-1, 1)  # (S or 1, 1): per segment
+    assert beta.size(0) in (1, kl.size(1)), f"{beta.size(0)} KL weights for {kl.size(1)} segments"
     per_seg = ((pg + beta * kl) * m).sum(-1) / n  # (C, S)
     return per_seg.mean(0).mean(), ((kl * m).sum(-1) / n).mean(0).detach()
 
@@ -443,7 +445,8 @@ def main(argv=None):
     ap.add_argument("--lr", type=pos_float, help="peak AdamW learning rate")
     ap.add_argument("--beta", type=segment_betas,
                     help="weight of the k3 KL to the SFT model (0 allowed): one for every segment, or three (image 1, "
-                    "verdict + reason, final image); toy 0.04,0.4,0.04, the other presets 0.04")
+                    "verdict + reason, final image; a one-segment run, --segments 0 or --task edit, takes the first); toy "
+                    "0.04,0.4,0.04, the other presets 0.04 on all three")
     ap.add_argument("--clip-eps", type=fraction, default=0.2, help="PPO clip range of the ratio")
     ap.add_argument("--updates-per-batch", type=pos_int, default=1, help="optimizer steps per rollout batch (1: ratio 1, REINFORCE)")
     ap.add_argument("--cfg", type=nonneg_float, help="guidance weight of the rollouts' images (default: the preset's, "

@@ -134,12 +134,17 @@ def test_kl_weight_per_segment():
     policy-gradient part is unchanged; --beta takes one number or three."""
     mask = torch.ones(1, 3, 1, dtype=torch.bool)
     logp, old = torch.zeros(1, 3, 1), torch.zeros(1, 3, 1)
-    ref = torch.log(torch.tensor([[[2.0], [0.5], [2.0]]]))  # k3 = 2 - log 2 - 1, 0.5 + log 2 - 1, as segment 0
+    ref = torch.log(torch.tensor([[[2.0], [0.5], [4.0]]]))  # k3 = exp(d) - d - 1 with d = ref - logp = ref
     adv = torch.tensor([[0.3, -0.6, 0.9]])
-    k3 = np.array([1 - np.log(2), np.log(2) - 0.5, 1 - np.log(2)])
+    k3 = np.array([1 - np.log(2), np.log(2) - 0.5, 3 - np.log(4)])
     loss, kl = rl.grpo_loss(logp, old, ref, adv, mask, beta=[0.04, 0.4, 0.0])
     assert loss.item() == pytest.approx((-0.3 + 0.6 - 0.9 + 0.04 * k3[0] + 0.4 * k3[1]) / 3, abs=1e-6)
     assert torch.allclose(kl, torch.tensor(k3, dtype=torch.float32), atol=1e-6)
+    # a one-segment run (--segments 0, --task edit) passes the first weight only; three for one is refused
+    one, _ = rl.grpo_loss(logp[:, :1], old[:, :1], ref[:, :1], adv[:, :1], mask[:, :1], beta=[0.04])
+    assert one.item() == pytest.approx(-0.3 + 0.04 * k3[0], abs=1e-6)
+    with pytest.raises(AssertionError, match="3 KL weights for 1 segments"):
+        rl.grpo_loss(logp[:, :1], old[:, :1], ref[:, :1], adv[:, :1], mask[:, :1], beta=[0.04, 0.4, 0.04])
     # one weight for all equals the same weight given three times
     assert rl.grpo_loss(logp, old, ref, adv, mask, beta=0.1)[0].item() == pytest.approx(
         rl.grpo_loss(logp, old, ref, adv, mask, beta=[0.1] * 3)[0].item(), abs=1e-7)
