@@ -33,7 +33,7 @@ def ours_decode(model, prompt, steps, cfg_w):
         logits = model.image_logits(h)  # (2B, V)
         cond, uncond = logits.chunk(2)
         nxt = (uncond + cfg_w * (cond - uncond)).argmax(-1)  # (B,)
-        x = model.embed_image_ids(torch.cat([nxt, nxt])[:, None])  # (2B, 1, D)
+        x = model.embed_image_ids(torch.cat([nxt, nxt])[:, None], t % model.cfg.image_tokens)  # (2B, 1, D)
         h = model(x, cache=cache, start_pos=P + t)[:, -1]
     return nxt
 
@@ -259,7 +259,7 @@ def main():
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
-    cfg = JanusConfig(**PRESETS[args.config])
+    cfg = JanusConfig(**{**PRESETS[args.config], "image_pos": False})  # HF's Janus has no image_pos table
     T = args.seq or 2 * cfg.image_tokens + 64
     train, flops = bench_training(args, cfg, T)
     decode, sampling, ours = bench_decoding(args, cfg)

@@ -68,6 +68,10 @@ class JanusConfig:
     gen_aligner_depth: int = 2  # Linears in gen_aligner (codes -> LLM)
     gen_head_width: int = 0  # width inside gen_head; 0 = n_embd, as in every released model
     tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (transformers' default; not Janus-Pro)
+    # a learned vector per image position (image_tokens, D), added to an image's tokens on both paths,
+    # as DALL-E's row and column embeddings. Janus-Pro has none (RoPE alone says where a token sits);
+    # the grid-world toy uses it so that a token knows its column (docs/experiments.md, "Where an image token sits")
+    image_pos: bool = False
     # kernels: PyTorch's fused scaled_dot_product_attention, or the plain-math reference
     sdpa: bool = True
 
@@ -89,11 +93,11 @@ class JanusConfig:
 PRESETS = {
     "tiny": dict(vocab_size=256, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, ffn_hidden=176,
                  max_seq_len=256, image_size=32, vit_patch=8, vit_width=64, vit_layers=2,
-                 vit_heads=4, vit_mlp=256, image_vocab_size=256, image_tokens=16),
+                 vit_heads=4, vit_mlp=256, image_vocab_size=256, image_tokens=16, image_pos=True),
     "toy": dict(vocab_size=256, n_layer=4, n_head=4, n_kv_head=4, n_embd=192, ffn_hidden=512,
                 max_seq_len=512, image_size=64, vit_patch=16, vit_width=128, vit_layers=4,
                 vit_heads=4, vit_mlp=512, image_vocab_size=1024, image_tokens=16, scene_grid=4,
-                guidance=2.0),
+                guidance=2.0, image_pos=True),
     "small": dict(vocab_size=256, n_layer=12, n_head=12, n_kv_head=12, n_embd=768,
                   ffn_hidden=2112, max_seq_len=1024, image_size=64, vit_patch=8, vit_width=384,
                   vit_layers=6, vit_heads=6, vit_mlp=1536, image_vocab_size=1024, image_tokens=64),
@@ -403,6 +407,8 @@ class Janus(nn.Module):
         self.gen_embed = nn.Embedding(cfg.image_vocab_size, cfg.image_code_dim)
         self.gen_aligner = MlpProjector(cfg.image_code_dim, cfg.n_embd, cfg.gen_aligner_depth)
         self.gen_head = GenHead(cfg.n_embd, cfg.gen_head_width or cfg.n_embd, cfg.image_vocab_size)
+        # zeros: a model given the table starts out as the model without it
+        self.image_pos = nn.Parameter(torch.zeros(cfg.image_tokens, cfg.n_embd)) if cfg.image_pos else None
         # the language model
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.n_embd)
         self.layers = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
@@ -446,17 +452,26 @@ class Janus(nn.Module):
 
     def embed_pixels(self, pixels):
         """Understanding path: (N, 3, H, W) pixels in [-1, 1] -> (N, image_tokens, D)."""
-        return self.aligner(self.vision_model(pixels))
+        x = self.aligner(self.vision_model(pixels))
+        return x if self.image_pos is None else x + self.image_pos
 
-    def embed_image_ids(self, ids):
-        """Generation path: VQ code ids (any shape) -> (..., D). The sampler calls this per token."""
-        return self.gen_aligner(self.gen_embed(ids))
+    def embed_image_ids(self, ids, pos=None):
+        """Generation path: VQ code ids (any shape) -> (..., D). The sampler calls this per token.
+        pos: where in its image each code sits (0..image_tokens-1; an int or a tensor shaped as ids),
+        needed only by a model with cfg.image_pos."""
+        x = self.gen_aligner(self.gen_embed(ids))
+        if self.image_pos is None:
+            return x
+        assert pos is not None, "cfg.image_pos: embed_image_ids needs each code's place in its image"
+        pos = torch.as_tensor(pos, device=ids.device)
+        return x + F.embedding(pos, self.image_pos)  # a lookup, not [pos]: a compiled step's 0-d pos stays a tensor
 
-    def embed(self, idx, und_pixels=None, und_mask=None, gen_ids=None, gen_mask=None):
+    def embed(self, idx, und_pixels=None, und_mask=None, gen_ids=None, gen_mask=None, gen_pos=None):
         """Embeddings (B, T, D) of a mixed sequence. idx (B, T) holds text ids (anything valid at
         image positions, e.g. pad). Positions where und_mask (B, T) is True get the ViT features of
         und_pixels (N, 3, H, W), image after image, patches in raster order; positions where
-        gen_mask is True get gen_ids (codes of those positions in the same row-major order)."""
+        gen_mask is True get gen_ids (codes of those positions in the same row-major order), each
+        at its place in its image gen_pos (shaped as gen_ids; None: whole images, in order)."""
         x = self.embed_tokens(idx)
         if und_pixels is not None:
             feats = self.embed_pixels(und_pixels)  # (N, image_tokens, D)
@@ -464,7 +479,9 @@ class Janus(nn.Module):
             x[und_mask] = feats.reshape(-1, x.size(-1)).to(x.dtype)
         if gen_ids is not None:
             assert int(gen_mask.sum()) == gen_ids.numel(), "gen_mask vs gen_ids"
-            x[gen_mask] = self.embed_image_ids(gen_ids.reshape(-1)).to(x.dtype)
+            if gen_pos is None:
+                gen_pos = torch.arange(gen_ids.numel(), device=gen_ids.device) % self.cfg.image_tokens
+            x[gen_mask] = self.embed_image_ids(gen_ids.reshape(-1), gen_pos.reshape(-1)).to(x.dtype)
         return x
 
     # --- the transformer
@@ -601,6 +618,8 @@ def checkpoint_names(name, cfg, layout="official"):
         if m:
             break
     else:
+        if name == "image_pos":
+            raise ValueError("image_pos (cfg.image_pos, the toy's table of image positions) has no place in the official or HF layouts")
         raise ValueError(f"no checkpoint name for our parameter {name}")
     groups = iter(m.groups())
     key = re.sub(r"[#*&]", lambda c: str(int(next(groups)) // 2 - 1) if c.group() == "&" else next(groups),

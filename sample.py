@@ -48,14 +48,16 @@ class Seq:
     """One row of the model's input, built left to right. Per position:
     ids (text id; image positions hold <image_placeholder>), kind (TEXT/UND/GEN), w (loss weight on
     predicting this position's token from the previous position; 0 = no loss), span (CAPTION /
-    SCAFFOLD / 0, which tokens CFG replaces by pads). codes: VQ ids of the GEN positions in order;
-    images: uint8 (H, W, 3) images for the UND positions, one per image."""
+    SCAFFOLD / 0, which tokens CFG replaces by pads). codes: VQ ids of the GEN positions in order,
+    code_pos: each one's place in its image; images: uint8 (H, W, 3) images for the UND positions,
+    one per image."""
     ids: list = field(default_factory=list)
     kind: list = field(default_factory=list)
     w: list = field(default_factory=list)
     span: list = field(default_factory=list)
     codes: list = field(default_factory=list)
     images: list = field(default_factory=list)
+    code_pos: list = field(default_factory=list)
 
     def add(self, ids, kind=TEXT, w=0.0, span=0):
         ids = list(ids)
@@ -68,9 +70,12 @@ class Seq:
     def text(self, tok, s, w=0.0, span=0):
         return self.add(tok.encode(s), TEXT, w, span)
 
-    def gen_image(self, tok, codes, w=0.0):
+    def gen_image(self, tok, codes, w=0.0, start=0):
+        """An image's codes from its place `start` on (> 0: the rest of an image whose first codes
+        are already in a KV cache)."""
         codes = [int(c) for c in codes]
         self.codes += codes
+        self.code_pos += range(start, start + len(codes))
         return self.add([tok.img] * len(codes), GEN, w)
 
     def und_image(self, tok, image, n_tokens):
@@ -85,7 +90,8 @@ class Seq:
         first image); False pads only the user's words (regeneration and editing: the earlier
         image, the judgement and the reflection stay)."""
         pad = (CAPTION, SCAFFOLD) if whole_prompt else (CAPTION,)
-        out = Seq(list(self.ids), list(self.kind), list(self.w), list(self.span), list(self.codes), list(self.images))
+        out = Seq(list(self.ids), list(self.kind), list(self.w), list(self.span), list(self.codes), list(self.images),
+                  list(self.code_pos))
         out.ids = [tok.pad if s in pad else i for i, s in zip(self.ids, self.span)]
         return out
 
@@ -193,7 +199,7 @@ def collate(seqs, tok, device="cpu", left=False):
     """Seqs -> padded tensors for model.embed / model.forward / model.token_losses.
     Right padding for training (causal attention never sees trailing pads); left padding for
     sampling, so every row's next token lands at the same position. Returns a namespace with
-    idx, key_mask, und_mask, gen_mask (B, T); gen_ids (n_gen,); und_pixels (n_img, 3, H, W) in
+    idx, key_mask, und_mask, gen_mask (B, T); gen_ids, gen_pos (n_gen,); und_pixels (n_img, 3, H, W) in
     [-1, 1]; text_targets, image_targets (B, T) (-1 = none, position t predicts token t+1); weights
     (B, T) (the loss weight of each target: the loss is sum(losses * weights) / sum(weights))."""
     B, T = len(seqs), max(len(s) for s in seqs)
@@ -207,6 +213,7 @@ def collate(seqs, tok, device="cpu", left=False):
         w[b, sl] = torch.tensor(s.w, dtype=torch.float32)
     gen_mask, und_mask = kind == GEN, kind == UND
     gen_ids = torch.tensor([c for s in seqs for c in s.codes], dtype=torch.long)
+    gen_pos = torch.tensor([c for s in seqs for c in s.code_pos], dtype=torch.long)
     images = [im for s in seqs for im in s.images]
     und_pixels = to_tensor(np.stack(images)) if images else None
     # targets: position t predicts position t+1 (shift left by one)
@@ -221,7 +228,7 @@ def collate(seqs, tok, device="cpu", left=False):
     weights[:, :-1] = torch.where(has, w[:, 1:], 0.0)
     d = lambda t: None if t is None else t.to(device)
     return SimpleNamespace(idx=d(idx), key_mask=d(kind >= 0), und_mask=d(und_mask), gen_mask=d(gen_mask),
-                           gen_ids=d(gen_ids), und_pixels=d(und_pixels), text_targets=d(text_t),
+                           gen_ids=d(gen_ids), gen_pos=d(gen_pos), und_pixels=d(und_pixels), text_targets=d(text_t),
                            image_targets=d(image_t), weights=d(weights))
 
 
@@ -258,7 +265,7 @@ def collate_groups(seqs, tok, device="cpu", grouped=True, overhead=128):
 
 def embed_batch(model, b):
     return model.embed(b.idx, und_pixels=b.und_pixels, und_mask=b.und_mask if b.und_pixels is not None else None,
-                       gen_ids=b.gen_ids if b.gen_ids.numel() else None, gen_mask=b.gen_mask)
+                       gen_ids=b.gen_ids if b.gen_ids.numel() else None, gen_mask=b.gen_mask, gen_pos=b.gen_pos)
 
 
 # -----------------------------------------------------------------------------
@@ -366,7 +373,7 @@ def draw_image(model, cache, key_mask, h_last, start, n_cond, opt, uniforms):
         codes[:, i] = _image_code(model, h_last, uniforms[:, i], n_cond, opt)
         if i == N - 1:
             break
-        x = model.embed_image_ids(codes[:, i].repeat(2))[:, None]  # (2 n_cond, 1, D)
+        x = model.embed_image_ids(codes[:, i].repeat(2), i)[:, None]  # (2 n_cond, 1, D)
         h_last = model(x, cache=cache, start_pos=start, key_mask=key_mask[:, :start + 1] if padded else None)[:, -1]
         start += 1
     return codes, start
@@ -504,7 +511,7 @@ def introspect(model, vq, tok, prompts, seeds, opt=Options(), progress=False):
         live = [live[j] for j in keep]
         chunks = []
         for i, j in zip(live, keep):
-            c = Seq().gen_image(tok, codes[j, -1:].tolist())
+            c = Seq().gen_image(tok, codes[j, -1:].tolist(), start=N - 1)
             add_reflection(c, tok, answer_ids[j])
             add_reflection(seqs[i], tok, answer_ids[j])
             chunks.append(c)
@@ -609,11 +616,12 @@ def load_janus(path, device="cpu"):
 # per token (bench.py) but compiles first; README, Speed, has the measurements.
 
 
-def _static_token(model, cache, key_mask, h_last, slot, u, n_cond, opt):
-    """One image token with static shapes: pick the code, feed it (both rows) at cache slot `slot`,
-    a 0-d tensor, attending over the whole cache. The unit that --compile compiles."""
+def _static_token(model, cache, key_mask, h_last, slot, place, u, n_cond, opt):
+    """One image token with static shapes: pick the code, feed it (both rows) at cache slot `slot`
+    as the image's code number `place` (both 0-d tensors), attending over the whole cache. The
+    unit that --compile compiles."""
     code = _image_code(model, h_last, u, n_cond, opt)
-    x = model.embed_image_ids(code.repeat(2))[:, None]  # (2 n_cond, 1, D)
+    x = model.embed_image_ids(code.repeat(2), place)[:, None]  # (2 n_cond, 1, D)
     return code, model(x, cache=cache, start_pos=slot, key_mask=key_mask)[:, -1]
 
 
@@ -661,10 +669,11 @@ def _draw_compiled(model, cache, key_mask, h_last, start, n_cond, opt, uniforms,
     N, dev = model.cfg.image_tokens, h_last.device
     km = key_mask if key_mask is not None else torch.ones(2 * n_cond, cache.k[0].size(2), dtype=torch.bool, device=dev)
     step, options = compiled_token(model)
-    slots = torch.arange(start, start + N - 1, device=dev)
+    places = torch.arange(N - 1, device=dev)
+    slots = start + places
     h_last = h_last.contiguous()  # as the step returns it: one graph for every call
     def token(i):
-        codes[:, i], h = step(model, cache, km, h_last, slots[i], uniforms[:, i], n_cond, opt)
+        codes[:, i], h = step(model, cache, km, h_last, slots[i], places[i], uniforms[:, i], n_cond, opt)
         return h
 
     # checked: finds (or compiles) the graph; the options go in as a patch, since through

@@ -23,7 +23,8 @@ SHAPES = Path(__file__).resolve().parent / "data" / "janus_pro_state_dict_shapes
 
 
 def tiny(**changes):
-    return JanusConfig(**{**PRESETS["tiny"], **changes})
+    # without the toy's image position table: the official and HF layouts have none
+    return JanusConfig(**{**PRESETS["tiny"], "image_pos": False, **changes})
 
 
 @torch.no_grad()
@@ -258,6 +259,34 @@ def test_embed_fills_image_positions_in_order():
         assert torch.equal(x[gen].view(2, cfg.image_tokens, -1), model.embed_image_ids(b["gen_ids"]))
         text = ~(und | gen)
         assert torch.equal(x[text], model.embed_tokens(b["idx"][text]))
+
+
+def test_image_pos_adds_each_place_its_vector_on_both_paths():
+    cfg = tiny(image_pos=True)
+    model, plain = randomized(Janus(cfg)), Janus(tiny())
+    plain.load_state_dict({k: v for k, v in model.state_dict().items() if k != "image_pos"})
+    b = make_batch(cfg, 2, 2 * cfg.image_tokens + 24)
+    und, gen, N = b["und_mask"], b["gen_mask"], cfg.image_tokens
+    with torch.no_grad():
+        x = model.embed(b["idx"], b["und_pixels"], und, b["gen_ids"], gen)
+        y = plain.embed(b["idx"], b["und_pixels"], und, b["gen_ids"], gen)
+        # place k of every image, on either path, moves by row k of the table; text does not move
+        assert torch.allclose((x - y)[und].view(2, N, -1), model.image_pos.expand(2, N, -1), atol=1e-6)
+        assert torch.allclose((x - y)[gen].view(2, N, -1), model.image_pos.expand(2, N, -1), atol=1e-6)
+        assert torch.equal(x[~(und | gen)], y[~(und | gen)])
+        # one code at a time, as the sampler feeds them: an int place, a 0-d tensor, a tensor per code
+        ids = b["gen_ids"][0]
+        one = torch.stack([model.embed_image_ids(ids[k], k) for k in range(N)])
+        assert torch.allclose(one, x[gen][:N], atol=1e-6)
+        assert torch.allclose(model.embed_image_ids(ids[3], torch.tensor(3)), one[3], atol=1e-6)
+        # gen_pos puts a lone code (the loop's last code, fed after the judge) at its place
+        x1 = model.embed(b["idx"][:1, :1], gen_ids=ids[-1:], gen_mask=torch.ones(1, 1, dtype=torch.bool),
+                         gen_pos=torch.tensor([N - 1]))
+        assert torch.allclose(x1[0, 0], one[-1], atol=1e-6)
+    # a new table is zeros: the model starts as the one without it; no official key to hold it
+    assert not Janus(cfg).image_pos.any()
+    with pytest.raises(ValueError, match="image_pos"):
+        to_official(model)
 
 
 def test_token_losses_equal_cross_entropy_by_hand():

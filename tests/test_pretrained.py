@@ -26,7 +26,8 @@ VQ = VQConfig(image_size=32, ch=32, ch_mult=(1, 1, 2, 2), enc_blocks=1, dec_bloc
 
 
 def tiny(**changes):
-    return JanusConfig(**{**PRESETS["tiny"], **changes})
+    # without the toy's image position table: the official and HF layouts have none
+    return JanusConfig(**{**PRESETS["tiny"], "image_pos": False, **changes})
 
 
 @torch.no_grad()

@@ -163,6 +163,8 @@ def test_kl_weight_per_segment():
 def bundle():
     torch.manual_seed(0)
     model = Janus(JanusConfig(**PRESETS["tiny"])).eval()
+    with torch.no_grad():  # not the zeros it starts at, so that a code given the wrong place shows
+        model.image_pos.normal_()
     vq = VQModel(VQ_PRESETS["tiny"]).eval()
     return model, vq
 

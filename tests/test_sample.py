@@ -22,13 +22,15 @@ PROMPTS = ["a red circle", "a circle to the left of a square", "three squares"]
 def bundle():
     torch.manual_seed(0)
     model = Janus(JanusConfig(**PRESETS["tiny"])).eval()
+    with torch.no_grad():  # not the zeros it starts at, so that a code given the wrong place shows
+        model.image_pos.normal_()
     vq = VQModel(VQ_PRESETS["tiny"]).eval()
     return model, vq, TextTokenizer(shapes.WORDS)
 
 
 def _reference_image(model, tok, cond, uncond, u, w, opt):
     """Sampling by full recomputation: every step re-runs the whole sequence without a cache."""
-    copy = lambda s: S.Seq(*map(list, (s.ids, s.kind, s.w, s.span, s.codes, s.images)))
+    copy = lambda s: S.Seq(*map(list, (s.ids, s.kind, s.w, s.span, s.codes, s.images, s.code_pos)))
     cond, uncond = [copy(s) for s in cond], [copy(s) for s in uncond]
     n, N = len(cond), model.cfg.image_tokens
     codes = torch.empty(n, N, dtype=torch.long)
@@ -39,8 +41,8 @@ def _reference_image(model, tok, cond, uncond, u, w, opt):
             logits = model.image_logits(h[:, -1])
             codes[:, i] = S.pick(S.cfg_logits(logits[:n], logits[n:], w), u[:, i], opt.temperature)
             for j in range(n):
-                cond[j].gen_image(tok, [codes[j, i]])
-                uncond[j].gen_image(tok, [codes[j, i]])
+                cond[j].gen_image(tok, [codes[j, i]], start=i)
+                uncond[j].gen_image(tok, [codes[j, i]], start=i)
     return codes
 
 
@@ -62,7 +64,7 @@ def test_cfg_weight_one_is_exactly_conditional(bundle):
             logits = model.image_logits(model(S.embed_batch(model, b), key_mask=b.key_mask)[:, -1])
             ref[:, i] = S.pick(logits, u[:, i])
             for j, s in enumerate(seqs):
-                s.gen_image(tok, [ref[j, i]])
+                s.gen_image(tok, [ref[j, i]], start=i)
     assert torch.equal(codes, ref)
 
 
