@@ -6,10 +6,12 @@ mixes text and images, with *decoupled visual encoding*:
 - understanding path: pixels -> SigLIP-style ViT -> `aligner` (Linear-GELU-Linear) -> LLM inputs;
 - generation path: VQ code ids -> `gen_embed` -> `gen_aligner` -> LLM inputs, and the final hidden
   state -> `gen_head` -> logits over the VQ codebook (the text head `lm_head` is never used there).
+The toy rungs add one thing Janus-Pro has not: a learned vector per image position (`image_pos`),
+added to an image's tokens on both paths, so that a token knows its row and column.
 The VQ tokenizer itself (`gen_vision_model`) lives in tokenizer.py.
 
 How the pieces are used (SFT, RL and the sampler all go through these four calls):
-    x = model.embed(idx, und_pixels=..., und_mask=..., gen_ids=..., gen_mask=...)   # (B, T, D)
+    x = model.embed(idx, und_pixels=..., und_mask=..., gen_ids=..., gen_mask=..., gen_pos=...)  # (B, T, D)
     h = model(x, cache=None, start_pos=0, key_mask=None)                            # (B, T, D)
     model.text_logits(h) / model.image_logits(h)                                    # fp32 logits
     model.token_losses(h, text_targets, image_targets)                              # (B, T) fp32
@@ -70,7 +72,8 @@ class JanusConfig:
     tie_embeddings: bool = False  # lm_head shares embed_tokens' weight (transformers' default; not Janus-Pro)
     # a learned vector per image position (image_tokens, D), added to an image's tokens on both paths,
     # as DALL-E's row and column embeddings. Janus-Pro has none (RoPE alone says where a token sits);
-    # the grid-world toy uses it so that a token knows its column (docs/experiments.md, "Where an image token sits")
+    # the grid-world toy uses it so that a token knows its column (docs/experiments.md, "Where an image
+    # token sits"). It trains as the other matrices do (weight decay, the base lr)
     image_pos: bool = False
     # kernels: PyTorch's fused scaled_dot_product_attention, or the plain-math reference
     sdpa: bool = True
@@ -479,9 +482,9 @@ class Janus(nn.Module):
             x[und_mask] = feats.reshape(-1, x.size(-1)).to(x.dtype)
         if gen_ids is not None:
             assert int(gen_mask.sum()) == gen_ids.numel(), "gen_mask vs gen_ids"
-            if gen_pos is None:
+            if gen_pos is None and self.image_pos is not None:
                 gen_pos = torch.arange(gen_ids.numel(), device=gen_ids.device) % self.cfg.image_tokens
-            x[gen_mask] = self.embed_image_ids(gen_ids.reshape(-1), gen_pos.reshape(-1)).to(x.dtype)
+            x[gen_mask] = self.embed_image_ids(gen_ids.reshape(-1), None if gen_pos is None else gen_pos.reshape(-1)).to(x.dtype)
         return x
 
     # --- the transformer

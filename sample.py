@@ -214,6 +214,7 @@ def collate(seqs, tok, device="cpu", left=False):
     gen_mask, und_mask = kind == GEN, kind == UND
     gen_ids = torch.tensor([c for s in seqs for c in s.codes], dtype=torch.long)
     gen_pos = torch.tensor([c for s in seqs for c in s.code_pos], dtype=torch.long)
+    assert gen_pos.shape == gen_ids.shape, "a Seq's code_pos must hold one place per code (Seq.gen_image)"
     images = [im for s in seqs for im in s.images]
     und_pixels = to_tensor(np.stack(images)) if images else None
     # targets: position t predicts position t+1 (shift left by one)

@@ -32,6 +32,7 @@ held-out evaluation, atomic checkpoints, resume after interruption, DDP or FSDP2
 import json
 import os
 import random
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -466,7 +467,9 @@ def stage_settings(args, preset):
                 bf16=None, mix=mix, depth=args.depth, freeze_vit=(args.vit or VIT_DEFAULT[args.stage]) == "fixed",
                 easy_steps=preset["easy_steps"] if args.stage == "base" else 0,
                 edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0,
-                und_share=pick("und_share", "und_share") if args.stage == "sft" else 0)
+                und_share=pick("und_share", "und_share") if args.stage == "sft" else 0,
+                # a base saved before the preset had the image position table is another model
+                image_pos=None if args.init else PRESETS[args.config].get("image_pos", False))
 
 
 def stage_inputs(args, settings):
@@ -553,7 +556,9 @@ def run(args):
         if not args.init:
             model, _, _, _ = load_janus(os.path.join(args.out, "base.pt"), dev)
             if model.cfg != cfg:
-                raise ValueError(f"{args.out}/base.pt was trained with another config than {args.config}")
+                diff = [k for k, v in asdict(cfg).items() if getattr(model.cfg, k) != v]
+                raise ValueError(f"{args.out}/base.pt was trained with another model than config {args.config} "
+                                 f"(differs in {', '.join(diff)}): rebuild it (sft.py --stage base) or use another --out")
         model.train()
         chosen, pool = sft_data(args, preset, model, vq, tok, by_cat, settings, master, world)
     if settings["freeze_vit"]:

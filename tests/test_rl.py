@@ -163,9 +163,9 @@ def test_kl_weight_per_segment():
 def bundle():
     torch.manual_seed(0)
     model = Janus(JanusConfig(**PRESETS["tiny"])).eval()
-    with torch.no_grad():  # not the zeros it starts at, so that a code given the wrong place shows
-        model.image_pos.normal_()
     vq = VQModel(VQ_PRESETS["tiny"]).eval()
+    with torch.no_grad():  # not the zeros it starts at, so that a code given the wrong place shows (own generator: the VQ's init stays)
+        model.image_pos.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
     return model, vq
 
 
@@ -180,7 +180,7 @@ def sampler_logps(model, tok, prompt, codes, w, seq=None, twin=None):
     for i, c in enumerate(codes):
         g = S.cfg_logits(*model.image_logits(h).split(1), w)
         out.append(F.log_softmax(g, -1)[0, c])
-        x = model.embed_image_ids(torch.tensor([c, c]))[:, None]
+        x = model.embed_image_ids(torch.tensor([c, c]), i)[:, None]
         h = model(x, cache=cache, start_pos=pos + i, key_mask=km[:, :pos + i + 1])[:, -1]
     return torch.stack(out)
 

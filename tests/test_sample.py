@@ -1,6 +1,7 @@
 """Sampling: CFG, the forced Yes/No judge, the introspective loop's KV-cache reuse, editing, the CLI.
 A randomly initialised tiny model is enough: these are properties of the sampler, not of training.
 Run: python -m pytest tests/test_sample.py"""
+import copy
 import json
 import os
 import shutil
@@ -22,9 +23,9 @@ PROMPTS = ["a red circle", "a circle to the left of a square", "three squares"]
 def bundle():
     torch.manual_seed(0)
     model = Janus(JanusConfig(**PRESETS["tiny"])).eval()
-    with torch.no_grad():  # not the zeros it starts at, so that a code given the wrong place shows
-        model.image_pos.normal_()
     vq = VQModel(VQ_PRESETS["tiny"]).eval()
+    with torch.no_grad():  # not the zeros it starts at, so that a code given the wrong place shows (own generator: the VQ's init stays)
+        model.image_pos.normal_(std=0.02, generator=torch.Generator().manual_seed(1))
     return model, vq, TextTokenizer(shapes.WORDS)
 
 
@@ -139,13 +140,18 @@ def test_same_seed_same_image_whatever_the_batch(bundle):
     assert not torch.equal(cb[0], cc[0])
 
 
-@pytest.mark.parametrize("static", [False, True])
-def test_kv_cached_loop_equals_full_recomputation(bundle, static, monkeypatch):
+@pytest.mark.parametrize("static,sharp", [(False, False), (True, False), (False, True)])
+def test_kv_cached_loop_equals_full_recomputation(bundle, static, sharp, monkeypatch):
     model, vq, tok = bundle
     # static: image tokens by the static-shape step (--compile's path) run eagerly here; the
-    # compiled graph is checked against it in test_compiled_step_draws_the_same_codes
+    # compiled graph is checked against it in test_compiled_step_draws_the_same_codes.
+    # sharp: weights of O(1) effect and every verdict No, so that image 2's codes move when any
+    # input does (e.g. image 1's last code, fed alone after the judge, given the wrong place in its image)
+    if sharp:
+        from test_model import randomized
+        model = randomized(copy.deepcopy(model), seed=2)
     monkeypatch.setattr(S, "compiled_token", lambda model: (S._static_token, {}))
-    opt = S.Options(rounds=2, text_temperature=1.0, max_reason=6, compile=static)
+    opt = S.Options(rounds=2, text_temperature=1.0, max_reason=6, compile=static, force_no=sharp)
     seeds = list(range(20, 26))
     prompts = PROMPTS * 2
     chains = S.introspect(model, vq, tok, prompts, seeds, opt)
