@@ -517,6 +517,17 @@ def sft_data(args, preset, model, vq, tok, by_cat, settings, master, world):
     return group(chosen), pool  # each text once, drawn category first (sft_example)
 
 
+def load_base(args, cfg, dev):
+    """OUT/base.pt for SFT, refused in one line when it is another model than the config's (e.g. a
+    base trained before the preset changed)."""
+    model = load_janus(os.path.join(args.out, "base.pt"), dev)[0]
+    if model.cfg != cfg:
+        diff = [k for k, v in asdict(cfg).items() if getattr(model.cfg, k) != v]
+        raise ValueError(f"{args.out}/base.pt was trained with another model than config {args.config} "
+                         f"(differs in {', '.join(diff)}): rebuild it (sft.py --stage base) or use another --out")
+    return model
+
+
 def run(args):
     preset = TRAIN[args.config]
     settings = stage_settings(args, preset)
@@ -554,11 +565,7 @@ def run(args):
         load_vit(os.path.join(args.out, "vit.pt"), model)  # the SigLIP stand-in: Janus-Pro starts from a pretrained ViT too
     else:
         if not args.init:
-            model, _, _, _ = load_janus(os.path.join(args.out, "base.pt"), dev)
-            if model.cfg != cfg:
-                diff = [k for k, v in asdict(cfg).items() if getattr(model.cfg, k) != v]
-                raise ValueError(f"{args.out}/base.pt was trained with another model than config {args.config} "
-                                 f"(differs in {', '.join(diff)}): rebuild it (sft.py --stage base) or use another --out")
+            model = load_base(args, cfg, dev)
         model.train()
         chosen, pool = sft_data(args, preset, model, vq, tok, by_cat, settings, master, world)
     if settings["freeze_vit"]:

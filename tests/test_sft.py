@@ -493,6 +493,23 @@ def test_base_needs_the_pretrained_vit(vq_dir, tmp_path):
         sft.main(BASE + ["--steps", "1", "--out", d])
 
 
+def test_a_base_of_another_model_is_refused(vq_dir, tmp_path, monkeypatch):
+    # a base trained before the preset had the image position table: its resumable state, then its
+    # base.pt, are refused in one line naming what differs
+    d = _run_dir(vq_dir, tmp_path, "old")
+    monkeypatch.setitem(sft.PRESETS, "tiny", {**sft.PRESETS["tiny"], "image_pos": False})
+    sft.main(BASE + ["--steps", "2", "--ckpt-every", "1", "--out", d])
+    shutil.copy(os.path.join(d, "base_state.pt"), os.path.join(d, "kept_state.pt"))
+    monkeypatch.undo()
+    os.replace(os.path.join(d, "base.pt"), os.path.join(d, "old_base.pt"))
+    os.replace(os.path.join(d, "kept_state.pt"), os.path.join(d, "base_state.pt"))
+    with pytest.raises(SystemExit, match="image_pos=False"):
+        sft.main(BASE + ["--steps", "2", "--out", d])
+    os.replace(os.path.join(d, "old_base.pt"), os.path.join(d, "base.pt"))
+    with pytest.raises(SystemExit, match="differs in image_pos"):
+        sft.main(["--stage", "sft", "--config", "tiny", "--dtype", "fp32", "--steps", "1", "--out", d])
+
+
 def torchrun(script, argv, port):
     """2 gloo processes of one thread each, started (not waited for): communicate() collects them."""
     return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
