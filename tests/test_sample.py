@@ -31,8 +31,8 @@ def bundle():
 
 def _reference_image(model, tok, cond, uncond, u, w, opt):
     """Sampling by full recomputation: every step re-runs the whole sequence without a cache."""
-    copy = lambda s: S.Seq(*map(list, (s.ids, s.kind, s.w, s.span, s.codes, s.images, s.code_pos)))
-    cond, uncond = [copy(s) for s in cond], [copy(s) for s in uncond]
+    clone = lambda s: S.Seq(*map(list, (s.ids, s.kind, s.w, s.span, s.codes, s.images, s.code_pos)))
+    cond, uncond = [clone(s) for s in cond], [clone(s) for s in uncond]
     n, N = len(cond), model.cfg.image_tokens
     codes = torch.empty(n, N, dtype=torch.long)
     with torch.no_grad():
