@@ -378,12 +378,13 @@ def _required(rng, facts):
     return [(s, c or rng.choice(COLOUR_NAMES)) for s, c in need]
 
 
-def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=MAX_OBJECTS):
+def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=MAX_OBJECTS, aligned=False):
     """A scene for `prompt`: one where every fact holds (match=True) or one that violates it
     (match=False) in one deliberate way: kind in ("colour", "count", "missing", "relation"), or any
     that applies to the prompt when kind is None. Without a prompt: a random scene. grid: the grid
     world (see GRID_FILL), 0 = free placement. most: random distractors fill the scene up to this
-    many objects (uniformly 0 to most - needed of them); 1 = the asked objects alone."""
+    many objects (uniformly 0 to most - needed of them); 1 = the asked objects alone. aligned: every
+    relation holds between two objects in one row or column (`relations_aligned`)."""
     if prompt is None:
         return random_scene(rng, size, grid=grid)
     if isinstance(prompt, str):
@@ -397,7 +398,7 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=
         if _place(rng, objs, size, tries=5, grid=grid) is None:
             continue
         scene = Scene(size, objs, grid)
-        if not all(truth(scene, prompt).holds):
+        if not all(truth(scene, prompt).holds) or (aligned and not relations_aligned(scene, prompt)):
             continue
         if match:
             return scene
@@ -406,6 +407,23 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=
             return bad
     raise RuntimeError(f"could not sample a {'matching' if match else kind or 'mismatching'} scene "
                        f"for {prompt.text!r}")
+
+
+def relations_aligned(scene, prompt):
+    """Whether each relation of the prompt holds between two objects in one row ("left of", "right
+    of": centres less than REL_T * W apart vertically) or one column ("above", "below"). In raster
+    order such a pair reads "one object, then the other further along its row or column", the
+    drawing target a small model learns relations from (docs/experiments.md, "Relations")."""
+    W = scene.size
+    for f in prompt.facts:
+        if f.kind != "rel":
+            continue
+        across = (lambda a, b: abs(a.cy - b.cy)) if f.rel in ("left of", "right of") else (lambda a, b: abs(a.cx - b.cx))
+        if not any(_rel_holds(a, b, f.rel, W) and across(a, b) <= REL_T * W
+                   for a in scene.objects if _match(a, f.colour, f.shape)
+                   for b in scene.objects if b is not a and _match(b, f.colour2, f.shape2)):
+            return False
+    return True
 
 
 def failure_kinds(prompt):

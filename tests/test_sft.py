@@ -319,6 +319,23 @@ def test_sft_prompts_are_drawn_category_first():
     assert all(abs(v - 1 / 7) < 0.03 for v in shares.values()), shares  # 1/7 = 0.143, sd 0.007
 
 
+def test_drawing_targets_of_relations_hold_the_asked_objects_aligned(monkeypatch):
+    """Every drawing target (base t2i, Tasks I and III) of a relation prompt holds the two asked
+    objects alone in one row; other prompts' targets keep their distractors, and so do relation
+    prompts' without ALIGNED_RELATIONS (the targets the toy drew relations at chance from)."""
+    rel, single = shapes.parse_prompt("a circle to the left of a square"), shapes.parse_prompt("a circle")
+    by_cat, pool = {"position": [rel]}, {rel.text: []}
+    rng = random.Random(0)
+    ims = [sft.base_example("t2i", rng, by_cat, 64, grid=4)["image"] for _ in range(20)]
+    ims += [sft.sft_example(t, rng, by_cat, pool, 64, grid=4)["image"] for t in ("task1", "task3") for _ in range(20)]
+    for im in ims:
+        objs = shapes.detect(im)
+        assert sorted(o.shape for o in objs) == ["circle", "square"] and shapes.relations_aligned(shapes.Scene(64, objs), rel)
+    assert max(len(shapes.detect(sft.target_scene(rng, 64, single, 4))) for _ in range(30)) > 1
+    monkeypatch.setattr(sft, "ALIGNED_RELATIONS", False)
+    assert max(len(shapes.detect(sft.target_scene(rng, 64, rel, 4))) for _ in range(30)) > 2
+
+
 def test_task2_shows_rendered_scenes_through_the_vq():
     # the judge only ever reads VQ-decoded images at inference: a rendered scene in Task II is shown
     # as its VQ round trip, answered by the checker on what is shown; own images stay as they are

@@ -68,6 +68,27 @@ def test_sample_scene_most_caps_the_distractors():
     assert max(busy) == S.MAX_OBJECTS and min(busy) == 1
 
 
+def test_relations_aligned_by_hand_and_aligned_scenes():
+    """relations_aligned: "left of" in one row (centres within REL_T * W vertically), "above" in one
+    column; sample_scene(aligned=True) gives matching scenes that are: in the grid world for every
+    prompt, with free placement for one relation (two among four free objects may not fit)."""
+    c, q = S.parse_prompt("a circle to the left of a square"), S.parse_prompt("a circle above a square")
+    row = S.Scene(64, [S.Obj("circle", "red", 2, 2, 12), S.Obj("square", "blue", 34, 10, 12)])  # dy 8 < 9.6
+    diag = S.Scene(64, [S.Obj("circle", "red", 2, 2, 12), S.Obj("square", "blue", 34, 14, 12)])  # dy 12
+    col = S.Scene(64, [S.Obj("circle", "red", 2, 2, 12), S.Obj("square", "blue", 8, 40, 12)])  # dx 6
+    assert S.truth(diag, c).verdict and S.truth(col, q).verdict and S.truth(diag, q).verdict
+    assert S.relations_aligned(row, c) and not S.relations_aligned(diag, c)
+    assert S.relations_aligned(col, q) and not S.relations_aligned(diag, q) and not S.relations_aligned(row, q)
+    assert S.relations_aligned(diag, S.parse_prompt("two circles"))  # no relation: nothing to align
+    rng = random.Random(3)
+    for g, cats in ((4, ("position", "compositional")), (0, ("position",))):
+        for _ in range(40):
+            p = S.sample_prompt(rng, rng.choice(cats))
+            sc = S.sample_scene(rng, 64, p, grid=g, most=1, aligned=True)
+            assert S.truth(sc, p).verdict and S.relations_aligned(sc, p)
+            assert len(sc.objects) == len(S._required(rng, p.facts))
+
+
 def _noise(im, rng=np.random.default_rng(0)):
     return np.clip(im + rng.normal(0, 8, im.shape), 0, 255).round().astype(np.uint8)
 
