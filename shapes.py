@@ -383,8 +383,8 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=
     (match=False) in one deliberate way: kind in ("colour", "count", "missing", "relation"), or any
     that applies to the prompt when kind is None. Without a prompt: a random scene. grid: the grid
     world (see GRID_FILL), 0 = free placement. most: random distractors fill the scene up to this
-    many objects (uniformly 0 to most - needed of them); 1 = the asked objects alone. aligned: every
-    relation holds between two objects in one row or column (`relations_aligned`)."""
+    many objects (uniformly 0 to most - needed of them); 1 = the asked objects alone. aligned: the
+    matching scene has every relation between two objects in one row or column (`relations_aligned`)."""
     if prompt is None:
         return random_scene(rng, size, grid=grid)
     if isinstance(prompt, str):
@@ -406,14 +406,15 @@ def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=
         if bad is not None:
             return bad
     raise RuntimeError(f"could not sample a {'matching' if match else kind or 'mismatching'} scene "
-                       f"for {prompt.text!r}")
+                       f"{'with aligned relations ' if aligned else ''}for {prompt.text!r}")
 
 
 def relations_aligned(scene, prompt):
     """Whether each relation of the prompt holds between two objects in one row ("left of", "right
-    of": centres less than REL_T * W apart vertically) or one column ("above", "below"). In raster
+    of": centres at most REL_T * W apart vertically) or one column ("above", "below"). In raster
     order such a pair reads "one object, then the other further along its row or column", the
-    drawing target a small model learns relations from (docs/experiments.md, "Relations")."""
+    drawing target a small model learns relations from (docs/experiments.md, "Relations: drawing
+    targets in one row or column")."""
     W = scene.size
     for f in prompt.facts:
         if f.kind != "rel":

@@ -322,7 +322,7 @@ def test_sft_prompts_are_drawn_category_first():
 def test_drawing_targets_of_relations_hold_the_asked_objects_aligned(monkeypatch):
     """Every drawing target (base t2i, Tasks I and III) of a relation prompt holds the two asked
     objects alone in one row; other prompts' targets keep their distractors, and so do relation
-    prompts' without ALIGNED_RELATIONS (the targets the toy drew relations at chance from)."""
+    prompts' without ALIGNED_RELATIONS (the targets from which the toy never learned the relation word)."""
     rel, single = shapes.parse_prompt("a circle to the left of a square"), shapes.parse_prompt("a circle")
     by_cat, pool = {"position": [rel]}, {rel.text: []}
     rng = random.Random(0)
