@@ -106,10 +106,6 @@ VQA_QUESTIONS = 4
 # where the toy LM first learns to join the prompt with the image after it (docs/experiments.md).
 EASY_CATEGORIES = ("single", "colour")
 SFT_MIX = {"task1": 0.2, "task2": 0.3, "task3": 0.5}   # the paper's mix
-# The self-check question of a VQA conversation breaks its scene by a wrong count, relation or colour
-# wherever the prompt has one, never by a missing shape: with any kind, counts and relations were
-# too rare for the judge to learn to read them (docs/experiments.md, "The ViT reads counts and relations").
-HARD_NEGATIVES = True
 # The ViT: both stages keep vit.py's pretraining (the SigLIP stand-in). Trained in SFT (where only
 # Task II reaches it), SFT from the longer base judged its own images worse (AUC within category
 # 0.716 against 0.762) and kept less of the base's reading of rendered scenes (docs/experiments.md,
@@ -150,12 +146,9 @@ def base_example(task, rng, by_cat, size, easy=False, grid=0):
         return dict(task=task, image=shapes.render(scene), answer=shapes.describe(scene))
     # a conversation about one image: the first question, in the self-check layout, matches or
     # breaks with even odds (the scene is drawn for it); the others, asked after the image as a VLM
-    # is usually asked, are further training prompts answered from the same scene. A broken scene
-    # breaks a fact other than "a shape is missing" where the prompt has one (HARD_NEGATIVES): the
-    # other questions teach missing shapes already
+    # is usually asked, are further training prompts answered from the same scene
     match = rng.random() < 0.5
-    kinds = [k for k in shapes.failure_kinds(p) if k != "missing" or not HARD_NEGATIVES]
-    scene = shapes.sample_scene(rng, size, p, match=match, kind=None if match else rng.choice(kinds or ["missing"]), grid=grid)
+    scene = shapes.sample_scene(rng, size, p, match=match, grid=grid)
     asked = [p] + [train_prompt(rng, by_cat) for _ in range(VQA_QUESTIONS - 1)]
     return dict(task=task, image=shapes.render(scene), qa=[(q.text, shapes.truth(scene, q).reason) for q in asked])
 

@@ -420,7 +420,7 @@ def relations_aligned(scene, prompt):
         if f.kind != "rel":
             continue
         across = (lambda a, b: abs(a.cy - b.cy)) if f.rel in ("left of", "right of") else (lambda a, b: abs(a.cx - b.cx))
-        if not any(rel_holds(a, b, f.rel, W) and across(a, b) <= REL_T * W
+        if not any(_rel_holds(a, b, f.rel, W) and across(a, b) <= REL_T * W
                    for a in scene.objects if _match(a, f.colour, f.shape)
                    for b in scene.objects if b is not a and _match(b, f.colour2, f.shape2)):
             return False
@@ -529,8 +529,7 @@ def _match(o, colour, shape):
     return o.shape == shape and (colour is None or o.colour == colour)
 
 
-def rel_holds(a, b, rel, W):
-    """Whether object a stands `rel` of object b in a W px image (centres more than REL_T * W apart)."""
+def _rel_holds(a, b, rel, W):
     dx, dy, t = b.cx - a.cx, b.cy - a.cy, REL_T * W
     return {"left of": dx > t, "right of": -dx > t, "above": dy > t, "below": -dy > t}[rel]
 
@@ -585,7 +584,7 @@ def _eval_fact(f, objs, W):
         return False, _exists_reason(objs, f.colour, f.shape)
     if not B:
         return False, _exists_reason(objs, f.colour2, f.shape2)
-    if any(rel_holds(a, b, f.rel, W) for a in A for b in B if a is not b):
+    if any(_rel_holds(a, b, f.rel, W) for a in A for b in B if a is not b):
         return True, None
     # Describe the pair that came closest (by the signed distance along the wanted axis).
     axis = {"left of": (1, 0), "right of": (-1, 0), "above": (0, 1), "below": (0, -1)}[f.rel]

@@ -10,18 +10,9 @@ pretraining on ShapeWorld: every patch learns what it shows, from the scene grap
     shape of the object that covers the patch (circle / square / triangle / background)
     colour of that object (6 colours / background)
     whether the object's centre lies in the patch (one patch per object: what counting needs)
-    facts about that object in its scene: how many objects share its shape, how many its colour
-    and shape (one-hot, 1-4), and which relation it stands in to which other shape and coloured
-    shape ("left of some square", "above some red triangle": 4 relations x (3 + 18) flags)
-
-A caption-trained SigLIP reads counts and relations; a softmax attention over patches in the LLM
-cannot count (it averages what matches, whatever their number) and our LLM learns from far too
-little data to find relations between patches on its own (docs/experiments.md, "The judge reads
-whether a shape is there"). The facts put them on each object's patches, so the judge only has to
-find the patches the prompt names and read them.
 
 A patch belongs to the object covering most of its pixels, if that is at least COVER of them.
-The dense labels give ~64 targets per image instead of one, so this takes a minute or two, not hours.
+The dense labels give ~64 targets per image instead of one, so this takes seconds, not hours.
 The head is thrown away; `vit.pt` holds the ViT's weights, which the base stage starts from.
 
     python vit.py --config toy --out out/toy      # -> vit.pt, vit_eval.json
@@ -44,37 +35,17 @@ from train import Plan, fit
 
 TRAIN = {
     "tiny": dict(steps=150, batch_size=16, lr=1e-3, warmup=10, eval_scenes=64),
-    "toy": dict(steps=1500, batch_size=32, lr=1e-3, warmup=30, eval_scenes=512),
+    "toy": dict(steps=300, batch_size=32, lr=1e-3, warmup=30, eval_scenes=512),
     "small": dict(steps=3000, batch_size=64, lr=6e-4, warmup=100, eval_scenes=512),
 }
 COVER = 0.15  # share of a patch's pixels an object must cover to own the patch
 VIT_KEYS = ("image_size", "vit_patch", "vit_width", "vit_layers", "vit_heads", "vit_mlp", "scene_grid")
 S, C = len(shapes.SHAPES), len(shapes.COLOUR_NAMES)
-M = shapes.MAX_OBJECTS
-PAIRS = [(c, s) for s in shapes.SHAPES for c in shapes.COLOUR_NAMES]
-N_FACTS = 2 * M + len(shapes.RELATIONS) * (S + len(PAIRS))  # counts (shape, pair) one-hot, then relation flags
-
-
-def object_facts(scene, o):
-    """What the scene says about object o, as 0/1 (N_FACTS,): [o's shape has k objects]_k=1..M,
-    [o's colour and shape has k]_k, then per relation r: [o stands r of some other s]_s, [... of some
-    other (colour, shape)]_pairs, by the checker's rule (shapes.REL_T)."""
-    f = np.zeros(N_FACTS, dtype=np.int64)
-    f[min(sum(p.shape == o.shape for p in scene.objects), M) - 1] = 1
-    f[M + min(sum(p.shape == o.shape and p.colour == o.colour for p in scene.objects), M) - 1] = 1
-    for r, rel in enumerate(shapes.RELATIONS):
-        base = 2 * M + r * (S + len(PAIRS))
-        for p in scene.objects:
-            if p is not o and shapes.rel_holds(o, p, rel, scene.size):
-                f[base + shapes.SHAPES.index(p.shape)] = 1
-                f[base + S + PAIRS.index((p.colour, p.shape))] = 1
-    return f
 
 
 def patch_labels(scene, patch):
     """Scene -> per-patch targets, patches in raster order (as the ViT's tokens):
-    shape (n,) in 0..S (S = background), colour (n,) in 0..C (C = background), centre (n,) 0/1,
-    facts (n, N_FACTS) 0/1: the owning object's object_facts (zeros on background)."""
+    shape (n,) in 0..S (S = background), colour (n,) in 0..C (C = background), centre (n,) 0/1."""
     g = scene.size // patch
     owner = shapes.object_map(scene).reshape(g, patch, g, patch).transpose(0, 2, 1, 3).reshape(g * g, -1)
     cover = np.stack([(owner == i + 1).mean(1) for i in range(len(scene.objects))], 1)  # (n, objects)
@@ -85,14 +56,11 @@ def patch_labels(scene, patch):
     centre = np.zeros(g * g, dtype=np.int64)
     for o in scene.objects:
         centre[int(o.cy) // patch * g + int(o.cx) // patch] = 1
-    per_object = np.stack([object_facts(scene, o) for o in scene.objects])
-    facts = np.where(owned[:, None], per_object[best], 0)
-    return shape, colour, centre, facts
+    return shape, colour, centre
 
 
 def make_batch(rng, n, size, patch, grid=0):
-    """n random scenes -> pixels (n, 3, H, W) in [-1, 1] and targets shape, colour, centre (n, patches),
-    facts (n, patches, N_FACTS)."""
+    """n random scenes -> pixels (n, 3, H, W) in [-1, 1] and targets shape, colour, centre (n, patches)."""
     scenes = [shapes.random_scene(rng, size, grid=grid) for _ in range(n)]
     labels = [patch_labels(s, patch) for s in scenes]
     pixels = to_tensor(np.stack([shapes.render(s) for s in scenes]))
@@ -100,24 +68,21 @@ def make_batch(rng, n, size, patch, grid=0):
 
 
 class PatchHead(nn.Module):
-    """ViT features (B, n, width) -> shape logits (B, n, S+1), colour logits (B, n, C+1), centre logit (B, n),
-    fact logits (B, n, N_FACTS). One linear map: what the LLM needs must be linear in the features."""
+    """ViT features (B, n, width) -> shape logits (B, n, S+1), colour logits (B, n, C+1), centre logit (B, n)."""
 
     def __init__(self, width):
         super().__init__()
-        self.proj = nn.Linear(width, (S + 1) + (C + 1) + 1 + N_FACTS)
+        self.proj = nn.Linear(width, (S + 1) + (C + 1) + 1)
 
     def forward(self, h):
         out = self.proj(h).float()
-        return out[..., :S + 1], out[..., S + 1:S + C + 2], out[..., S + C + 2], out[..., S + C + 3:]
+        return out[..., :S + 1], out[..., S + 1:S + C + 2], out[..., -1]
 
 
-def losses(head_out, shape, colour, centre, facts):
-    a, b, c, d = head_out
-    # facts: summed over the flags of a patch (a mean over ~90 mostly-zero flags would barely move)
+def losses(head_out, shape, colour, centre):
+    a, b, c = head_out
     return (F.cross_entropy(a.flatten(0, 1), shape.flatten()) + F.cross_entropy(b.flatten(0, 1), colour.flatten())
-            + F.binary_cross_entropy_with_logits(c, centre.float())
-            + F.binary_cross_entropy_with_logits(d, facts.float(), reduction="none").sum(-1).mean() * 0.3)
+            + F.binary_cross_entropy_with_logits(c, centre.float()))
 
 
 @torch.no_grad()
@@ -126,18 +91,14 @@ def patch_metrics(vit, head, n, size, patch, device, grid=0):
     patches an object owns, background accuracy, and the share of scenes whose number of predicted
     centres equals the number of objects."""
     vit.eval()
-    pixels, shape, colour, centre, facts = make_batch(random.Random("vit-eval"), n, size, patch, grid)
-    a, b, c, d = head(vit(pixels.to(device)))
-    a, b, c, d = a.argmax(-1).cpu(), b.argmax(-1).cpu(), (c > 0).cpu(), d.cpu()
+    pixels, shape, colour, centre = make_batch(random.Random("vit-eval"), n, size, patch, grid)
+    a, b, c = head(vit(pixels.to(device)))
+    a, b, c = a.argmax(-1).cpu(), b.argmax(-1).cpu(), (c > 0).cpu()
     obj = shape < S
     vit.train()
-    rel = d[..., 2 * M:] > 0
     return {"shape": float((a[obj] == shape[obj]).float().mean()), "colour": float((b[obj] == colour[obj]).float().mean()),
             "background": float((a[~obj] == S).float().mean()),
-            "count": float((c.sum(1) == centre.sum(1)).float().mean()),
-            "shape_count": float((d[..., :M].argmax(-1) == facts[..., :M].argmax(-1))[obj].float().mean()),
-            "pair_count": float((d[..., M:2 * M].argmax(-1) == facts[..., M:2 * M].argmax(-1))[obj].float().mean()),
-            "relations": float((rel == facts[..., 2 * M:].bool()).all(-1)[obj].float().mean()), "scenes": n}
+            "count": float((c.sum(1) == centre.sum(1)).float().mean()), "scenes": n}
 
 
 def vit_config(cfg):
@@ -186,8 +147,8 @@ def run(args):
         return [t.to(dev) for t in make_batch(rng, settings["batch_size"], cfg.image_size, cfg.vit_patch, cfg.scene_grid)], "loss"
 
     def loss_fn(batch):
-        pixels, *targets = batch
-        return losses(head(vit(pixels)), *targets)
+        pixels, shape, colour, centre = batch
+        return losses(head(vit(pixels)), shape, colour, centre)
 
     vit.train()
     plan = Plan(settings["steps"], settings["lr"], settings["warmup"], bf16=settings["bf16"], ckpt_every=args.ckpt_every,
