@@ -379,9 +379,11 @@ def test_two_processes_equal_one(bundle, tmp_path):
     assert a.keys() == b.keys()
     # the same weights, up to Adam: where a gradient is ~0 (terms that cancel), its rounding in two
     # half-batches can flip the sign, and Adam makes that a full step of lr (a few elements of the gen
-    # path here, at most 2 lr per step apart); a gradient not summed over processes moves whole tensors
+    # path here, at most 2 lr per step apart); a gradient not summed over processes moves whole tensors.
+    # Below 0.1 lr it is the rounding itself, which Adam scales up where a gradient is small (one CPU
+    # put 1 of the 64 elements of a bias 1.2e-5 apart)
     diff = {k: (a[k] - b[k]).abs() for k in a}
-    bad = [(k, float(d.max()), int((d > 1e-5).sum())) for k, d in diff.items() if d.max() > 1e-5]
+    bad = [(k, float(d.max()), int((d > 1e-4).sum())) for k, d in diff.items() if d.max() > 1e-4]
     assert all(n <= 0.01 * diff[k].numel() and m <= 2 * 2 * 1e-3 for k, m, n in bad), bad
     init = bundle[0].state_dict()
     assert any(not torch.allclose(a[k], init[k], atol=1e-6) for k in init)  # and it did train
