@@ -108,7 +108,7 @@ def _extra_evals(args, stage):
     rounds = 1 if stage == "base" else 3
     ood = ood_prompts(args, splits)
     ood = evaluate.geneval(model, vq, tok, ood, rounds=rounds, seed=7, progress=True)
-    # editing: zero-shot after base; trained by SFT's edit steps where the preset has them (toy)
+    # editing (no stage trains it yet: this measures what the model does zero-shot)
     edit = evaluate.evaluate_editing(model, vq, tok, args.edit_prompts)
     # the stage's own test prompts (its first images are the report's): image 2 after every image 1
     loop = None if stage == "base" else evaluate.loop_split(model, vq, tok, stage_test_prompts(args, stage, splits))
@@ -470,12 +470,9 @@ def report_lines(args, rep, seconds):
                       "| category | images | yes-rate | match rate | agreement | AUC |", "|---|---|---|---|---|---|"]
             lines += [f"| {c} | {b['n']} | {b['yes_rate']:.2f} | {b['match_rate']:.2f} | {b['agreement']:.2f} | "
                       + ("n/a" if b["auc"] is None else f"{b['auc']:.2f}") + " |" for c, b in j["by_category"].items()]
-    import sft
-    share = sft.TRAIN.get(rep["config"], {}).get("edit_share", 0)
-    trained = f"SFT trains it on {share:.0%} of its steps" if share else "zero-shot: no stage trains it"
-    lines += ["", f"## Editing ({trained})", "", "| stage | edits | follow | preserve |", "|---|---|---|---|"]
+    lines += ["", "## Editing (zero-shot: no stage trains it yet)", "", "| stage | follow | preserve |", "|---|---|---|"]
     for stage, e in rep["edit"].items():
-        lines.append(f"| {stage} | {e['n']} | {e['follow']:.2f} | {e['preserve']:.2f} |")
+        lines.append(f"| {stage} | {e['follow']:.2f} | {e['preserve']:.2f} |")
     lines += ["", "## Time (seconds on this machine)", "", "| stage | seconds |", "|---|---|"]
     lines += [f"| {k} | {v} |" for k, v in seconds.items()]
     q = rep["vq"]

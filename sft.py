@@ -62,9 +62,7 @@ TRAIN = {
     # gen_lr_scale: the generation path (GEN_PATH) trains at this many times the lr; on toy, 10 gets
     # the prompt's words into the drawn codes sooner (docs/experiments.md, "The drawing path's learning rate");
     # toy sft_steps 800: against 500, first image 0.51 -> 0.59 after SFT and 0.62 -> 0.70 after RL, for
-    # ~3 more minutes (docs/experiments.md, "A longer SFT"); toy edit_share 0.4 over 1333 steps (the three
-    # tasks keep their ~800): editing learned in SFT, follow / preserve 0.28 / 0.00 -> 0.50 / 0.53, the first
-    # image and the judge as before (docs/experiments.md, "Editing in SFT, now that a cell knows its place");
+    # ~3 more minutes (docs/experiments.md, "A longer SFT");
     # und_steps: base steps after base_steps that train understanding only (UND_MIX), the lr schedule
     # started again; on toy 200 (150-170 s of training) teach the self-check to read what the base
     # stops short of (docs/experiments.md, "The base reads colour after more VQA");
@@ -74,8 +72,8 @@ TRAIN = {
     # "SFT rehearses the base's reading")
     "tiny": dict(base_steps=60, und_steps=10, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1, und_share=0.5),
-    "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=1333, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.4,
+    "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=800, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
+                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.0,
                 und_share=0.5),
     "small": dict(base_steps=6000, und_steps=0, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0),
