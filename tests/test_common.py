@@ -67,3 +67,15 @@ def test_a_config_that_cannot_be_built_is_one_line():
         common.build(JanusConfig, {"n_embd": 64, "n_head": 3}, "x.pt")  # 64 does not split into 3 heads
     with pytest.raises(ValueError, match="cannot build .*flavour"):
         common.build(JanusConfig, {"flavour": 3}, "x.pt")
+
+
+@pytest.mark.parametrize("times, pays", [
+    ([1, 3, 1, 3, 60, 3, 1, 3, 1, 3], True),      # native bf16 (~3x faster), one timing 20x off
+    ([60, 3, 1, 3, 1, 3, 1, 3, 1, 3], True),      # the hiccup first: one ratio alone said fp32 here
+    ([70, 1, 70, 1, 0.5, 1, 70, 1, 70, 1], False),  # emulated bf16 (~70x slower), one fast fluke
+])
+def test_bf16_decision_survives_one_bad_timing(monkeypatch, times, pays):
+    # best_seconds is called bf16 first, then fp32, five times: the median ratio decides
+    it = iter(times)
+    monkeypatch.setattr(common, "best_seconds", lambda fn, reps=3: next(it))
+    assert common.bf16_pays.__wrapped__("cpu") is pays  # past the per-process cache
