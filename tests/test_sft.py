@@ -336,6 +336,27 @@ def test_drawing_targets_of_relations_hold_the_asked_objects_aligned(monkeypatch
     assert max(len(shapes.detect(sft.target_scene(rng, 64, rel, 4))) for _ in range(30)) > 2
 
 
+def test_drawing_targets_meet_the_asked_objects_in_the_order_the_prompt_names_them(monkeypatch):
+    """Raster order (row by row over the 4 x 4 grid, the order image tokens are drawn in) meets a
+    non-relation prompt's asked objects first, in the prompt's order, then the distractors; the
+    targets still match, and keep their distractors. Without ORDERED_TARGETS the order is random."""
+    p = shapes.parse_prompt("a red circle and a blue square and two green triangles")
+    asked = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("green", "triangle")]
+
+    def raster(im):
+        return [(o.colour, o.shape) for o in sorted(shapes.detect(im), key=lambda o: (o.cy // 16, o.cx // 16))]
+    rng = random.Random(0)
+    ims = [sft.base_example("t2i", rng, {"compositional": [p]}, 64, grid=4)["image"] for _ in range(30)]
+    assert all(raster(im)[:4] == asked and shapes.check(im, p).verdict for im in ims)
+    two = shapes.parse_prompt("a yellow triangle and a purple circle")
+    ims = [sft.target_scene(rng, 64, two, 4) for _ in range(40)]
+    assert all(raster(im)[:2] == [("yellow", "triangle"), ("purple", "circle")] for im in ims)
+    assert max(len(shapes.detect(im)) for im in ims) > 2  # distractors, after the asked objects
+    monkeypatch.setattr(sft, "ORDERED_TARGETS", False)
+    assert any(raster(sft.target_scene(rng, 64, two, 4))[:2] != [("yellow", "triangle"), ("purple", "circle")]
+               for _ in range(40))
+
+
 def test_task2_shows_rendered_scenes_through_the_vq():
     # the judge only ever reads VQ-decoded images at inference: a rendered scene in Task II is shown
     # as its VQ round trip, answered by the checker on what is shown; own images stay as they are
