@@ -339,7 +339,8 @@ def test_drawing_targets_of_relations_hold_the_asked_objects_aligned(monkeypatch
 def test_drawing_targets_meet_the_asked_objects_in_the_order_the_prompt_names_them(monkeypatch):
     """Raster order (row by row over the 4 x 4 grid, the order image tokens are drawn in) meets a
     non-relation prompt's asked objects first, in the prompt's order, then the distractors; the
-    targets still match, and keep their distractors. Without ORDERED_TARGETS the order is random."""
+    targets still match, and keep their distractors; a relation prompt's objects come fact by fact,
+    each relation's two as they stand. Without ORDERED_TARGETS the order is random."""
     p = shapes.parse_prompt("a red circle and a blue square and two green triangles")
     asked = [("red", "circle"), ("blue", "square"), ("green", "triangle"), ("green", "triangle")]
 
@@ -352,9 +353,14 @@ def test_drawing_targets_meet_the_asked_objects_in_the_order_the_prompt_names_th
     ims = [sft.target_scene(rng, 64, two, 4) for _ in range(40)]
     assert all(raster(im)[:2] == [("yellow", "triangle"), ("purple", "circle")] for im in ims)
     assert max(len(shapes.detect(im)) for im in ims) > 2  # distractors, after the asked objects
+    # a relation's two objects as they stand: "X to the right of Y" reads Y, then X
+    rel = shapes.parse_prompt("a red square to the right of a red triangle and a yellow square")
+    ims = [sft.target_scene(rng, 64, rel, 4) for _ in range(20)]
+    assert all(raster(im) == [("red", "triangle"), ("red", "square"), ("yellow", "square")] for im in ims)
     monkeypatch.setattr(sft, "ORDERED_TARGETS", False)
     assert any(raster(sft.target_scene(rng, 64, two, 4))[:2] != [("yellow", "triangle"), ("purple", "circle")]
                for _ in range(40))
+    assert any(raster(sft.target_scene(rng, 64, rel, 4))[0] != ("red", "triangle") for _ in range(40))
 
 
 def test_task2_shows_rendered_scenes_through_the_vq():
