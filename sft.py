@@ -157,20 +157,21 @@ def target_scene(rng, size, p, grid=0):
     """A rendered scene for prompt p that a drawing example (base t2i, SFT Tasks I and III) learns
     to draw. A prompt with a relation gets its asked objects alone, each relation in one row or
     column (ALIGNED_RELATIONS); any other prompt a matching scene with random distractors. With
-    ORDERED_TARGETS raster order meets the asked objects in the prompt's order: a relation's two as
-    they stand (`in_reading_order`, resampled up to ORDER_TRIES times), the others moved
-    (`in_mention_order`)."""
+    ORDERED_TARGETS, in the grid world (one object, one token), raster order meets the asked objects
+    in the prompt's order: a relation's two as they stand (`in_reading_order`, resampled up to
+    ORDER_TRIES times), the others moved (`in_mention_order`). Free placement (tiny, small) keeps
+    random order: there an object spans several rows of tokens, and a row of its own is untried."""
     if ALIGNED_RELATIONS and any(f.kind == "rel" for f in p.facts):
         try:
-            for _ in range(ORDER_TRIES):
+            for _ in range(ORDER_TRIES if ORDERED_TARGETS and grid else 1):
                 scene = shapes.sample_scene(rng, size, p, grid=grid, most=1, aligned=True)
-                if not ORDERED_TARGETS or in_reading_order(scene, p):
+                if in_reading_order(scene, p):
                     break
             return shapes.render(scene)
         except RuntimeError:  # free placement (no grid) may fail to align two relations among four objects
             return shapes.render(shapes.sample_scene(rng, size, p, grid=grid, most=1))
     scene = shapes.sample_scene(rng, size, p, grid=grid)
-    return shapes.render(in_mention_order(scene) if ORDERED_TARGETS else scene)
+    return shapes.render(in_mention_order(scene) if ORDERED_TARGETS and grid else scene)
 
 
 def in_mention_order(scene):
@@ -185,9 +186,8 @@ def in_mention_order(scene):
 
 
 def raster_place(o, scene):
-    """(row, column) of an object's centre: in the grid world its cell, whose token is drawn in this
-    order; in free placement its pixel."""
-    cell = scene.size / scene.grid if scene.grid else 1
+    """(row, column) of a grid-world object's cell: its token is drawn in this order."""
+    cell = scene.size / scene.grid
     return o.cy // cell, o.cx // cell
 
 
@@ -313,8 +313,8 @@ NEIGHBOUR_SHARE = 0.0
 # asked relation 0.58 of the time, the opposite 0.61); from these its SFT does (0.77 against 0.20;
 # docs/experiments.md, "Relations: drawing targets in one row or column").
 ALIGNED_RELATIONS = True
-# Drawing targets of the other prompts: raster order meets the asked objects first, in the order the
-# prompt names them (`in_mention_order`). Image tokens are drawn in raster order, and from randomly
+# Drawing targets in the grid world: raster order meets the asked objects first, in the order the
+# prompt names them (`in_mention_order`, `in_reading_order`). Image tokens are drawn in raster order, and from randomly
 # ordered targets the toy had to work out, cell by cell, which named object it had not drawn yet: SFT
 # drew "a red circle and a blue square" right 0.29 of the time, in this order 0.94; the first image
 # overall 0.61 -> 0.78, RL's final 0.71 -> 0.84; with compositional prompts' relations read in order
