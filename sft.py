@@ -163,9 +163,10 @@ def target_scene(rng, size, p, grid=0):
     random order: there an object spans several rows of tokens, and a row of its own is untried."""
     if ALIGNED_RELATIONS and any(f.kind == "rel" for f in p.facts):
         try:
-            for _ in range(ORDER_TRIES if ORDERED_TARGETS and grid else 1):
+            ordered = ORDERED_TARGETS and grid
+            for _ in range(ORDER_TRIES if ordered else 1):
                 scene = shapes.sample_scene(rng, size, p, grid=grid, most=1, aligned=True)
-                if in_reading_order(scene, p):
+                if not ordered or in_reading_order(scene, p):
                     break
             return shapes.render(scene)
         except RuntimeError:  # free placement (no grid) may fail to align two relations among four objects

@@ -364,6 +364,7 @@ def test_drawing_targets_meet_the_asked_objects_in_the_order_the_prompt_names_th
     monkeypatch.setattr(sft, "ORDERED_TARGETS", True)  # free placement (grid 0) keeps random order
     assert any(raster(sft.target_scene(rng, 64, two, 0))[:2] != [("yellow", "triangle"), ("purple", "circle")]
                for _ in range(40))
+    assert all(shapes.check(sft.target_scene(rng, 64, rel, 0), rel).verdict for _ in range(5))
 
 
 def test_task2_shows_rendered_scenes_through_the_vq():
