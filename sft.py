@@ -195,10 +195,13 @@ def raster_place(o, scene):
 def in_reading_order(scene, p):
     """Whether raster order meets the asked objects fact by fact, a relation's two objects in the
     order they stand ("X right of Y": Y, then X), as in_mention_order orders prompts without one."""
-    want = []
+    want = []  # (colour or None, shape) of each asked object, in the order raster order should meet them
     for f in p.facts:
         a, b = (f.colour, f.shape), (f.colour2, f.shape2)
-        want += [a] * f.n if f.kind == "count" else [a] if f.kind == "exists" else [a, b] if f.rel in ("left of", "above") else [b, a]
+        if f.kind == "rel":
+            want += [a, b] if f.rel in ("left of", "above") else [b, a]
+        else:
+            want += [a] * f.n  # exists: n = 1
     seen = sorted(scene.objects, key=lambda o: raster_place(o, scene))
     return len(seen) == len(want) and all(o.shape == s and c in (None, o.colour) for o, (c, s) in zip(seen, want))
 
@@ -315,11 +318,11 @@ NEIGHBOUR_SHARE = 0.0
 # docs/experiments.md, "Relations: drawing targets in one row or column").
 ALIGNED_RELATIONS = True
 # Drawing targets in the grid world: raster order meets the asked objects first, in the order the
-# prompt names them (`in_mention_order`, `in_reading_order`). Image tokens are drawn in raster order, and from randomly
-# ordered targets the toy had to work out, cell by cell, which named object it had not drawn yet: SFT
-# drew "a red circle and a blue square" right 0.29 of the time, in this order 0.94; the first image
-# overall 0.61 -> 0.78, RL's final 0.71 -> 0.84; with compositional prompts' relations read in order
-# too, compositional 0.06 -> 0.27 (docs/experiments.md, "Drawing targets in the prompt's order").
+# prompt names them (`in_mention_order`, `in_reading_order`). Image tokens are drawn in raster order,
+# and from randomly ordered targets the toy had to work out, cell by cell, which named object it had
+# not drawn yet: SFT drew "a red circle and a blue square" right 0.29 of the time, in this order 0.94;
+# the first image overall 0.61 -> 0.78, RL's final 0.71 -> 0.84; with compositional prompts' relations
+# read in order too, compositional 0.06 -> 0.27 (docs/experiments.md, "Drawing targets in the prompt's order").
 ORDERED_TARGETS = True
 # a compositional prompt with relations reads in order in ~1 of 4.5 aligned scenes (99% within 24;
 # 1.4 ms a scene): resampled, not moved, since moving objects could break a relation
