@@ -392,12 +392,27 @@ def neighbours(p, prompts):
 
 def edit_example(rng, size, grid=0):
     """An editing example: a rendered source scene and the correctly edited one (shapes.sample_edit),
-    the instruction never naming a held-out (ood) colour-shape pairing, not even as a recolour's result."""
+    the instruction never naming a held-out (ood) colour-shape pairing, not even as a recolour's result.
+    With ORDERED_TARGETS, in the grid world an added object goes to the first free cell in raster
+    order (`first_free_cell`): "add" names no place, and a random one is a guess per cell."""
     while True:
         src, e, out = shapes.sample_edit(rng, size, grid=grid)
+        if e.kind == "add" and ORDERED_TARGETS and grid:
+            out = first_free_cell(src, out)
         if not shapes.text_mentions_ood(e.text) and (e.colour2, e.shape) not in shapes.OOD_PAIRS:
             return dict(task="edit", prompt=e.text, src_image=shapes.render(src), image=shapes.render(out),
                         drop=rng.random() < PROMPT_DROPOUT)
+
+
+def first_free_cell(src, out):
+    """out (src plus one added object, listed last, as shapes.apply_edit appends it) with the added
+    object moved to src's first free cell in raster order (row by row): the one place the toy learns."""
+    *kept, new = out.objects
+    taken = {raster_place(o, src) for o in src.objects}
+    row, col = next((r, c) for r in range(src.grid) for c in range(src.grid) if (r, c) not in taken)
+    cell = src.size // src.grid
+    moved = shapes.Obj(new.shape, new.colour, col * cell + (cell - new.s) // 2, row * cell + (cell - new.s) // 2, new.s)
+    return shapes.Scene(out.size, kept + [moved], out.grid)
 
 
 def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):

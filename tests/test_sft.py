@@ -450,6 +450,10 @@ def test_edit_examples_loss_on_the_edited_image_source_in_context():
         e = shapes.parse_edit(ex["prompt"])
         assert not shapes.text_mentions_ood(ex["prompt"]) and (e.colour2, e.shape) not in shapes.OOD_PAIRS
         assert shapes.score_edit(ex["src_image"], ex["image"], e) == (1.0, 1.0), ex["prompt"]
+        if e.kind == "add":  # the grid world's one place for it: the source's first free cell in raster order
+            cells = lambda im: {(round(o.cy) // 16, round(o.cx) // 16) for o in shapes.detect(im)}
+            added = cells(ex["image"]) - cells(ex["src_image"])
+            assert added == {min({(r, c) for r in range(4) for c in range(4)} - cells(ex["src_image"]))}, ex["prompt"]
     torch.manual_seed(0)
     vq = tokenizer.VQModel(tokenizer.VQ_PRESETS["tiny"])
     ex = sft.finish_examples([sft.edit_example(random.Random(1), 32)], vq)[0]
