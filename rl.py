@@ -71,13 +71,14 @@ TRAIN = {
     # verdict and reason drift from SFT's (KL 0.08-0.20 a token) and the judge's AUC within category on the
     # balanced set lands at 0.754-0.784 over three seeds; at 0.4 (KL 0.03-0.04) at 0.784-0.785, the images as at
     # 0.04 (docs/experiments.md, "RL: the judge held to SFT")
-    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=(0.04,) * 3, reason=8, eval_prompts=4, verdicts="strict"),
-    "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=(0.04, 0.4, 0.04), reason=24, eval_prompts=100, verdicts="strict"),
-    "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=(0.04,) * 3, reason=24, eval_prompts=50),
+    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=(0.04,) * 3, reason=8, eval_prompts=4, verdicts="strict", edit_share=0.0),
+    "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=(0.04, 0.4, 0.04), reason=24, eval_prompts=100, verdicts="strict",
+                edit_share=0.0),
+    "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=(0.04,) * 3, reason=24, eval_prompts=50, edit_share=0.0),
     # a released model (--init FOLDER) on ShapeWorld prompts: the paper's batch (16 x 8 chains), warmup
     # and first learning rate (SPEC.md section 5; its 3K steps decay in steps, ours by cosine)
-    "janus-pro-1b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50),
-    "janus-pro-7b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50),
+    "janus-pro-1b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50, edit_share=0.0),
+    "janus-pro-7b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50, edit_share=0.0),
 }
 SEGMENTS = ("image 1", "verdict + reason", "final image")
 
@@ -382,7 +383,8 @@ def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
     by the current policy; the prompts and the seeds are a function of (seed, k) only."""
     rng, G, t0 = random.Random(f"rl-{settings['seed']}-{k}"), settings["group"], time.time()
     opt = SimpleNamespace(cfg=settings["cfg"], max_reason=settings["reason"])
-    if settings["task"] == "edit":
+    # an editing rollout (--task edit, or a share of a chain run's): the same draw on every process
+    if settings["task"] == "edit" or (settings["edit_share"] and rng.random() < settings["edit_share"]):
         edits = [shapes.sample_edit(rng, model.cfg.image_size, grid=model.cfg.scene_grid) for _ in range(settings["prompts"])]
         edits = [e for e in edits[rank * local:(rank + 1) * local] for _ in range(G)]
         ro = rollout_edit(model, vq, tok, edits, _seeds(settings["seed"], k, rank, len(edits)), opt, settings["edit_weights"])
@@ -468,6 +470,9 @@ def main(argv=None):
                     "On toy it did not make the judge read its images better (docs/experiments.md)")
     ap.add_argument("--task", choices=["chain", "edit"], default="chain",
                     help="chain: the introspective chain (SPEC.md section 5); edit: editing RL on ShapeWorld edits")
+    ap.add_argument("--edit-share", type=fraction,
+                    help="chain runs: share of the rollouts, 0 to 1, that are editing rollouts instead (--task edit's), so "
+                    "that RL on the chain keeps (and trains) the editing SFT taught; default: the preset's (0)")
     ap.add_argument("--edit-weights", default="0.5,1.0",
                     help="editing reward: weights of follow (the change happened) and preserve (nothing else changed)")
     ap.add_argument("--segments", type=int, choices=[0, 3], default=3,
@@ -497,12 +502,17 @@ def rl_settings(args, preset):
     # the preset's pay of segment 1 where it applies: a judge's P(yes) has no verdict to pay against
     verdicts = args.verdicts or ("plain" if args.task == "edit" or args.reward == "judge" else preset.get("verdicts", "plain"))
     edit_weights = weights_list(args.edit_weights, 2, "--edit-weights")  # follow, preserve
+    edit_share = pick("edit_share") if args.task == "chain" else 0.0
+    if args.edit_share and args.task == "edit":
+        raise ValueError("--edit-share mixes editing rollouts into a chain run; --task edit has only those")
+    if edit_share and args.init:
+        raise ValueError("--edit-share trains ShapeWorld edits in the toy's word layout; not for --init (a released model)")
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
                 lr=pick("lr"), warmup=preset["warmup"], beta=list(pick("beta")), clip_eps=args.clip_eps,
                 updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
                 cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
                 segments=args.segments, regen=args.regen, verdicts=verdicts, judge_sft=args.judge_sft, task=args.task,
-                edit_weights=edit_weights, bf16=None)
+                edit_share=edit_share, edit_weights=edit_weights, bf16=None)
 
 
 def run(args):
@@ -527,7 +537,8 @@ def run(args):
     model.vision_model.requires_grad_(False)  # the released code keeps the ViT (and the VQ) frozen
     reward = make_reward(args, tok, dev)
     by_cat = group(shapes.make_splits(seed=0)["train"])
-    n_seg = 1 if settings["segments"] == 0 or settings["task"] == "edit" else 3
+    # segments a rollout scores: an editing rollout one (the edited image), a chain three (or one, --segments 0)
+    n_seg_of = lambda ro: 1 if settings["segments"] == 0 or ro.get("task") == "edit" else 3
     local = settings["prompts"] // world
     G, N = settings["group"], model.cfg.image_tokens
     held = {"rollout": None, "stats": []}  # the current rollout batch (saved in the state) and the curve
@@ -537,7 +548,8 @@ def run(args):
         if held["rollout"] is None or held["rollout"]["k"] != k:
             sampler = gathered(model)  # the live weights, whole (under FSDP a copy: a collective)
             ro = draw_rollout(sampler, vq, tok, settings, k, rank, local, by_cat, reward)
-            paid = pay_verdicts(ro["rewards"], ro.get("yes"), G, settings["verdicts"])  # edits: no Yes/No, plain
+            n_seg = n_seg_of(ro)
+            paid = pay_verdicts(ro["rewards"], ro.get("yes"), G, settings["verdicts"] if "yes" in ro else "plain")
             ro["adv"] = group_advantages(paid[:, :n_seg], G)
             with torch.no_grad():
                 rows = chain_seqs(ro, tok, vq, N)
@@ -549,11 +561,13 @@ def run(args):
         return held["rollout"], "loss"
 
     def loss_fn(ro):
+        n_seg = n_seg_of(ro)
+        held.pop("judge_ce", None)  # a step's own, or none (an editing rollout's step)
         logp, mask = token_logps(model, tok, *chain_seqs(ro, tok, vq, N), settings["cfg"], n_seg, grouped=not sharded(model))
         old = logp.detach() if ro["old"] is None else ro["old"]  # ratio 1 at a rollout's only update
         loss, kl = grpo_loss(logp, old, ro["ref"], ro["adv"], mask, settings["clip_eps"], settings["beta"][:n_seg])
         held["kl"] = kl
-        if settings["judge_sft"]:  # Task II on the rollout's own first images
+        if settings["judge_sft"] and "yes" in ro:  # Task II on the rollout's own first images (a chain's)
             held["judge_ce"] = judge_sft_loss(model, tok, vq, ro, N, G)
         return (loss + settings["judge_sft"] * held.get("judge_ce", 0)) / world  # this process's share (equal chains)
 
@@ -562,7 +576,7 @@ def run(args):
         s = step_stats(ro, ro["adv"], kl, G)
         ce = {"judge_ce": round(held["judge_ce"].item(), 4)} if "judge_ce" in held else {}  # --judge-sft's loss
         held["stats"].append(dict(step=step, **s, **ce))
-        if settings["task"] == "edit":
+        if "follow" in s:  # an editing rollout
             return {"reward": s["reward"][0], "follow": s["follow"], "preserve": s["preserve"]}
         return {"r0": s["reward"][0], "r1": s["reward"][1], "r2": s["reward"][2], "yes": s["yes"]}
 

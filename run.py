@@ -289,10 +289,15 @@ def plot_curves(args, rep):
         ax.legend(fontsize=7)
     if curve:
         ax = axes[0][-1]
-        steps = [c["step"] for c in curve]
+        chains = [c for c in curve if "yes" in c]  # the chain's steps; an editing rollout's below
+        steps = [c["step"] for c in chains]
         for i, name in enumerate(("r0 image 1", "r1 verdict", "r2 final")):
-            ax.plot(steps, [c["reward"][i] for c in curve], label=name)
-        ax.plot(steps, [c["yes"] for c in curve], "k--", lw=0.8, label="Yes rate")
+            ax.plot(steps, [c["reward"][i] for c in chains], label=name)
+        ax.plot(steps, [c["yes"] for c in chains], "k--", lw=0.8, label="Yes rate")
+        edits = [c for c in curve if "follow" in c]
+        for key, style in (("follow", "m:"), ("preserve", "c:")):
+            if edits:
+                ax.plot([c["step"] for c in edits], [c[key] for c in edits], style, label=f"edit {key}")
         ax.set(title="rl: mean reward per segment", xlabel="step", ylim=(0, 1))
         ax.legend(fontsize=7)
     return save_figure(fig, args.out, "curves.png")

@@ -87,7 +87,7 @@ def test_preset_pays_verdicts_where_it_can():
     back to plain; a flag overrides; the real presets keep the paper's r1."""
     args = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2,
                 updates_per_batch=1, cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain",
-                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0)
+                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0, edit_share=None, init=None)
     pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(args, **kw)), rl.TRAIN[preset])["verdicts"]
     assert pay() == pay("toy") == "strict" and pay("janus-pro-7b") == pay("small") == "plain"
     assert pay(reward="judge", judge_ckpt="j.pt") == "plain" and pay(task="edit") == "plain"
@@ -415,3 +415,19 @@ def test_editing_stage_runs_and_reports(bundle, tmp_path):
         rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--edit-weights", "1"])
     with pytest.raises(SystemExit, match="--verdicts balanced"):
         rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--verdicts", "balanced"])
+    with pytest.raises(SystemExit, match="--edit-share"):
+        rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--edit-share", "0.5"])
+
+
+def test_chain_run_mixes_editing_rollouts(bundle, tmp_path):
+    """--edit-share e: rollout k is an editing rollout when its own draw (seeded by the seed and k, the
+    same on every process) falls below e; its step logs follow / preserve and one reward, the others
+    the chain's three rewards and Yes rate, and the run trains through both."""
+    import random
+    out = _run_dir(bundle, tmp_path, "mixed")
+    rl.main(["--config", "tiny", "--out", out, "--steps", "6", "--prompts", "2", "--group", "2", "--edit-share", "0.5",
+             "--eval-prompts", "1"])
+    curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
+    want = [random.Random(f"rl-0-{k}").random() < 0.5 for k in range(6)]
+    assert [("follow" in c) for c in curve] == want and 0 < sum(want) < 6
+    assert all(len(c["reward"]) == (1 if e else 3) and ("yes" in c) != e for c, e in zip(curve, want))
