@@ -29,6 +29,7 @@ held-out evaluation, atomic checkpoints, resume after interruption, DDP or FSDP2
     python sft.py --stage sft --init path/to/Janus-Pro-7B --config janus-pro-7b --out out/real   # a released model
 """
 
+import argparse
 import json
 import os
 import random
@@ -69,20 +70,27 @@ TRAIN = {
     # und_share: the share of Task II's examples that rehearse that reading in SFT; toy 0.5: on judge.py's
     # balanced set SFT's judge ranks within a category at 0.78 against 0.70 (RL's 0.74 against 0.70) and
     # names the failed fact 0.51 against 0.35, for SFT's first image 0.58 against 0.60 (docs/experiments.md,
-    # "SFT rehearses the base's reading")
+    # "SFT rehearses the base's reading");
+    # toy edit_share 0.4 with sft_steps 1333 (the three tasks keep ~800 steps): editing after RL follow /
+    # preserve 0.63 / 0.69 against 0.30 / 0.01; category_weights: toy draws compositional prompts twice as
+    # often, SFT's first image compositional 0.35 against 0.27 (docs/experiments.md, "Editing in SFT and RL")
     "tiny": dict(base_steps=60, und_steps=10, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
-                 gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1, und_share=0.5),
-    "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=800, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
-                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.0,
-                und_share=0.5),
+                 gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1, und_share=0.5,
+                 category_weights={}),
+    "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=1333, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
+                gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.4,
+                und_share=0.5, category_weights={"compositional": 2.0}),
     "small": dict(base_steps=6000, und_steps=0, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
-                  gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0),
+                  gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0,
+                  category_weights={}),
     # a released model (--init FOLDER) fine-tuned on ShapeWorld: the paper's SFT learning rate (SPEC.md
     # section 4); no base stage (the released model is the base)
     "janus-pro-1b": dict(base_steps=0, und_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
-                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0),
+                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0,
+                         category_weights={}),
     "janus-pro-7b": dict(base_steps=0, und_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
-                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0),
+                         gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0,
+                         category_weights={}),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
@@ -114,9 +122,25 @@ VIT_DEFAULT = {"base": "fixed", "sft": "fixed"}
 PROMPT_DROPOUT = 0.1
 GEN_PATH = ("gen_embed", "gen_aligner", "gen_head")  # the parameters --gen-lr-scale speeds up
 
-def train_prompt(rng, by_cat):
-    # categories uniformly, then a text: the train split holds ~100x more compositional texts
-    return rng.choice(by_cat[rng.choice(list(by_cat))])
+def train_prompt(rng, by_cat, weights=None):
+    # categories uniformly (or in proportion to weights, {category: weight}, 1 where absent), then a
+    # text: the train split holds ~100x more compositional texts
+    cats = list(by_cat)
+    cat = rng.choices(cats, [weights.get(c, 1.0) for c in cats])[0] if weights else rng.choice(cats)
+    return rng.choice(by_cat[cat])
+
+
+def category_weights(text):
+    """--category-weights: 'compositional=2,single=0.5' -> {"compositional": 2.0, "single": 0.5}."""
+    out = {}
+    for part in filter(None, text.split(",")):
+        cat, _, w = part.partition("=")
+        if cat.strip() not in shapes.CATEGORIES:
+            raise argparse.ArgumentTypeError(f"unknown category {cat.strip()!r} (one of {', '.join(shapes.CATEGORIES)})")
+        out[cat.strip()] = bounded(float, 0)(w)
+    if out and not any(out.get(c, 1.0) > 0 for c in shapes.CATEGORIES):
+        raise argparse.ArgumentTypeError(f"every category weighs 0 in {text!r}")
+    return out
 
 
 def group(prompts):
@@ -329,13 +353,13 @@ ORDERED_TARGETS = True
 ORDER_TRIES = 50
 
 
-def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0):
+def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None):
     """One SFT example. Positives: rendered matching scenes (the strong external generator), or at
     rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
     or, when a prompt has none, a rendered near-miss (a deliberately broken scene).
     by_cat: the SFT prompts by category (group); a category uniformly, then a prompt, as the base
-    stage draws (uniform over texts would be mostly compositional prompts)."""
-    p = train_prompt(rng, by_cat)
+    stage draws (uniform over texts would be mostly compositional prompts), or by weights (train_prompt)."""
+    p = train_prompt(rng, by_cat, weights)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
     neg = [s for s in samples if not s[2]]
@@ -429,7 +453,8 @@ def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):
     # (docs/experiments.md, "The base reads colour after more VQA"); per example, not whole steps,
     # which cost drawing steps
     return task, [dict(und_example(rng, UND_MIX, by_cat, size, True, grid), unit=True)
-                  if und and rng.random() < und else sft_example(task, rng, by_cat, pool, size, depth, grid)
+                  if und and rng.random() < und else sft_example(task, rng, by_cat, pool, size, depth, grid,
+                                                                 settings["category_weights"])
                   for _ in range(n)]
 
 
@@ -513,9 +538,13 @@ def main(argv=None):
     ap.add_argument("--mix", help="task probabilities: base 't2i,describe,vqa' (%s); sft 'I,II,III' (%s)"
                     % (",".join(map(str, BASE_MIX.values())), ",".join(map(str, SFT_MIX.values()))))
     ap.add_argument("--edit-share", type=bounded(float, 0, 1), help="sft: share of steps, 0 to 1, that train editing "
-                    "(rendered source scene + instruction -> the edited scene), before the task mix is drawn (toy 0, tiny 0.1)")
+                    "(rendered source scene + instruction -> the edited scene), before the task mix is drawn (toy 0.4, tiny 0.1)")
     ap.add_argument("--und-share", type=bounded(float, 0, 1), help="sft: share of Task II's examples, 0 to 1, that "
                     "rehearse the base's understanding instead (describe and VQA on rendered scenes, as its last steps; toy and tiny 0.5)")
+    ap.add_argument("--category-weights", type=category_weights,
+                    help="sft: how often Tasks I-III draw each category against the others, e.g. 'compositional=2' "
+                    "(1 where not named; '' for all alike); default: the preset's (toy %s, the others all alike)"
+                    % ",".join(f"{c}={w:g}" for c, w in TRAIN["toy"]["category_weights"].items()))
     ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
@@ -550,6 +579,7 @@ def stage_settings(args, preset):
                 easy_steps=preset["easy_steps"] if args.stage == "base" else 0,
                 edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0,
                 und_share=pick("und_share", "und_share") if args.stage == "sft" else 0,
+                category_weights=pick("category_weights", "category_weights") if args.stage == "sft" else {},
                 # a base saved before the preset had the image position table is another model
                 image_pos=None if args.init else PRESETS[args.config].get("image_pos", False))
 

@@ -1,5 +1,6 @@
 """SFT: where the loss falls in each task, prompt dropout, DDP == one process, resume == uninterrupted,
 and the tiny config end to end. Run: python -m pytest tests/test_sft.py"""
+import argparse
 import os
 import random
 import shutil
@@ -317,6 +318,17 @@ def test_sft_prompts_are_drawn_category_first():
     seen = [cat[sft.sft_example("task1", rng, chosen, pool, 32)["prompt"]] for _ in range(n)]
     shares = {c: seen.count(c) / n for c in shapes.CATEGORIES}
     assert all(abs(v - 1 / 7) < 0.03 for v in shares.values()), shares  # 1/7 = 0.143, sd 0.007
+    # --category-weights: compositional=2, single=0 -> compositional 2/7, single none, the others 1/7
+    rng = random.Random(0)
+    w = sft.category_weights("compositional=2,single=0")
+    seen = [cat[sft.sft_example("task1", rng, chosen, pool, 32, weights=w)["prompt"]] for _ in range(n)]
+    shares = {c: seen.count(c) / n for c in shapes.CATEGORIES}
+    assert shares["single"] == 0 and abs(shares["compositional"] - 2 / 7) < 0.03, shares
+    assert all(abs(shares[c] - 1 / 7) < 0.03 for c in ("two", "counting", "colour", "position", "colour_attr")), shares
+    for bad in ("compositonal=2", "single=-1", "single=x", ",".join(f"{c}=0" for c in shapes.CATEGORIES)):
+        with pytest.raises(argparse.ArgumentTypeError):
+            sft.category_weights(bad)
+    assert sft.category_weights("") == {}
 
 
 def test_drawing_targets_of_relations_hold_the_asked_objects_aligned(monkeypatch):
