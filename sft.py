@@ -609,7 +609,9 @@ def sft_data(args, preset, model, vq, tok, by_cat, settings, master, world):
     built once by rank 0 and cached in OUT/sft_pool.pt (rebuilt when base.pt changed)."""
     pool_path = os.path.join(args.out, "sft_pool.pt")
     rng = random.Random(f"sft-prompts-{args.seed}")
-    chosen = [train_prompt(rng, by_cat) for _ in range(args.sft_prompts or preset["sft_prompts"])]
+    # the SFT prompts drawn as the examples draw them (--category-weights): a category drawn twice as often
+    # gets twice as many texts, not the same texts twice as often
+    chosen = [train_prompt(rng, by_cat, settings["category_weights"]) for _ in range(args.sft_prompts or preset["sft_prompts"])]
     made_from = settings["inputs"]["init" if args.init else "base.pt"]  # the model sampled
     pool = load_pool(pool_path, chosen, made_from)
     if pool is None:
