@@ -248,7 +248,7 @@ def test_sft_und_share_rehearses_the_bases_reading():
     by_cat = sft.group(shapes.make_splits(seed=0)["train"])
     pool = {p.text: [] for ps in by_cat.values() for p in ps}  # no own samples: rendered scenes only
     easy = {p.text for c in sft.EASY_CATEGORIES for p in by_cat[c]}
-    settings = dict(batch_size=20, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX)
+    settings = dict(batch_size=20, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX, category_weights={})
     steps = [sft.sft_batch(random.Random(s), settings, by_cat, pool, 32) for s in range(30)]
     for task, exs in steps:
         kinds = [ex["task"] for ex in exs]
