@@ -402,6 +402,22 @@ def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
     return ro
 
 
+def score_rollout(ro, sampler, ref, tok, vq, settings, n_seg, k):
+    """A drawn rollout -> the same dict with what its updates need: "adv" (C, n_seg), each segment's
+    rewards normalised within its group; "ref" (C, n_seg, L), the frozen SFT model's log-probs of the
+    sampled tokens; "old", the sampling weights' (None at one update per rollout: ratio 1)."""
+    G = settings["group"]
+    paid = pay_verdicts(ro["rewards"], ro.get("yes"), G, settings["verdicts"] if "yes" in ro else "plain")
+    ro["adv"] = group_advantages(paid[:, :n_seg], G)
+    with torch.no_grad():
+        rows = chain_seqs(ro, tok, vq, sampler.cfg.image_tokens)
+        # one update per rollout: old = the loss's own log-probs, detached (loss_fn); ~10% of a toy step saved
+        ro["old"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)[0] if settings["updates"] > 1 else None
+        ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
+    ro["k"] = k
+    return ro
+
+
 def _seeds(seed, k, rank, n):
     # one seed per chain of rollout k: the same chains whatever the number of processes
     return [(seed * 1_000_003 + k * 10_007 + rank * n + i) % 2**31 for i in range(n)]
@@ -550,16 +566,7 @@ def run(args):
         if held["rollout"] is None or held["rollout"]["k"] != k:
             sampler = gathered(model)  # the live weights, whole (under FSDP a copy: a collective)
             ro = draw_rollout(sampler, vq, tok, settings, k, rank, local, by_cat, reward)
-            n_seg = n_seg_of(ro)
-            paid = pay_verdicts(ro["rewards"], ro.get("yes"), G, settings["verdicts"] if "yes" in ro else "plain")
-            ro["adv"] = group_advantages(paid[:, :n_seg], G)
-            with torch.no_grad():
-                rows = chain_seqs(ro, tok, vq, N)
-                # one update per rollout: old = the loss's own log-probs, detached (loss_fn); ~10% of a toy step saved
-                ro["old"] = token_logps(sampler, tok, *rows, settings["cfg"], n_seg)[0] if settings["updates"] > 1 else None
-                ro["ref"], _ = token_logps(ref, tok, *rows, settings["cfg"], n_seg)
-            ro["k"] = k
-            held["rollout"] = ro
+            held["rollout"] = score_rollout(ro, sampler, ref, tok, vq, settings, n_seg_of(ro), k)
         return held["rollout"], "loss"
 
     def loss_fn(ro):
