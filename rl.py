@@ -199,16 +199,19 @@ def make_reward(args, tok, dev):
 
 
 @torch.no_grad()
-def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect", truth=False):
+def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect", truth=False, redraw=False):
     """Chains for prompts (each repeated G times by the caller) -> a plain dict of lists and tensors
     (what the loss needs, and what a resumed run reloads): codes of image 1 and of the final image,
     the answer ids (verdict first, and whether its EOS was sampled), verdicts, rewards (C, 3).
     regen="plain": after a No, image 2 is a fresh sample from the prompt alone (the loop without
     reflection: the ablation that separates reflection from judge-guided resampling). truth: also
-    the checker's answer on each image 1 (--judge-sft teaches it)."""
+    the checker's answer on each image 1 (--judge-sft teaches it). redraw: every verdict forced to No
+    (the reason sampled after it), a one-segment rollout (task "redraw") that scores image 2 only:
+    R(image 2), the regeneration trained on every chain (--redraw-share)."""
     model.eval()
     chains = introspect(model, vq, tok, prompts, seeds, Options(cfg=opt.cfg, rounds=1 if regen == "plain" else 2,
-                                                              text_temperature=1.0, max_reason=opt.max_reason))
+                                                              text_temperature=1.0, max_reason=opt.max_reason,
+                                                              force_no=redraw))
     yes = torch.tensor([c.verdicts[0] == "yes" for c in chains])
     if regen == "plain":  # image 2 from the prompt alone, with its own seed
         redo = [i for i, c in enumerate(chains) if not yes[i]]
@@ -220,6 +223,11 @@ def rollout(model, vq, tok, prompts, seeds, opt, reward, regen="reflect", truth=
                 chains[i].codes.append(c.codes[0])
     first = [c.images[0] for c in chains]
     final = [c.images[-1] for c in chains]
+    if redraw:
+        model.train()
+        return {"task": "redraw", "prompts": list(prompts), "codes1": [c.codes[0] for c in chains],
+                "codes2": [c.codes[-1] for c in chains], "answers": [c.reason_ids[0] for c in chains],
+                "rewards": reward(final, prompts)[:, None]}
     r1 = reward(first, prompts)
     r_final = torch.where(yes, r1, reward(final, prompts))
     model.train()
@@ -252,6 +260,10 @@ def chain_seqs(ro, tok, vq, n_tokens):
     rows, which row scores which segment of which chain)."""
     if ro.get("task") == "edit":  # one segment: the edited image after the source (VQ path) and instruction
         rows = [edit_seq(tok, src, ins).gen_image(tok, c, w=1.0) for src, ins, c in zip(ro["src"], ro["prompts"], ro["codes1"])]
+        return rows, [r.uncond(tok, False) for r in rows], [(c, 0, c, "image") for c in range(len(rows))]
+    if ro.get("task") == "redraw":  # one segment: image 2 after image 1 and its forced No + reason, as in a chain
+        rows = [add_reflection(prompt_seq(tok, p).gen_image(tok, c1), tok, ans).gen_image(tok, c2, w=1.0)
+                for p, c1, ans, c2 in zip(ro["prompts"], ro["codes1"], ro["answers"], ro["codes2"])]
         return rows, [r.uncond(tok, False) for r in rows], [(c, 0, c, "image") for c in range(len(rows))]
     images1 = _decode(vq, ro["codes1"])
     rows, twins, where = [], [], []  # where: (chain, segment, row index, kind)
@@ -356,10 +368,12 @@ def step_stats(ro, adv, kl, group):
     to learn (every chain the same reward in every segment)."""
     r = ro["rewards"]
     flat = (adv.reshape(-1, group, adv.size(-1)).abs().sum((1, 2)) == 0).float().mean().item()
-    if ro.get("task") == "edit":
-        return {"reward": [round(r.mean().item(), 4)], "follow": round(ro["follow"].mean().item(), 3),
-                "preserve": round(ro["preserve"].mean().item(), 3), "kl": [round(v, 5) for v in kl.tolist()],
-                "flat_groups": round(flat, 3), "rollout_image_tokens_s": round(ro["tok_s"], 1)}
+    if ro.get("task") in ("edit", "redraw"):  # one segment: an edited image, or image 2 after a forced No
+        one = {"reward": [round(r.mean().item(), 4)], "kl": [round(v, 5) for v in kl.tolist()],
+               "flat_groups": round(flat, 3), "rollout_image_tokens_s": round(ro["tok_s"], 1)}
+        if ro["task"] == "redraw":
+            return dict(one, redraw=1)
+        return dict(one, follow=round(ro["follow"].mean().item(), 3), preserve=round(ro["preserve"].mean().item(), 3))
     redrew = ~ro["yes"]
     return {"reward": [round(v, 4) for v in r.mean(0).tolist()], "yes": round(ro["yes"].float().mean().item(), 3),
             "better": round(((r[:, 2] > r[:, 0]) & redrew).float().sum().item() / max(1, int(redrew.sum())), 3),
@@ -392,11 +406,13 @@ def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
         ro = rollout_edit(model, vq, tok, edits, _seeds(settings["seed"], k, rank, len(edits)), opt, settings["edit_weights"])
         drawn = len(edits)
     else:
+        # a redraw rollout (a share of a chain run's, --redraw-share): every verdict No, image 2 scored
+        redraw = bool(settings["redraw_share"]) and rng.random() < settings["redraw_share"]
         prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
         prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
         ro = rollout(model, vq, tok, prompts, _seeds(settings["seed"], k, rank, len(prompts)), opt, reward, settings["regen"],
-                     truth=settings["judge_sft"] > 0)
-        drawn = len(prompts) + int((~ro["yes"]).sum())
+                     truth=settings["judge_sft"] > 0, redraw=redraw)
+        drawn = len(prompts) + (len(prompts) if redraw else int((~ro["yes"]).sum()))
     # rollouts are most of a step: image tokens drawn per second (CFG rows counted once)
     ro["tok_s"] = model.cfg.image_tokens * drawn / (time.time() - t0)
     return ro
@@ -491,6 +507,10 @@ def main(argv=None):
     ap.add_argument("--edit-share", type=bounded(float, 0, 1),
                     help="chain runs: share of the rollouts, 0 to 1, that are editing rollouts instead (--task edit's), so "
                     "that RL on the chain keeps (and trains) the editing SFT taught; default: the preset's (toy 0.25, others 0)")
+    ap.add_argument("--redraw-share", type=bounded(float, 0, 1), default=0.0,
+                    help="chain runs: share of the rollouts, 0 to 1, whose verdicts are all forced to No, image 2 drawn "
+                    "after the reason and scored alone (one segment): the regeneration trained on every chain, where "
+                    "the chain trains it only after a No; 0 (default, the paper): none")
     ap.add_argument("--edit-weights", default="0.5,1.0",
                     help="editing reward: weights of follow (the change happened) and preserve (nothing else changed)")
     ap.add_argument("--segments", type=int, choices=[0, 3], default=3,
@@ -523,6 +543,8 @@ def rl_settings(args, preset):
     edit_share = pick("edit_share") if args.task == "chain" else 0.0
     if args.edit_share and args.task == "edit":
         raise ValueError("--edit-share mixes editing rollouts into a chain run; --task edit has only those")
+    if args.redraw_share and (args.task == "edit" or args.segments == 0 or args.regen == "plain"):
+        raise ValueError("--redraw-share trains image 2 after a reflection: a chain run with --segments 3 and --regen reflect")
     if edit_share and args.init:
         raise ValueError("--edit-share trains ShapeWorld edits in the toy's word layout; not for --init (a released model)")
     return dict(config=args.config, seed=args.seed, steps=pick("steps"), prompts=pick("prompts"), group=pick("group"),
@@ -530,7 +552,7 @@ def rl_settings(args, preset):
                 updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
                 cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
                 segments=args.segments, regen=args.regen, verdicts=verdicts, judge_sft=args.judge_sft, task=args.task,
-                edit_share=edit_share, edit_weights=edit_weights, bf16=None)
+                edit_share=edit_share, edit_weights=edit_weights, redraw_share=args.redraw_share, bf16=None)
 
 
 def run(args):
@@ -556,7 +578,7 @@ def run(args):
     reward = make_reward(args, tok, dev)
     by_cat = group(shapes.make_splits(seed=0)["train"])
     # segments a rollout scores: an editing rollout one (the edited image), a chain three (or one, --segments 0)
-    n_seg_of = lambda ro: 1 if settings["segments"] == 0 or ro.get("task") == "edit" else 3
+    n_seg_of = lambda ro: 1 if settings["segments"] == 0 or ro.get("task") in ("edit", "redraw") else 3
     local = settings["prompts"] // world
     G, N = settings["group"], model.cfg.image_tokens
     held = {"rollout": None, "stats": []}  # the current rollout batch (saved in the state) and the curve
@@ -587,6 +609,8 @@ def run(args):
         held["stats"].append(dict(step=step, **s, **ce))
         if "follow" in s:  # an editing rollout
             return {"reward": s["reward"][0], "follow": s["follow"], "preserve": s["preserve"]}
+        if "redraw" in s:  # a redraw rollout: image 2's reward
+            return {"r2": s["reward"][0]}
         return {"r0": s["reward"][0], "r1": s["reward"][1], "r2": s["reward"][2], "yes": s["yes"]}
 
     def set_held(saved):

@@ -294,6 +294,9 @@ def plot_curves(args, rep):
         for i, name in enumerate(("r0 image 1", "r1 verdict", "r2 final")):
             ax.plot(steps, [c["reward"][i] for c in chains], label=name)
         ax.plot(steps, [c["yes"] for c in chains], "k--", lw=0.8, label="Yes rate")
+        redraws = [c for c in curve if "redraw" in c]  # --redraw-share: image 2 after a forced No
+        if redraws:
+            ax.plot([c["step"] for c in redraws], [c["reward"][0] for c in redraws], "g:", label="redraw: image 2")
         edits = [c for c in curve if "follow" in c]
         for key, style in (("follow", "m:"), ("preserve", "c:")):
             if edits:

@@ -87,7 +87,7 @@ def test_preset_pays_verdicts_where_it_can():
     back to plain; a flag overrides; the real presets keep the paper's r1."""
     args = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2,
                 updates_per_batch=1, cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain",
-                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0, edit_share=None, init=None)
+                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0, edit_share=None, redraw_share=0.0, init=None)
     pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(args, **kw)), rl.TRAIN[preset])["verdicts"]
     assert pay() == pay("toy") == "strict" and pay("janus-pro-7b") == pay("small") == "plain"
     assert pay(reward="judge", judge_ckpt="j.pt") == "plain" and pay(task="edit") == "plain"
@@ -207,6 +207,39 @@ def test_logps_recomputed_equal_the_samplers(bundle):
     assert len(S.collate_groups(rows[0] + [t for t in rows[1] if t is not None], TOK)) > 1
     one, one_mask = rl.token_logps(model, TOK, *rows, 5.0, 3, grouped=False)
     assert torch.equal(mask, one_mask) and torch.allclose(logp, one, atol=1e-5)
+
+
+def test_redraw_rollout_scores_image_two_after_a_forced_no(bundle):
+    """--redraw-share's rollouts: every verdict No, the reason sampled after it; one segment, image 2
+    read after image 1 and the reflection (the twin pads only the user's words) with the sampler's
+    log-probs; reward R(image 2)."""
+    model, vq = bundle
+    prompts = ["a red circle", "two squares"]
+    ro = rl.rollout(model, vq, TOK, prompts, [3, 4], rl.SimpleNamespace(cfg=5.0, max_reason=6), rl.checker_reward, redraw=True)
+    assert ro["task"] == "redraw" and "yes" not in ro and all(a[0] == TOK.no for a in ro["answers"])
+    images2 = rl._decode(vq, ro["codes2"])
+    assert torch.allclose(ro["rewards"][:, 0], rl.checker_reward(images2, prompts))
+    logp, mask = rl.token_logps(model, TOK, *rl.chain_seqs(ro, TOK, vq, model.cfg.image_tokens), 5.0, 1)
+    for c, p in enumerate(prompts):
+        seq = S.add_reflection(S.prompt_seq(TOK, p).gen_image(TOK, ro["codes1"][c]), TOK, ro["answers"][c])
+        want = sampler_logps(model, TOK, None, ro["codes2"][c], 5.0, seq, seq.uncond(TOK, False))
+        assert mask[c, 0].sum() == model.cfg.image_tokens and torch.allclose(logp[c, 0, :model.cfg.image_tokens], want, atol=1e-5)
+
+
+def test_chain_run_mixes_redraw_rollouts(bundle, tmp_path):
+    """--redraw-share r: rollout k is a redraw rollout when its draw falls below r (no editing share on
+    tiny); its step logs one reward and no Yes rate; the share is refused where there is no reflection."""
+    import random
+    out = _run_dir(bundle, tmp_path, "redraw")
+    rl.main(["--config", "tiny", "--out", out, "--steps", "6", "--prompts", "2", "--group", "2", "--redraw-share", "0.5",
+             "--eval-prompts", "1"])
+    curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
+    want = [random.Random(f"rl-0-{k}").random() < 0.5 for k in range(6)]
+    assert [("redraw" in c) for c in curve] == want and 0 < sum(want) < 6
+    assert all(len(c["reward"]) == (1 if r else 3) and ("yes" in c) != r for c, r in zip(curve, want))
+    for bad in (["--regen", "plain"], ["--segments", "0"]):
+        with pytest.raises(SystemExit, match="--redraw-share"):
+            rl.main(["--config", "tiny", "--out", out, "--redraw-share", "0.5"] + bad)
 
 
 def test_judge_sft_loss_is_task_two_balanced_by_hand(bundle):
