@@ -226,22 +226,6 @@ def test_redraw_rollout_scores_image_two_after_a_forced_no(bundle):
         assert mask[c, 0].sum() == model.cfg.image_tokens and torch.allclose(logp[c, 0, :model.cfg.image_tokens], want, atol=1e-5)
 
 
-def test_chain_run_mixes_redraw_rollouts(bundle, tmp_path):
-    """--redraw-share r: rollout k is a redraw rollout when its draw falls below r (no editing share on
-    tiny); its step logs one reward and no Yes rate; the share is refused where there is no reflection."""
-    import random
-    out = _run_dir(bundle, tmp_path, "redraw")
-    rl.main(["--config", "tiny", "--out", out, "--steps", "6", "--prompts", "2", "--group", "2", "--redraw-share", "0.5",
-             "--eval-prompts", "1"])
-    curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
-    want = [random.Random(f"rl-0-{k}").random() < 0.5 for k in range(6)]
-    assert [("redraw" in c) for c in curve] == want and 0 < sum(want) < 6
-    assert all(len(c["reward"]) == (1 if r else 3) and ("yes" in c) != r for c, r in zip(curve, want))
-    for bad in (["--regen", "plain"], ["--segments", "0"]):
-        with pytest.raises(SystemExit, match="--redraw-share"):
-            rl.main(["--config", "tiny", "--out", out, "--redraw-share", "0.5"] + bad)
-
-
 def test_judge_sft_loss_is_task_two_balanced_by_hand(bundle):
     """judge_sft_loss: per chain, Task II's loss (0.8 CE(Yes/No) + 0.2 mean CE of the rest) on image 1
     answered by the checker, each computed here alone in its own batch; within a group the Yes half
@@ -452,15 +436,20 @@ def test_editing_stage_runs_and_reports(bundle, tmp_path):
         rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--edit-share", "0.5"])
 
 
-def test_chain_run_mixes_editing_rollouts(bundle, tmp_path):
-    """--edit-share e: rollout k is an editing rollout when its own draw (seeded by the seed and k, the
-    same on every process) falls below e; its step logs follow / preserve and one reward, the others
-    the chain's three rewards and Yes rate, and the run trains through both."""
+@pytest.mark.parametrize("flag,key", [("--edit-share", "follow"), ("--redraw-share", "redraw")])
+def test_chain_run_mixes_one_segment_rollouts(bundle, tmp_path, flag, key):
+    """--edit-share / --redraw-share r: rollout k is an editing (a redraw) rollout when its own draw
+    (seeded by the seed and k, the same on every process; no editing share on tiny) falls below r; its
+    step logs one reward (and follow / preserve, or redraw), the others the chain's three rewards and
+    Yes rate, and the run trains through both. A redraw needs a reflection: refused without one."""
     import random
-    out = _run_dir(bundle, tmp_path, "mixed")
-    rl.main(["--config", "tiny", "--out", out, "--steps", "6", "--prompts", "2", "--group", "2", "--edit-share", "0.5",
+    out = _run_dir(bundle, tmp_path, key)
+    rl.main(["--config", "tiny", "--out", out, "--steps", "6", "--prompts", "2", "--group", "2", flag, "0.5",
              "--eval-prompts", "1"])
     curve = json.load(open(os.path.join(out, "rl_eval.json")))["curve"]
     want = [random.Random(f"rl-0-{k}").random() < 0.5 for k in range(6)]
-    assert [("follow" in c) for c in curve] == want and 0 < sum(want) < 6
+    assert [(key in c) for c in curve] == want and 0 < sum(want) < 6
     assert all(len(c["reward"]) == (1 if e else 3) and ("yes" in c) != e for c, e in zip(curve, want))
+    for bad in (["--regen", "plain"], ["--segments", "0"]) if key == "redraw" else ():
+        with pytest.raises(SystemExit, match="--redraw-share"):
+            rl.main(["--config", "tiny", "--out", out, flag, "0.5"] + bad)
