@@ -262,8 +262,7 @@ def chain_seqs(ro, tok, vq, n_tokens):
         rows = [edit_seq(tok, src, ins).gen_image(tok, c, w=1.0) for src, ins, c in zip(ro["src"], ro["prompts"], ro["codes1"])]
         return rows, [r.uncond(tok, False) for r in rows], [(c, 0, c, "image") for c in range(len(rows))]
     if ro.get("task") == "redraw":  # one segment: image 2 after image 1 and its forced No + reason, as in a chain
-        rows = [add_reflection(prompt_seq(tok, p).gen_image(tok, c1), tok, ans).gen_image(tok, c2, w=1.0)
-                for p, c1, ans, c2 in zip(ro["prompts"], ro["codes1"], ro["answers"], ro["codes2"])]
+        rows = [reflected_seq(tok, p, c1, ans, c2) for p, c1, ans, c2 in zip(ro["prompts"], ro["codes1"], ro["answers"], ro["codes2"])]
         return rows, [r.uncond(tok, False) for r in rows], [(c, 0, c, "image") for c in range(len(rows))]
     images1 = _decode(vq, ro["codes1"])
     rows, twins, where = [], [], []  # where: (chain, segment, row index, kind)
@@ -283,12 +282,17 @@ def chain_seqs(ro, tok, vq, n_tokens):
             s2 = prompt_seq(tok, p).gen_image(tok, ro["codes2"][c], w=1.0)
             twin = s2.uncond(tok, True)
         else:
-            s2 = add_reflection(prompt_seq(tok, p).gen_image(tok, c1), tok, ans).gen_image(tok, ro["codes2"][c], w=1.0)
+            s2 = reflected_seq(tok, p, c1, ans, ro["codes2"][c])
             twin = s2.uncond(tok, False)  # a regeneration pads only the user's words
         where.append((c, 2, len(rows), "image"))
         rows.append(s2)
         twins.append(twin)
     return rows, twins, where
+
+
+def reflected_seq(tok, prompt, codes1, answer, codes2):
+    # image 2 (scored, weight 1) after the prompt, image 1 and its verdict + reason: a chain's regeneration
+    return add_reflection(prompt_seq(tok, prompt).gen_image(tok, codes1), tok, answer).gen_image(tok, codes2, w=1.0)
 
 
 def _decode(vq, codes):
