@@ -54,7 +54,7 @@ from judge import p_yes
 from model import PRESETS, JanusConfig
 from sample import (Options, add_answer, add_reflection, cfg_logits, collate, collate_groups, edit, edit_seq, embed_batch,
                     introspect, janus_checkpoint, load_janus, prompt_seq, selfcheck_seq)
-from sft import group, train_prompt
+from sft import category_weights, group, train_prompt
 from tokenizer import TextTokenizer
 from train import Plan, add_parallel_args, distribute, fit, gathered, make_optimizer, setup_distributed, sharded
 
@@ -73,14 +73,18 @@ TRAIN = {
     # 0.04 (docs/experiments.md, "RL: the judge held to SFT")
     # edit_share: toy 0.25, a quarter of the rollouts editing ones, so that RL trains the editing SFT taught
     # (after SFT 0.58 / 0.64, after RL 0.63 / 0.69; docs/experiments.md, "Editing in SFT and RL")
-    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=(0.04,) * 3, reason=8, eval_prompts=4, verdicts="strict", edit_share=0.0),
+    "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=(0.04,) * 3, reason=8, eval_prompts=4, verdicts="strict", edit_share=0.0,
+             category_weights={}),
     "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=(0.04, 0.4, 0.04), reason=24, eval_prompts=100, verdicts="strict",
-                edit_share=0.25),
-    "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=(0.04,) * 3, reason=24, eval_prompts=50, edit_share=0.0),
+                edit_share=0.25, category_weights={}),
+    "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=(0.04,) * 3, reason=24, eval_prompts=50, edit_share=0.0,
+              category_weights={}),
     # a released model (--init FOLDER) on ShapeWorld prompts: the paper's batch (16 x 8 chains), warmup
     # and first learning rate (SPEC.md section 5; its 3K steps decay in steps, ours by cosine)
-    "janus-pro-1b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50, edit_share=0.0),
-    "janus-pro-7b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50, edit_share=0.0),
+    "janus-pro-1b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50, edit_share=0.0,
+                         category_weights={}),
+    "janus-pro-7b": dict(steps=3000, prompts=16, group=8, lr=6e-6, warmup=100, beta=(0.04,) * 3, reason=64, eval_prompts=50, edit_share=0.0,
+                         category_weights={}),
 }
 SEGMENTS = ("image 1", "verdict + reason", "final image")
 
@@ -412,7 +416,7 @@ def draw_rollout(model, vq, tok, settings, k, rank, local, by_cat, reward):
     else:
         # a redraw rollout (a share of a chain run's, --redraw-share): every verdict No, image 2 scored
         redraw = bool(settings["redraw_share"]) and rng.random() < settings["redraw_share"]
-        prompts = [train_prompt(rng, by_cat).text for _ in range(settings["prompts"])]
+        prompts = [train_prompt(rng, by_cat, settings["category_weights"]).text for _ in range(settings["prompts"])]
         prompts = [p for p in prompts[rank * local:(rank + 1) * local] for _ in range(G)]
         ro = rollout(model, vq, tok, prompts, _seeds(settings["seed"], k, rank, len(prompts)), opt, reward, settings["regen"],
                      truth=settings["judge_sft"] > 0, redraw=redraw)
@@ -517,6 +521,9 @@ def main(argv=None):
                     "the chain trains it only after a No; 0 (default, the paper): none")
     ap.add_argument("--edit-weights", default="0.5,1.0",
                     help="editing reward: weights of follow (the change happened) and preserve (nothing else changed)")
+    ap.add_argument("--category-weights", type=category_weights,
+                    help="chain runs: how often each category's prompts are drawn, e.g. 'compositional=3,single=0.5' (1 "
+                    "where absent; default: the preset's, uniform)")
     ap.add_argument("--segments", type=int, choices=[0, 3], default=3,
                     help="3: the whole chain; 0: image 1 only (plain text-to-image GRPO, the ablation)")
     ap.add_argument("--regen", choices=["reflect", "plain"], default="reflect",
@@ -556,7 +563,8 @@ def rl_settings(args, preset):
                 updates=args.updates_per_batch, reason=preset["reason"], reward=args.reward,
                 cfg=args.cfg if args.cfg is not None else JanusConfig(**PRESETS[args.config]).guidance,
                 segments=args.segments, regen=args.regen, verdicts=verdicts, judge_sft=args.judge_sft, task=args.task,
-                edit_share=edit_share, edit_weights=edit_weights, redraw_share=args.redraw_share, bf16=None)
+                edit_share=edit_share, edit_weights=edit_weights, redraw_share=args.redraw_share,
+                category_weights=pick("category_weights"), bf16=None)
 
 
 def run(args):

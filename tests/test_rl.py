@@ -87,7 +87,7 @@ def test_preset_pays_verdicts_where_it_can():
     back to plain; a flag overrides; the real presets keep the paper's r1."""
     args = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2,
                 updates_per_batch=1, cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain",
-                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0, edit_share=None, redraw_share=0.0, init=None)
+                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0, edit_share=None, redraw_share=0.0, init=None, category_weights=None)
     pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(args, **kw)), rl.TRAIN[preset])["verdicts"]
     assert pay() == pay("toy") == "strict" and pay("janus-pro-7b") == pay("small") == "plain"
     assert pay(reward="judge", judge_ckpt="j.pt") == "plain" and pay(task="edit") == "plain"
@@ -453,3 +453,23 @@ def test_chain_run_mixes_one_segment_rollouts(bundle, tmp_path, flag, key):
     for bad in (["--regen", "plain"], ["--segments", "0"]) if key == "redraw" else ():
         with pytest.raises(SystemExit, match="--redraw-share"):
             rl.main(["--config", "tiny", "--out", out, flag, "0.5"] + bad)
+
+
+def test_category_weights_pick_the_rollouts_prompts(monkeypatch):
+    """--category-weights: a chain rollout's prompts are drawn category first, in proportion to the
+    weights (a category weighing 0 never comes); the preset's {} draws every category."""
+    drawn = []
+    monkeypatch.setattr(rl, "rollout", lambda model, vq, tok, prompts, *a, **kw: drawn.extend(prompts) or {"yes": torch.ones(1, dtype=torch.bool)})
+    model = SimpleNamespace(cfg=SimpleNamespace(image_tokens=4))
+    by_cat = rl.group(shapes.make_splits(seed=0)["train"])
+    args = SimpleNamespace(config="toy", seed=0, steps=None, prompts=8, group=1, lr=None, beta=None, clip_eps=0.2, updates_per_batch=1,
+                           cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain", edit_weights="0.5,1.0",
+                           segments=3, regen="reflect", judge_sft=0.0, edit_share=0.0, redraw_share=0.0, init=None,
+                           category_weights=rl.category_weights("position=1," + ",".join(f"{c}=0" for c in shapes.CATEGORIES if c != "position")))
+    category = {p.text: p.category for ps in by_cat.values() for p in ps}
+    for weights, want in ((args.category_weights, {"position"}), (None, set(shapes.CATEGORIES))):
+        drawn.clear()
+        settings = rl.rl_settings(SimpleNamespace(**dict(vars(args), category_weights=weights)), rl.TRAIN["toy"])
+        for k in range(10):
+            rl.draw_rollout(model, None, TOK, settings, k, 0, 8, by_cat, None)
+        assert {category[t] for t in drawn} == want and len(drawn) == 80
