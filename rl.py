@@ -60,9 +60,9 @@ from train import Plan, add_parallel_args, distribute, fit, gathered, make_optim
 
 TRAIN = {
     # prompts x group = chains per rollout; reason: tokens after Yes/No (EOS included). toy (the grid
-    # world, 16 image tokens): a step of 32 chains takes ~3.8 s on 2 CPU cores; from the same SFT model
-    # 120 steps at 5e-5 drew 0.63-0.64 of test prompts right against 60 steps' 0.61 (docs/experiments.md,
-    # "RL: more steps, and what the verdict is paid")
+    # world, 16 image tokens): a step of 32 chains takes ~0.9 s on 2 cores with native bf16 (~3.4 s in fp32
+    # on an AVX2-only CPU); 480 steps (7-8 min here) put RL's final image 0.10-0.12 above SFT's over three
+    # seeds, 120 steps 0.07-0.09 (docs/experiments.md, "RL: what ten minutes buy")
     # toy, tiny: segment 1 paid against the checker's verdict (--verdicts strict): with the paper's r1 the
     # toy judge drifts to Yes. From a 500-step SFT: AUC within category 0.70 against 0.53 (two seeds),
     # final image 0.02 lower; from the 800-step SFT: balanced accuracy 0.81 against 0.52, AUC within
@@ -75,7 +75,7 @@ TRAIN = {
     # (after SFT 0.58 / 0.64, after RL 0.63 / 0.69; docs/experiments.md, "Editing in SFT and RL")
     "tiny": dict(steps=6, prompts=2, group=4, lr=1e-4, warmup=1, beta=(0.04,) * 3, reason=8, eval_prompts=4, verdicts="strict", edit_share=0.0,
              category_weights={}),
-    "toy": dict(steps=120, prompts=4, group=8, lr=5e-5, warmup=5, beta=(0.04, 0.4, 0.04), reason=24, eval_prompts=100, verdicts="strict",
+    "toy": dict(steps=480, prompts=4, group=8, lr=5e-5, warmup=5, beta=(0.04, 0.4, 0.04), reason=24, eval_prompts=100, verdicts="strict",
                 edit_share=0.25, category_weights={}),
     "small": dict(steps=400, prompts=16, group=8, lr=5e-6, warmup=20, beta=(0.04,) * 3, reason=24, eval_prompts=50, edit_share=0.0,
               category_weights={}),
