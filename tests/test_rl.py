@@ -82,18 +82,21 @@ def test_checker_and_verdict_rewards_on_rendered_scenes():
     assert rl.verdict_reward(images, [p, p]).tolist() == [1.0, 0.0]
 
 
+# rl.py's flags as main() leaves them when none is given (rl_settings reads them)
+ARGS = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2, updates_per_batch=1,
+            cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain", edit_weights="0.5,1.0", segments=3,
+            regen="reflect", judge_sft=0.0, edit_share=None, redraw_share=0.0, init=None, category_weights=None)
+
+
 def test_preset_pays_verdicts_where_it_can():
     """toy and tiny pay segment 1 against the checker's verdict; a judge's P(yes) and editing fall
     back to plain; a flag overrides; the real presets keep the paper's r1."""
-    args = dict(config="tiny", seed=0, steps=None, prompts=None, group=None, lr=None, beta=None, clip_eps=0.2,
-                updates_per_batch=1, cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain",
-                edit_weights="0.5,1.0", segments=3, regen="reflect", judge_sft=0.0, edit_share=None, redraw_share=0.0, init=None, category_weights=None)
-    pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(args, **kw)), rl.TRAIN[preset])["verdicts"]
+    pay = lambda preset="tiny", **kw: rl.rl_settings(SimpleNamespace(**dict(ARGS, **kw)), rl.TRAIN[preset])["verdicts"]
     assert pay() == pay("toy") == "strict" and pay("janus-pro-7b") == pay("small") == "plain"
     assert pay(reward="judge", judge_ckpt="j.pt") == "plain" and pay(task="edit") == "plain"
     assert pay(verdicts="balanced") == "balanced" and pay(reward="verdict") == "strict"
     with pytest.raises(ValueError, match="--judge-sft"):  # the checker answers for the chain's judge only
-        rl.rl_settings(SimpleNamespace(**dict(args, judge_sft=0.3, reward="judge", judge_ckpt="j.pt")), rl.TRAIN["tiny"])
+        rl.rl_settings(SimpleNamespace(**dict(ARGS, judge_sft=0.3, reward="judge", judge_ckpt="j.pt")), rl.TRAIN["tiny"])
 
 
 def test_loss_at_ratio_one_is_reinforce_with_a_baseline():
@@ -462,14 +465,12 @@ def test_category_weights_pick_the_rollouts_prompts(monkeypatch):
     monkeypatch.setattr(rl, "rollout", lambda model, vq, tok, prompts, *a, **kw: drawn.extend(prompts) or {"yes": torch.ones(1, dtype=torch.bool)})
     model = SimpleNamespace(cfg=SimpleNamespace(image_tokens=4))
     by_cat = rl.group(shapes.make_splits(seed=0)["train"])
-    args = SimpleNamespace(config="toy", seed=0, steps=None, prompts=8, group=1, lr=None, beta=None, clip_eps=0.2, updates_per_batch=1,
-                           cfg=None, reward="checker", judge_ckpt=None, verdicts=None, task="chain", edit_weights="0.5,1.0",
-                           segments=3, regen="reflect", judge_sft=0.0, edit_share=0.0, redraw_share=0.0, init=None,
-                           category_weights=rl.category_weights("position=1," + ",".join(f"{c}=0" for c in shapes.CATEGORIES if c != "position")))
+    only_position = rl.category_weights("position=1," + ",".join(f"{c}=0" for c in shapes.CATEGORIES if c != "position"))
     category = {p.text: p.category for ps in by_cat.values() for p in ps}
-    for weights, want in ((args.category_weights, {"position"}), (None, set(shapes.CATEGORIES))):
+    for weights, want in ((only_position, {"position"}), (None, set(shapes.CATEGORIES))):
         drawn.clear()
-        settings = rl.rl_settings(SimpleNamespace(**dict(vars(args), category_weights=weights)), rl.TRAIN["toy"])
+        args = dict(ARGS, config="toy", prompts=8, group=1, edit_share=0.0, category_weights=weights)
+        settings = rl.rl_settings(SimpleNamespace(**args), rl.TRAIN["toy"])
         for k in range(10):
             rl.draw_rollout(model, None, TOK, settings, k, 0, 8, by_cat, None)
         assert {category[t] for t in drawn} == want and len(drawn) == 80
