@@ -76,21 +76,21 @@ TRAIN = {
     # often, SFT's first image compositional 0.35 against 0.27 (docs/experiments.md, "Editing in SFT and RL")
     "tiny": dict(base_steps=60, und_steps=10, easy_steps=20, sft_steps=40, batch_size=16, base_lr=2e-3, sft_lr=1e-3, warmup=10,
                  gen_lr_scale=1, eval_every=0, eval_prompts=4, test_prompts=20, sft_prompts=32, samples_per_prompt=2, edit_share=0.1, und_share=0.5,
-                 category_weights={}),
+                 category_weights={}, repair_share=0.0),
     "toy": dict(base_steps=1000, und_steps=200, easy_steps=400, sft_steps=1333, batch_size=32, base_lr=3e-4, sft_lr=3e-4, warmup=60,
                 gen_lr_scale=10, eval_every=250, eval_prompts=15, test_prompts=None, sft_prompts=400, samples_per_prompt=4, edit_share=0.4,
-                und_share=0.5, category_weights={"compositional": 2.0}),
+                und_share=0.5, category_weights={"compositional": 2.0}, repair_share=0.0),
     "small": dict(base_steps=6000, und_steps=0, easy_steps=2000, sft_steps=2000, batch_size=64, base_lr=3e-4, sft_lr=2e-4, warmup=300,
                   gen_lr_scale=1, eval_every=1000, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0,
-                  category_weights={}),
+                  category_weights={}, repair_share=0.0),
     # a released model (--init FOLDER) fine-tuned on ShapeWorld: the paper's SFT learning rate (SPEC.md
     # section 4); no base stage (the released model is the base)
     "janus-pro-1b": dict(base_steps=0, und_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
                          gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0,
-                         category_weights={}),
+                         category_weights={}, repair_share=0.0),
     "janus-pro-7b": dict(base_steps=0, und_steps=0, easy_steps=0, sft_steps=2000, batch_size=128, base_lr=2e-5, sft_lr=2e-5, warmup=100,
                          gen_lr_scale=1, eval_every=500, eval_prompts=20, test_prompts=None, sft_prompts=2000, samples_per_prompt=4, edit_share=0.0, und_share=0.0,
-                         category_weights={}),
+                         category_weights={}, repair_share=0.0),
 }
 # The base model: draw, describe, answer. Drawing is the skill it lacks most, so it gets 5/8 of the
 # steps; describing is learned quickly, so the Yes/No answers (the slow skill) get most understanding
@@ -353,12 +353,14 @@ ORDERED_TARGETS = True
 ORDER_TRIES = 50
 
 
-def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None):
+def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None, repair=0.0):
     """One SFT example. Positives: rendered matching scenes (the strong external generator), or at
     rate OWN_POSITIVE the base model's correct samples; negatives: the base model's wrong samples,
     or, when a prompt has none, a rendered near-miss (a deliberately broken scene).
     by_cat: the SFT prompts by category (group); a category uniformly, then a prompt, as the base
-    stage draws (uniform over texts would be mostly compositional prompts), or by weights (train_prompt)."""
+    stage draws (uniform over texts would be mostly compositional prompts), or by weights (train_prompt).
+    repair: in the grid world, the share of Task III examples whose positive is the last negative
+    repaired (`repaired`) instead of a new scene for the prompt."""
     p = train_prompt(rng, by_cat, weights)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
@@ -374,8 +376,9 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None):
         if neg and rng.random() < 0.7:
             c, im, _, reason = rng.choice(neg)
             return dict(codes=c, image=im, reason=reason)
-        im = shapes.render(shapes.sample_scene(rng, size, p, match=False, grid=grid))
-        return dict(image=im, reason=shapes.check(im, p).reason)
+        scene = shapes.sample_scene(rng, size, p, match=False, grid=grid)
+        im = shapes.render(scene)
+        return dict(image=im, reason=shapes.check(im, p).reason, scene=scene)
 
     if task == "task1":
         return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, **positive())
@@ -401,8 +404,26 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None):
         im = shapes.render(shapes.sample_scene(rng, size, p, match=yes, grid=grid))
         return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history,
                     roundtrip=True)
-    history = [_hist(negative()) for _ in range(rng.randint(1, depth))]
-    return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=history, **positive())
+    negs = [negative() for _ in range(rng.randint(1, depth))]
+    target = positive()
+    if grid and repair and rng.random() < repair:
+        fixed = repaired(negs[-1], p, grid)
+        target = target if fixed is None else dict(image=shapes.render(fixed))
+    return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=[_hist(n) for n in negs], **target)
+
+
+_REPAIRS = {}  # (prompt text, codes) -> the repaired scene of an own negative: detect once per image
+
+
+def repaired(neg, p, grid):
+    """Task III's repair target: the negative's objects (its scene, or read back from its pixels)
+    with the fewest edits that make prompt p true (shapes.repair), or None."""
+    if "scene" in neg:
+        return shapes.repair(neg["scene"], p)
+    key = (p.text, tuple(neg["codes"]))
+    if key not in _REPAIRS:
+        _REPAIRS[key] = shapes.repair(shapes.scene_from_image(neg["image"], grid), p)
+    return _REPAIRS[key]
 
 
 def neighbours(p, prompts):
@@ -454,7 +475,7 @@ def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):
     # which cost drawing steps
     return task, [dict(und_example(rng, UND_MIX, by_cat, size, True, grid), unit=True)
                   if und and rng.random() < und else sft_example(task, rng, by_cat, pool, size, depth, grid,
-                                                                 settings["category_weights"])
+                                                                 settings["category_weights"], settings["repair_share"])
                   for _ in range(n)]
 
 
@@ -545,6 +566,9 @@ def main(argv=None):
                     help="sft: how often Tasks I-III draw each category against the others, e.g. 'compositional=2' "
                     "(1 where not named; '' for all alike); default: the preset's (toy %s, the others all alike)"
                     % ",".join(f"{c}={w:g}" for c, w in TRAIN["toy"]["category_weights"].items()))
+    ap.add_argument("--repair-share", type=bounded(float, 0, 1), help="sft, grid world: share of Task III's examples, 0 to 1, "
+                    "whose target is the negative repaired (shapes.repair: its objects kept, the failed facts fixed) rather "
+                    "than a new scene for the prompt (toy %g, the others 0)" % TRAIN["toy"]["repair_share"])
     ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
@@ -580,6 +604,7 @@ def stage_settings(args, preset):
                 edit_share=pick("edit_share", "edit_share") if args.stage == "sft" else 0,
                 und_share=pick("und_share", "und_share") if args.stage == "sft" else 0,
                 category_weights=pick("category_weights", "category_weights") if args.stage == "sft" else {},
+                repair_share=pick("repair_share", "repair_share") if args.stage == "sft" else 0,
                 # a base saved before the preset had the image position table is another model
                 image_pos=None if args.init else PRESETS[args.config].get("image_pos", False))
 

@@ -12,6 +12,8 @@ its object detector). At toy scale both become this one exact program over synth
   the judge's P(yes), SPEC.md section 5) and a reason sentence ("No, the circle is green, not red.");
   an image with more than four objects is no scene and fails ("No, there are too many shapes.");
 - edit instructions (recolour, remove, add, move) with follow / preserve scores;
+- repair: the fewest edits that make a grid-world scene (or an image read back into one) match a
+  prompt, its other objects kept: what SFT's Task III teaches a redraw after "No, <reason>" to do;
 - seeded train / val / test / ood prompt splits.
 
 The checker never looks at the scene graph: it parses pixels (chroma mask, hue classes, connected
@@ -365,8 +367,8 @@ def random_images(rng, n, size=64, grid=0, most=MAX_OBJECTS):
     return np.stack([render(random_scene(rng, size, rng.randint(1, most), grid)) for _ in range(n)])
 
 
-def _required(rng, facts):
-    # the objects a scene needs to make the facts true (before distractors)
+def _needed(facts):
+    # the objects a scene needs to make the facts true, as (shape, colour or None for any colour)
     need = []
     for f in facts:
         if f.kind == "exists":
@@ -375,7 +377,12 @@ def _required(rng, facts):
             need += [(f.shape, f.colour)] * f.n
         else:
             need += [(f.shape, f.colour), (f.shape2, f.colour2)]
-    return [(s, c or rng.choice(COLOUR_NAMES)) for s, c in need]
+    return need
+
+
+def _required(rng, facts):
+    # the objects a scene needs (before distractors), each colour None made a random one
+    return [(s, c or rng.choice(COLOUR_NAMES)) for s, c in _needed(facts)]
 
 
 def sample_scene(rng, size=64, prompt=None, match=True, kind=None, grid=0, most=MAX_OBJECTS, aligned=False):
@@ -500,6 +507,82 @@ def _only_fails(scene, prompt, i):
 def _can_fail(f, kind):
     return {"colour": bool(f.colour or f.colour2), "count": f.kind == "count",
             "relation": f.kind == "rel", "missing": True}[kind]
+
+
+def scene_from_image(image, grid):
+    """A grid-world image (a render or a model's drawing) read back into a Scene: each detected
+    circle, square or triangle centred in the cell its centre falls in (the larger one where two
+    share a cell); blobs, which are no ShapeWorld object, left out."""
+    a = to_rgb_array(image)
+    W = a.shape[0]
+    c = W // grid
+    s = round(GRID_FILL * W / grid)
+    cells = {}
+    for d in sorted(detect(a), key=lambda d: -d.area):
+        cell = (min(int(d.cx // c), grid - 1), min(int(d.cy // c), grid - 1))
+        if d.shape != "blob" and cell not in cells:
+            cells[cell] = Obj(d.shape, d.colour, cell[0] * c + (c - s) // 2, cell[1] * c + (c - s) // 2, s)
+    return Scene(W, [cells[k] for k in sorted(cells, key=lambda k: (k[1], k[0]))], grid)
+
+
+def repair(scene, prompt, steps=4):
+    """The fewest edits that make a grid-world scene match the prompt, the other objects kept where
+    they are: what a redraw after "No, <reason>" should change. Greedy: each step takes the edit that
+    makes the most facts hold (a scene with more than MAX_OBJECTS objects counts each extra one as a
+    failed fact), the first of recolour < reshape < move < trade places < add < remove on ties, in raster order.
+    Edits only ever put in an object the prompt names. None when `steps` edits cannot make it match."""
+    if isinstance(prompt, str):
+        prompt = parse_prompt(prompt)
+    W, grid = scene.size, scene.grid
+    c = W // grid
+    s = round(GRID_FILL * W / grid)
+    named = [(f.shape, f.colour) for f in prompt.facts] + [(f.shape2, f.colour2) for f in prompt.facts if f.kind == "rel"]
+    named = list(dict.fromkeys(named))
+
+    need = sorted(_needed(prompt.facts), key=lambda sc: sc[1] is None)  # the coloured ones matched first
+
+    def score(objs):  # (facts that hold, objects the prompt needs that are there, minus counts' excess)
+        left, there = list(objs), 0
+        for shape, colour in need:
+            o = next((o for o in left if _match(o, colour, shape)), None)
+            if o is not None:
+                left.remove(o)
+                there += 1
+        over = sum(max(0, sum(_match(o, f.colour, f.shape) for o in objs) - f.n) for f in prompt.facts if f.kind == "count")
+        return sum(evaluate(objs, prompt, W).holds) - max(0, len(objs) - MAX_OBJECTS), there, -over
+
+    def at(o, cell):
+        return replace(o, x=cell[0] * c + (c - s) // 2, y=cell[1] * c + (c - s) // 2)
+
+    def edits(objs):  # every single edit, cheapest kind first
+        taken = {(o.x // c, o.y // c) for o in objs}
+        free = [(i, j) for j in range(grid) for i in range(grid) if (i, j) not in taken]
+        swap = lambda k, o: objs[:k] + [o] + objs[k + 1:]
+        for k, o in enumerate(objs):
+            yield from (swap(k, replace(o, colour=col)) for sh, col in named if col and sh == o.shape and col != o.colour)
+        for k, o in enumerate(objs):
+            yield from (swap(k, replace(o, shape=sh, colour=col or o.colour)) for sh, col in named if sh != o.shape)
+        for k, o in enumerate(objs):
+            yield from (swap(k, at(o, cell)) for cell in free)
+        for k, o in enumerate(objs):  # two objects trade places: a relation read the wrong way round
+            for m in range(k + 1, len(objs)):
+                p, q = at(o, (objs[m].x // c, objs[m].y // c)), at(objs[m], (o.x // c, o.y // c))
+                yield objs[:k] + [p] + objs[k + 1:m] + [q] + objs[m + 1:]
+        for cell in free:
+            yield from (objs + [at(Obj(sh, col or COLOUR_NAMES[0], 0, 0, s), cell)] for sh, col in named)
+        for k in range(len(objs)):
+            yield objs[:k] + objs[k + 1:]
+
+    objs, goal = list(scene.objects), len(prompt.facts)
+    for _ in range(steps):
+        if score(objs)[0] == goal and len(objs) <= MAX_OBJECTS:
+            break
+        best = max(edits(objs), key=score, default=None)  # max keeps the first of equals
+        if best is None or score(best) <= score(objs):
+            return None
+        objs = best
+    out = Scene(W, objs, grid)
+    return out if truth(out, prompt).verdict else None
 
 
 def describe(scene):

@@ -248,7 +248,7 @@ def test_sft_und_share_rehearses_the_bases_reading():
     by_cat = sft.group(shapes.make_splits(seed=0)["train"])
     pool = {p.text: [] for ps in by_cat.values() for p in ps}  # no own samples: rendered scenes only
     easy = {p.text for c in sft.EASY_CATEGORIES for p in by_cat[c]}
-    settings = dict(batch_size=20, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX, category_weights={})
+    settings = dict(batch_size=20, edit_share=0.0, und_share=0.5, mix=sft.SFT_MIX, category_weights={}, repair_share=0.0)
     steps = [sft.sft_batch(random.Random(s), settings, by_cat, pool, 32) for s in range(30)]
     for task, exs in steps:
         kinds = [ex["task"] for ex in exs]
@@ -646,3 +646,34 @@ def test_model_and_tokenizer_presets_fit():
             (vq.codebook_size, vq.num_tokens, vq.image_size, vq.code_dim), name
         assert cfg.scene_grid == vq.scene_grid, name
         assert len(TOK) <= cfg.vocab_size or name.startswith("janus")
+
+
+def test_task3_repair_targets_keep_the_negatives_objects():
+    """With repair share 1 in the grid world, Task III's target is its negative repaired: the own
+    wrong image read back and mended in place (a blue circle made red, the triangle kept), a rendered
+    near-miss likewise; with share 0, or in free placement, a new scene for the prompt, the data
+    stream otherwise as before."""
+    p = shapes.parse_prompt("a red circle")
+    c, s = 16, 12
+    obj = lambda sh, col, i, j: shapes.Obj(sh, col, i * c + 2, j * c + 2, s)
+    own = shapes.render(shapes.Scene(64, [obj("circle", "blue", 1, 1), obj("triangle", "green", 3, 3)], 4))
+    want = shapes.render(shapes.Scene(64, [obj("circle", "red", 1, 1), obj("triangle", "green", 3, 3)], 4))
+    pool = {p.text: [(_codes(), own, False, "No, the circle is blue, not red.")]}
+    cells = lambda im: {(o.shape, o.colour, o.x // c, o.y // c) for o in shapes.scene_from_image(im, 4).objects}
+    rng = random.Random(0)
+    exs = [sft.sft_example("task3", rng, sft.group([p]), pool, 64, grid=4, repair=1.0) for _ in range(60)]
+    kinds = set()
+    for ex in exs:
+        (codes, reason, im), = ex["history"]
+        kinds.add(codes is None)
+        assert shapes.check(ex["image"], p).verdict
+        if codes is not None:  # the own negative
+            assert np.array_equal(ex["image"], want)
+        else:  # a rendered near-miss, mended in one object
+            assert len(cells(im) ^ cells(ex["image"])) <= 2, (cells(im), cells(ex["image"]))
+    assert kinds == {True, False}
+    for grid, share in ((4, 0.0), (0, 1.0)):
+        exs = [sft.sft_example("task3", rng, sft.group([p]), pool, 64, grid=grid, repair=share) for _ in range(40)]
+        assert not any(np.array_equal(ex["image"], want) for ex in exs if ex["history"][0][0] is not None)
+    first = lambda grid, share: sft.sft_example("task3", random.Random(1), sft.group([p]), pool, 64, grid=grid, repair=share)
+    assert np.array_equal(first(0, 1.0)["image"], first(0, 0.0)["image"])
