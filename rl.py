@@ -554,6 +554,8 @@ def rl_settings(args, preset):
     edit_share = pick("edit_share") if args.task == "chain" else 0.0
     if args.edit_share and args.task == "edit":
         raise ValueError("--edit-share mixes editing rollouts into a chain run; --task edit has only those")
+    if args.category_weights and args.task == "edit":
+        raise ValueError("--category-weights draws the chain's prompts; --task edit draws edits, not prompts")
     if args.redraw_share and (args.task == "edit" or args.segments == 0 or args.regen == "plain"):
         raise ValueError("--redraw-share trains image 2 after a reflection: a chain run with --segments 3 and --regen reflect")
     if edit_share and args.init:

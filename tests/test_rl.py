@@ -437,6 +437,8 @@ def test_editing_stage_runs_and_reports(bundle, tmp_path):
         rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--verdicts", "balanced"])
     with pytest.raises(SystemExit, match="--edit-share"):
         rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--edit-share", "0.5"])
+    with pytest.raises(SystemExit, match="--category-weights"):
+        rl.main(["--config", "tiny", "--out", out, "--task", "edit", "--category-weights", "counting=2"])
 
 
 @pytest.mark.parametrize("flag,key", [("--edit-share", "follow"), ("--redraw-share", "redraw")])
