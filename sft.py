@@ -360,7 +360,8 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None, re
     by_cat: the SFT prompts by category (group); a category uniformly, then a prompt, as the base
     stage draws (uniform over texts would be mostly compositional prompts), or by weights (train_prompt).
     repair: in the grid world, the share of Task III examples whose positive is the last negative
-    repaired (`repaired`) instead of a new scene for the prompt."""
+    repaired (`repaired`) instead of a new scene for the prompt: the negative's layout and objects,
+    not ORDERED_TARGETS' or ALIGNED_RELATIONS', on purpose."""
     p = train_prompt(rng, by_cat, weights)
     samples = pool[p.text]
     pos = [s for s in samples if s[2]]
@@ -405,14 +406,15 @@ def sft_example(task, rng, by_cat, pool, size, depth=1, grid=0, weights=None, re
         return dict(task=task, prompt=p.text, image=im, answer=shapes.check(im, p).reason, history=history,
                     roundtrip=True)
     negs = [negative() for _ in range(rng.randint(1, depth))]
+    drop = rng.random() < PROMPT_DROPOUT
     target = positive()
-    if grid and repair and rng.random() < repair:
+    if grid and repair and rng.random() < repair:  # drawn last: at share 0 the data stream is as it was
         fixed = repaired(negs[-1], p, grid)
         target = target if fixed is None else dict(image=shapes.render(fixed))
-    return dict(task=task, prompt=p.text, drop=rng.random() < PROMPT_DROPOUT, history=[_hist(n) for n in negs], **target)
+    return dict(task=task, prompt=p.text, drop=drop, history=[_hist(n) for n in negs], **target)
 
 
-_REPAIRS = {}  # (prompt text, codes) -> the repaired scene of an own negative: detect once per image
+_REPAIRS = {}  # (prompt text, the image's bytes) -> the repaired scene of an own negative: detected once
 
 
 def repaired(neg, p, grid):
@@ -420,7 +422,7 @@ def repaired(neg, p, grid):
     with the fewest edits that make prompt p true (shapes.repair), or None."""
     if "scene" in neg:
         return shapes.repair(neg["scene"], p)
-    key = (p.text, tuple(neg["codes"]))
+    key = (p.text, np.ascontiguousarray(neg["image"]).tobytes())
     if key not in _REPAIRS:
         _REPAIRS[key] = shapes.repair(shapes.scene_from_image(neg["image"], grid), p)
     return _REPAIRS[key]
@@ -568,7 +570,7 @@ def main(argv=None):
                     % ",".join(f"{c}={w:g}" for c, w in TRAIN["toy"]["category_weights"].items()))
     ap.add_argument("--repair-share", type=bounded(float, 0, 1), help="sft, grid world: share of Task III's examples, 0 to 1, "
                     "whose target is the negative repaired (shapes.repair: its objects kept, the failed facts fixed) rather "
-                    "than a new scene for the prompt (toy %g, the others 0)" % TRAIN["toy"]["repair_share"])
+                    "than a new scene for the prompt (default %g)" % TRAIN["toy"]["repair_share"])
     ap.add_argument("--depth", type=pos_int, default=1, help="sft: up to this many failed rounds in context, Task III 1 to DEPTH, Task II 0 to DEPTH (paper: 2)")
     ap.add_argument("--sft-prompts", type=pos_int, help="training prompts sampled from the base model to build SFT data")
     ap.add_argument("--samples-per-prompt", type=pos_int, help="base-model images per SFT prompt")
@@ -592,6 +594,8 @@ def stage_settings(args, preset):
         mix = dict(zip(mix, vals))
     if args.edit_share and args.init:
         raise ValueError("--edit-share trains ShapeWorld edits in the toy's word layout; not for --init (a released model)")
+    if args.repair_share and (args.init or not PRESETS[args.config].get("scene_grid")):
+        raise ValueError(f"--repair-share mends grid-world scenes (toy); the {args.config} preset places objects freely")
     if args.und_steps and args.stage != "base":
         raise ValueError("--und-steps goes with --stage base")
     und = pick("und_steps", "und_steps") if args.stage == "base" else 0

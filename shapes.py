@@ -525,11 +525,12 @@ def scene_from_image(image, grid):
     return Scene(W, [cells[k] for k in sorted(cells, key=lambda k: (k[1], k[0]))], grid)
 
 
-def repair(scene, prompt, steps=4):
+def repair(scene, prompt, steps=6):
     """The fewest edits that make a grid-world scene match the prompt, the other objects kept where
     they are: what a redraw after "No, <reason>" should change. Greedy: each step takes the edit that
     makes the most facts hold (a scene with more than MAX_OBJECTS objects counts each extra one as a
-    failed fact), the first of recolour < reshape < move < trade places < add < remove on ties, in raster order.
+    failed fact), then puts in the most of the objects the prompt needs; on ties the first of
+    recolour < reshape < move < trade places < add < remove, objects and cells in raster order.
     Edits only ever put in an object the prompt names. None when `steps` edits cannot make it match."""
     if isinstance(prompt, str):
         prompt = parse_prompt(prompt)
@@ -541,7 +542,7 @@ def repair(scene, prompt, steps=4):
 
     need = sorted(_needed(prompt.facts), key=lambda sc: sc[1] is None)  # the coloured ones matched first
 
-    def score(objs):  # (facts that hold, objects the prompt needs that are there, minus counts' excess)
+    def score(objs):  # (facts that hold less objects over MAX_OBJECTS, needed objects there, -counts' excess)
         left, there = list(objs), 0
         for shape, colour in need:
             o = next((o for o in left if _match(o, colour, shape)), None)
@@ -573,7 +574,7 @@ def repair(scene, prompt, steps=4):
         for k in range(len(objs)):
             yield objs[:k] + objs[k + 1:]
 
-    objs, goal = list(scene.objects), len(prompt.facts)
+    objs, goal = sorted(scene.objects, key=lambda o: (o.y, o.x)), len(prompt.facts)  # ties: raster order
     for _ in range(steps):
         if score(objs)[0] == goal and len(objs) <= MAX_OBJECTS:
             break

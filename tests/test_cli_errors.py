@@ -121,6 +121,8 @@ def cases(w):
         (["sft.py", "--stage", "base", "--config", "tiny", "--out", run, "--eval-prompts", "0"], "--eval-prompts"),
         (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--edit-share", "1.5"], "--edit-share"),
         (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--und-share", "-0.1"], "--und-share"),
+        (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--repair-share", "0.5"], "places objects freely"),
+        (["sft.py", "--stage", "sft", "--config", "toy", "--out", "{out}", "--repair-share", "2"], "--repair-share"),
         (["sft.py", "--stage", "sft", "--config", "tiny", "--out", run, "--edit-share", "0.1", "--init", base],
          "not for --init"),
         (["run.py", "--config", "tiny", "--out", "{out}", "--ood-prompts", "0"], "--ood-prompts"),

@@ -675,5 +675,11 @@ def test_task3_repair_targets_keep_the_negatives_objects():
     for grid, share in ((4, 0.0), (0, 1.0)):
         exs = [sft.sft_example("task3", rng, sft.group([p]), pool, 64, grid=grid, repair=share) for _ in range(40)]
         assert not any(np.array_equal(ex["image"], want) for ex in exs if ex["history"][0][0] is not None)
-    first = lambda grid, share: sft.sft_example("task3", random.Random(1), sft.group([p]), pool, 64, grid=grid, repair=share)
-    assert np.array_equal(first(0, 1.0)["image"], first(0, 0.0)["image"])
+    # the repair's draw comes last: at any share the prompt, history and prompt dropout are the same,
+    # and off the grid (no draw) so is the target
+    for seed in range(20):
+        one = lambda grid, share: sft.sft_example("task3", random.Random(seed), sft.group([p]), pool, 64, grid=grid, repair=share)
+        a, b = one(4, 1.0), one(4, 0.0)
+        assert a["drop"] == b["drop"] and [h[1] for h in a["history"]] == [h[1] for h in b["history"]]
+        assert all(np.array_equal(g[2], h[2]) for g, h in zip(a["history"], b["history"]))
+        assert np.array_equal(one(0, 1.0)["image"], one(0, 0.0)["image"])

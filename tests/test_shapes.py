@@ -464,7 +464,7 @@ def test_repair_by_hand():
 
 def test_repair_mends_every_broken_scene_and_reads_images_back():
     # near-misses of every category and failure kind (corrupt: one fact broken in a matching
-    # scene): read back from pixels exactly, repaired into a matching scene, and with no more
+    # scene): read back from pixels exactly (and repaired alike from there), repaired into a matching scene, and with no more
     # objects changed than undoing the break would change (greedy: at most 1% of them more)
     rng = random.Random(7)
     cells = lambda sc: set(_cells(sc))
@@ -475,9 +475,11 @@ def test_repair_mends_every_broken_scene_and_reads_images_back():
         bad = S.corrupt(rng, good, p)
         if bad is None:
             continue
-        assert _cells(S.scene_from_image(S.render(bad), 4)) == _cells(bad)
+        back = S.scene_from_image(S.render(bad), 4)
+        assert _cells(back) == _cells(bad)
         fixed = S.repair(bad, p)
         assert fixed is not None and S.truth(fixed, p).verdict and S.check(S.render(fixed), p).verdict, p.text
+        assert _cells(S.repair(back, p)) == _cells(fixed)  # the same repair from the pixels (own images' path)
         worse += len(cells(bad) ^ cells(fixed)) > len(cells(bad) ^ cells(good))
         n += 1
     assert n > 600 and worse <= 0.01 * n, (worse, n)
