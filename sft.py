@@ -457,9 +457,7 @@ def first_free_cell(src, out):
     *kept, new = out.objects
     taken = {raster_place(o, src) for o in src.objects}
     row, col = next((r, c) for r in range(src.grid) for c in range(src.grid) if (r, c) not in taken)
-    cell = src.size // src.grid
-    moved = shapes.Obj(new.shape, new.colour, col * cell + (cell - new.s) // 2, row * cell + (cell - new.s) // 2, new.s)
-    return shapes.Scene(out.size, kept + [moved], out.grid)
+    return shapes.Scene(out.size, kept + [shapes.in_cell(new, (col, row), src.size, src.grid)], out.grid)
 
 
 def sft_batch(rng, settings, by_cat, pool, size, depth=1, grid=0):

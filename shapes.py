@@ -509,6 +509,12 @@ def _can_fail(f, kind):
             "relation": f.kind == "rel", "missing": True}[kind]
 
 
+def in_cell(o, cell, W, grid):
+    """o moved to grid cell (column, row), centred in it: where the grid world puts every object."""
+    c = W // grid
+    return replace(o, x=cell[0] * c + (c - o.s) // 2, y=cell[1] * c + (c - o.s) // 2)
+
+
 def scene_from_image(image, grid):
     """A grid-world image (a render or a model's drawing) read back into a Scene: each detected
     circle, square or triangle centred in the cell its centre falls in (the larger one where two
@@ -521,7 +527,7 @@ def scene_from_image(image, grid):
     for d in sorted(detect(a), key=lambda d: -d.area):
         cell = (min(int(d.cx // c), grid - 1), min(int(d.cy // c), grid - 1))
         if d.shape != "blob" and cell not in cells:
-            cells[cell] = Obj(d.shape, d.colour, cell[0] * c + (c - s) // 2, cell[1] * c + (c - s) // 2, s)
+            cells[cell] = in_cell(Obj(d.shape, d.colour, 0, 0, s), cell, W, grid)
     return Scene(W, [cells[k] for k in sorted(cells, key=lambda k: (k[1], k[0]))], grid)
 
 
@@ -552,8 +558,7 @@ def repair(scene, prompt, steps=6):
         over = sum(max(0, sum(_match(o, f.colour, f.shape) for o in objs) - f.n) for f in prompt.facts if f.kind == "count")
         return sum(evaluate(objs, prompt, W).holds) - max(0, len(objs) - MAX_OBJECTS), there, -over
 
-    def at(o, cell):
-        return replace(o, x=cell[0] * c + (c - s) // 2, y=cell[1] * c + (c - s) // 2)
+    at = lambda o, cell: in_cell(o, cell, W, grid)
 
     def edits(objs):  # every single edit, cheapest kind first
         taken = {(o.x // c, o.y // c) for o in objs}
