@@ -134,6 +134,22 @@ def _extra_evals(args, stage):
             "edit": edit, "chains": shown, "loop": loop, "balanced": balanced}
 
 
+def same_images(args, stages):
+    """Every stage's judge on every stage's first images of RL's test prompts (two draws each): the
+    judges compared on one yardstick (judge.same_images). {judge stage: {image stage: metrics}}."""
+    key = {st: digest(os.path.join(args.out, f"{st}.pt")) for st in stages}
+    return cached(args, "same_images.json", key, lambda: _same_images(args, stages))
+
+
+def _same_images(args, stages):
+    import judge
+    import sample
+    prompts = stage_test_prompts(args, "rl", shapes.make_splits(seed=0))
+    models = {st: sample.load_janus(os.path.join(args.out, f"{st}.pt")) for st in stages}
+    sets = {st: judge.first_images(m, vq, tok, prompts) for st, (m, vq, tok, _) in models.items()}
+    return judge.same_images({st: (m, tok) for st, (m, _, tok, _) in models.items()}, sets)
+
+
 def stage_test_prompts(args, stage, splits):
     # the test prompts sft.py / rl.py evaluate a stage on, as they pick them
     import rl
@@ -207,11 +223,15 @@ def targets(rep):
     k = max(1, len(seg1) // 10)
     rise = sum(seg1[-k:]) / k - sum(seg1[:k]) / k if seg1 else None
     edit = rep["edit"].get("rl", {})
+    same = rep.get("same_images", {})
+    on_same = lambda st: _mean([m["auc_within_category"] for m in same[st].values()]) if st in same else None
     rows += [(24, "RL final - SFT final >= 0.10", gain, ">= 0.10"),
              (24, "RL final - RL first >= 0.03 (the aha gap)", rlF["overall"] - rl1["overall"], ">= 0.03"),
              (24, "segment 1's reward rises (last tenth of RL steps - first tenth)", rise, "> 0"),
              (24, "RL judge AUC within category - SFT's > 0 (own images)", _diff(auc("rl"), auc("sft")), "> 0"),
              (24, "RL judge AUC within category - SFT's > 0 (balanced set)", _diff(auc("rl balanced"), auc("sft balanced")), "> 0"),
+             (24, "RL judge AUC within category - SFT's > 0 (the same images: every stage's first images, mean)",
+              _diff(on_same("rl"), on_same("sft")), "> 0"),
              (24, "RL's gain over SFT final on ood - on test >= 0", rlF["ood"] - sftF["ood"] - gain, ">= 0"),
              (24, "rl <= 600 stage seconds", s.get("rl"), "<= 600"),
              (25, "the whole job <= 1800 s (the stages, then the report's evaluations)", _plus(total(
@@ -227,6 +247,10 @@ def targets(rep):
 
 def _diff(a, b):
     return None if a is None or b is None else a - b
+
+
+def _mean(xs):
+    return None if not xs or None in xs else sum(xs) / len(xs)
 
 
 def _plus(a, b):
@@ -374,10 +398,13 @@ def gather(args, seconds):
                                                  stage=stage)
         rep["edit"][stage] = extra["edit"]
         rep["examples"][stage] = extra["chains"]
+    if len(rep["examples"]) > 1:  # a trained judge to compare: every judge on every stage's images
+        rep["same_images"] = same_images(args, list(rep["examples"]))
     # the report's own evaluations (cached): the whole job's time after the stages; None where a
     # version that did not time them cached one
     timed = [read_json(os.path.join(args.out, n)).get("seconds")
-             for n in ["untrained_eval.json"] + [f"{st}_extra.json" for st in rep["examples"]]]
+             for n in ["untrained_eval.json"] + [f"{st}_extra.json" for st in rep["examples"]]
+             + (["same_images.json"] if "same_images" in rep else [])]
     rep["eval_seconds"] = None if None in timed else round(sum(timed), 1)
     rep["targets"] = targets(rep)
     return rep
@@ -424,6 +451,21 @@ def loop_lines(loop, cats):
                     "(up to three rounds, the model's own verdicts) shows how much of it the model's judge takes."]
 
 
+def same_image_lines(same):
+    """Every judge on every stage's first images: AUC within category / balanced accuracy."""
+    sets = list(next(iter(same.values())))
+    f3 = lambda v: "n/a" if v is None else f"{v:.3f}"
+    lines = ["", "Every judge on the same images (each stage's first images of RL's test prompts, two draws; "
+             "AUC within category / balanced accuracy; the base model answers in the self-check layout it was not taught):", "",
+             "| judge \\ images of | " + " | ".join(f"{s} (right {same[sets[0]][s]['right']:.2f})" for s in sets)
+             + " | mean AUC |", "|---|" + "---|" * (len(sets) + 1)]
+    for j, row in same.items():
+        lines.append(f"| {j} | " + " | ".join(f"{f3(m['auc_within_category'])} / {f3(m['balanced_accuracy'])}" for m in row.values())
+                     + f" | {f3(_mean([m['auc_within_category'] for m in row.values()]))} |")
+    return lines + ["", "A judge's own images are a moving yardstick: after RL they are right more often, and the wrong "
+                    "ones sit in the categories hardest to read. Here every judge reads the same images."]
+
+
 def report_lines(args, rep, seconds):
     """report.md, line by line: the tables, then the example chains."""
     cats = list(shapes.CATEGORIES) + ["overall"]
@@ -459,6 +501,8 @@ def report_lines(args, rep, seconds):
               "a judge that always says No agrees as often as the checker says No. Balanced accuracy (the mean of "
               "the Yes rate on matches and the No rate on the rest) and AUC (0.5 = chance for both) do not. AUC within "
               "category is averaged over the prompt categories: inside one, the prompt alone cannot rank the images."]
+    if rep.get("same_images"):
+        lines += same_image_lines(rep["same_images"])
     if rep.get("describe_nats") is not None:
         lines += ["", f"base describing held-out scenes (teacher-forced canonical caption): "
                   f"{rep['describe_nats']:.3f} nats per token"]

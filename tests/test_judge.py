@@ -158,3 +158,35 @@ def test_drawn_set_stops_once_both_classes_are_full(monkeypatch):
     assert calls == [judge.BATCH] * cats and drawn == judge.BATCH * cats
     assert len(kept) == 6 * cats
     assert all(shapes.check(im, p).verdict == (k % 2 == 0) for k, (im, p) in enumerate(kept))
+
+
+def test_every_judge_on_the_same_images(world):
+    # first_images: the loop's image 1 (geneval's seeds), then a second draw of other seeds
+    _, model, vq, tok = world
+    prompts = shapes.per_category(shapes.make_splits(seed=0)["test"], 1)
+    images, ps = judge.first_images(model, vq, tok, prompts, draws=2)
+    assert ps == prompts + prompts
+    loop = S.introspect(model, vq, tok, [p.text for p in prompts], list(range(len(prompts))), S.Options(rounds=1))
+    assert all((a == c.images[0]).all() for a, c in zip(images, loop))
+    assert any((a != b).any() for a, b in zip(images[:len(prompts)], images[len(prompts):]))
+    # same_images on rendered matches and near misses (both classes in every category): the AUC
+    # within category counted pair by pair, and balanced accuracy, from the P(yes) judge_images gives
+    pairs = judge.rendered_set(prompts, 2, model.cfg.image_size, 0, model.cfg.scene_grid)
+    ims, pp = [im for im, _ in pairs], [p for _, p in pairs]
+    other = Janus(JanusConfig(**PRESETS["tiny"])).eval()  # a second judge: other random weights
+    got = judge.same_images({"a": (model, tok), "b": (other, tok)}, {"rendered": (ims, pp), "drawn": (images, ps)})
+    assert set(got) == {"a", "b"} and all(set(r) == {"rendered", "drawn"} for r in got.values())
+    labels = [shapes.check(im, p).verdict for im, p in pairs]
+    for name, m in (("a", model), ("b", other)):
+        probs = judge.judge_images(m, tok, ims, [p.text for p in pp])[1]
+        per = []
+        for c in dict.fromkeys(p.category for p in pp):
+            pos = [q for q, l, p in zip(probs, labels, pp) if l and p.category == c]
+            neg = [q for q, l, p in zip(probs, labels, pp) if not l and p.category == c]
+            per.append(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
+        r = got[name]["rendered"]
+        assert r["auc_within_category"] == pytest.approx(np.mean(per), abs=1e-6)
+        said = np.array(probs) > 0.5
+        want = (said[np.array(labels)].mean() + (~said[~np.array(labels)]).mean()) / 2
+        assert r["balanced_accuracy"] == pytest.approx(want) and r["right"] == 0.5 and r["n"] == len(pairs)
+    assert got["a"]["rendered"] != got["b"]["rendered"]  # other weights, other numbers

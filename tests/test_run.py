@@ -5,6 +5,7 @@ import argparse
 import json
 import os
 import time
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -66,6 +67,13 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
             assert np.isclose(loop["first"][c], rep["geneval"][stage]["first"][c]), (stage, c)
             assert loop["final"][c] == rep["geneval"][stage]["final"][c]
             assert max(loop["first"][c], loop["second"][c]) <= loop["ceiling"][c] <= loop["first"][c] + loop["second"][c]
+    # every judge on every stage's first images (two draws of RL's test prompts): the same images,
+    # so the same count and the same checker's right rate in every judge's row
+    same, n = rep["same_images"], 2 * len(run.stage_test_prompts(SimpleNamespace(config="tiny"), "rl", shapes.make_splits(seed=0)))
+    assert set(same) == {"base", "sft", "rl"} and all(set(r) == {"base", "sft", "rl"} for r in same.values())
+    for st in ("base", "sft", "rl"):
+        assert {same[j][st]["n"] for j in same} == {n} and len({same[j][st]["right"] for j in same}) == 1
+    assert "Every judge on the same images" in md and json.load(open(os.path.join(out, "same_images.json")))["seconds"] > 0
     for title in ("Where the loop's gain is lost", "GenEval-style accuracy", "The model as a judge", "by amount of ink", "self-check per category", "greedy description", "Editing", "Time", "VQ tokenizer", "ViT pretraining"):
         assert title in md
 
@@ -111,12 +119,13 @@ def _toy_rep(sft_first=0.55, rl_final=0.70, edit=(0.2, 0.6)):
             "judge": {"base": judge(0.9), "sft": judge(0.79), "rl": judge(0.81), "base balanced": judge(0.75),
                       "sft balanced": judge(0.80), "rl balanced": judge(0.77)},
             "edit": {"rl": {"follow": edit[0], "preserve": edit[1]}},
+            "same_images": {"sft": {"sft": judge(0.80), "rl": judge(0.70)}, "rl": {"sft": judge(0.84), "rl": judge(0.72)}},
             "rl_curve": [{"reward": [0.5, r, 0.5]} for r in np.linspace(0.6, 0.8, 20)]}
 
 
 def test_targets_are_checked_against_the_runs_numbers():
     rows = run.targets(_toy_rep())
-    assert [t["issue"] for t in rows] == [23] * 6 + [24] * 7 + [25] * 7
+    assert [t["issue"] for t in rows] == [23] * 6 + [24] * 8 + [25] * 7
     got = {t["target"]: (t["value"], t["met"]) for t in rows}
     assert got == {
         "vq + vit + base + sft <= 900 stage seconds": (900, True),  # 100 + 10 + 400 + 390
@@ -131,6 +140,8 @@ def test_targets_are_checked_against_the_runs_numbers():
         "segment 1's reward rises (last tenth of RL steps - first tenth)": (round(0.2 * 18 / 19, 4), True),
         "RL judge AUC within category - SFT's > 0 (own images)": (0.02, True),
         "RL judge AUC within category - SFT's > 0 (balanced set)": (-0.03, False),
+        # both judges on the same images: the means over the image sets, 0.78 - 0.75
+        "RL judge AUC within category - SFT's > 0 (the same images: every stage's first images, mean)": (0.03, True),
         "RL's gain over SFT final on ood - on test >= 0": (0.05, True),  # ood +0.15, test +0.10
         "rl <= 600 stage seconds": (500, True),
         "the whole job <= 1800 s (the stages, then the report's evaluations)": (1650, True),  # 1400 + 250
