@@ -25,8 +25,7 @@ from PIL import Image
 import shapes
 from common import Parser, nonneg_int, pick_device, pos_int, run_cli, write_json
 from evaluate import auc, auc_within_category, balanced_accuracy
-from sample import (Options, collate, decode_text, embed_batch, forward_cached, generate, introspect, load_janus, new_cache,
-                    selfcheck_seq)
+from sample import collate, decode_text, embed_batch, forward_cached, generate, load_janus, new_cache, selfcheck_seq
 
 BATCH = 64  # images judged in one forward
 
@@ -192,14 +191,14 @@ def judge_eval(model, vq, tok, n=10, seed=0, prompts=None, draws=4, max_reason=2
 
 @torch.no_grad()
 def first_images(model, vq, tok, prompts, draws=2, seed=0):
-    """The loop's image 1 (sample.introspect, one round: the preset's CFG) of every prompt, `draws`
-    times: seeds seed + i (geneval's first images), then seed + 100000 k + i. -> (images, prompts)."""
+    """The loop's image 1 (sample.generate: the same draw as introspect's first round, the preset's
+    CFG) of every prompt, `draws` times: seeds seed + i (geneval's first images), then
+    seed + 100000 k + i. -> (images, prompts), draw after draw."""
     images, ps = [], []
     for k in range(draws):
         for i in range(0, len(prompts), BATCH):
             chunk = prompts[i:i + BATCH]
-            seeds = [seed + 100000 * k + i + j for j in range(len(chunk))]
-            images += [c.images[0] for c in introspect(model, vq, tok, [p.text for p in chunk], seeds, Options(rounds=1))]
+            images += list(generate(model, vq, tok, [p.text for p in chunk], [seed + 100000 * k + i + j for j in range(len(chunk))])[0])
             ps += chunk
     return images, ps
 
@@ -208,15 +207,17 @@ def first_images(model, vq, tok, prompts, draws=2, seed=0):
 def same_images(judges, sets):
     """Every judge on every image set. judges: {name: (model, tok)}; sets: {name: (images, prompts)}.
     -> {judge: {set: {auc_within_category, balanced_accuracy, right, n}}}: its P(yes) against the
-    checker (the verdict is the larger of P(Yes), P(No), as in the loop)."""
+    checker; the verdict is Yes where P(yes) >= 0.5 (the loop's: the larger of P(Yes), P(No), Yes on a tie)."""
+    truth = {name: ([shapes.check(im, p).verdict for im, p in zip(images, ps)], [p.category for p in ps])
+             for name, (images, ps) in sets.items()}
     out = {}
     for jname, (model, tok) in judges.items():
         out[jname] = {}
         for sname, (images, ps) in sets.items():
             probs = p_yes(model, tok, images, [p.text for p in ps]).tolist()
-            labels = [shapes.check(im, p).verdict for im, p in zip(images, ps)]
-            out[jname][sname] = {"auc_within_category": auc_within_category(probs, labels, [p.category for p in ps]),
-                                 "balanced_accuracy": balanced_accuracy([q > 0.5 for q in probs], labels),
+            labels, cats = truth[sname]
+            out[jname][sname] = {"auc_within_category": auc_within_category(probs, labels, cats),
+                                 "balanced_accuracy": balanced_accuracy([q >= 0.5 for q in probs], labels),
                                  "right": float(np.mean(labels)), "n": len(labels)}
     return out
 

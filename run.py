@@ -138,6 +138,7 @@ def same_images(args, stages):
     """Every stage's judge on every stage's first images of RL's test prompts (two draws each): the
     judges compared on one yardstick (judge.same_images). {judge stage: {image stage: metrics}}."""
     key = {st: digest(os.path.join(args.out, f"{st}.pt")) for st in stages}
+    key.update(draws=2, prompts=len(stage_test_prompts(args, "rl", shapes.make_splits(seed=0))))
     return cached(args, "same_images.json", key, lambda: _same_images(args, stages))
 
 
@@ -453,12 +454,12 @@ def loop_lines(loop, cats):
 
 def same_image_lines(same):
     """Every judge on every stage's first images: AUC within category / balanced accuracy."""
-    sets = list(next(iter(same.values())))
+    first = next(iter(same.values()))  # any judge's row: the image sets, their counts and right rates
     f3 = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = ["", "Every judge on the same images (each stage's first images of RL's test prompts, two draws; "
              "AUC within category / balanced accuracy; the base model answers in the self-check layout it was not taught):", "",
-             "| judge \\ images of | " + " | ".join(f"{s} (right {same[sets[0]][s]['right']:.2f})" for s in sets)
-             + " | mean AUC |", "|---|" + "---|" * (len(sets) + 1)]
+             "| judge \\ images of | " + " | ".join(f"{s} (right {m['right']:.2f} of {m['n']})" for s, m in first.items())
+             + " | mean AUC |", "|---|" + "---|" * (len(first) + 1)]
     for j, row in same.items():
         lines.append(f"| {j} | " + " | ".join(f"{f3(m['auc_within_category'])} / {f3(m['balanced_accuracy'])}" for m in row.values())
                      + f" | {f3(_mean([m['auc_within_category'] for m in row.values()]))} |")

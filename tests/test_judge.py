@@ -160,25 +160,27 @@ def test_drawn_set_stops_once_both_classes_are_full(monkeypatch):
     assert all(shapes.check(im, p).verdict == (k % 2 == 0) for k, (im, p) in enumerate(kept))
 
 
-def test_every_judge_on_the_same_images(world):
-    # first_images: the loop's image 1 (geneval's seeds), then a second draw of other seeds
+def test_every_judge_on_the_same_images(world, monkeypatch):
+    # first_images: the loop's image 1 with geneval's seeds (seed + i, across batches), then a second
+    # draw of other seeds; batches of 4 here, so the offsets of later batches count
     _, model, vq, tok = world
+    monkeypatch.setattr(judge, "BATCH", 4)
     prompts = shapes.per_category(shapes.make_splits(seed=0)["test"], 1)
-    images, ps = judge.first_images(model, vq, tok, prompts, draws=2)
+    images, ps = judge.first_images(model, vq, tok, prompts, draws=2, seed=3)
     assert ps == prompts + prompts
-    loop = S.introspect(model, vq, tok, [p.text for p in prompts], list(range(len(prompts))), S.Options(rounds=1))
+    loop = S.introspect(model, vq, tok, [p.text for p in prompts], [3 + i for i in range(len(prompts))], S.Options())
     assert all((a == c.images[0]).all() for a, c in zip(images, loop))
     assert any((a != b).any() for a, b in zip(images[:len(prompts)], images[len(prompts):]))
     # same_images on rendered matches and near misses (both classes in every category): the AUC
-    # within category counted pair by pair, and balanced accuracy, from the P(yes) judge_images gives
+    # within category counted pair by pair, and balanced accuracy of judge_images' verdicts
     pairs = judge.rendered_set(prompts, 2, model.cfg.image_size, 0, model.cfg.scene_grid)
     ims, pp = [im for im, _ in pairs], [p for _, p in pairs]
     other = Janus(JanusConfig(**PRESETS["tiny"])).eval()  # a second judge: other random weights
     got = judge.same_images({"a": (model, tok), "b": (other, tok)}, {"rendered": (ims, pp), "drawn": (images, ps)})
     assert set(got) == {"a", "b"} and all(set(r) == {"rendered", "drawn"} for r in got.values())
-    labels = [shapes.check(im, p).verdict for im, p in pairs]
+    labels = np.array([shapes.check(im, p).verdict for im, p in pairs])
     for name, m in (("a", model), ("b", other)):
-        probs = judge.judge_images(m, tok, ims, [p.text for p in pp])[1]
+        verdicts, probs, _ = judge.judge_images(m, tok, ims, [p.text for p in pp])
         per = []
         for c in dict.fromkeys(p.category for p in pp):
             pos = [q for q, l, p in zip(probs, labels, pp) if l and p.category == c]
@@ -186,7 +188,20 @@ def test_every_judge_on_the_same_images(world):
             per.append(np.mean([(a > b) + 0.5 * (a == b) for a in pos for b in neg]))
         r = got[name]["rendered"]
         assert r["auc_within_category"] == pytest.approx(np.mean(per), abs=1e-6)
-        said = np.array(probs) > 0.5
-        want = (said[np.array(labels)].mean() + (~said[~np.array(labels)]).mean()) / 2
+        said = np.array(verdicts) == "yes"
+        want = (said[labels].mean() + (~said[~labels]).mean()) / 2
         assert r["balanced_accuracy"] == pytest.approx(want) and r["right"] == 0.5 and r["n"] == len(pairs)
     assert got["a"]["rendered"] != got["b"]["rendered"]  # other weights, other numbers
+
+
+def test_same_images_by_hand(monkeypatch):
+    # a stand-in judge with chosen P(yes) on two matches and two near misses of one prompt: the
+    # verdict is Yes from 0.5 up (the loop's rule: the larger of P(Yes), P(No), Yes on a tie)
+    p = shapes.per_category(shapes.make_splits(seed=0)["test"], 1)[0]
+    pairs = judge.rendered_set([p], 2, 32, 0)  # match, miss, match, miss
+    ims, ps = [im for im, _ in pairs], [q for _, q in pairs]
+    monkeypatch.setattr(judge, "p_yes", lambda model, tok, images, prompts: torch.tensor([0.5, 0.6, 0.9, 0.1]))
+    got = judge.same_images({"j": (None, None)}, {"s": (ims, ps)})["j"]["s"]
+    # pairs (match, miss): (0.5, 0.6) lost, (0.5, 0.1), (0.9, 0.6), (0.9, 0.1) won: AUC 3/4; Yes rate on
+    # matches 2/2, No rate on misses 1/2: balanced accuracy 3/4
+    assert got == {"auc_within_category": 0.75, "balanced_accuracy": 0.75, "right": 0.5, "n": 4}
