@@ -420,9 +420,15 @@ def target_lines(rep):
              "| issue | target | this run | met |", "|---|---|---|---|"]
     lines += [f"| {t['issue']} | {t['target']} | " + ("n/a" if t["value"] is None else f"{t['value']:.4f}".rstrip("0").rstrip("."))
               + " | " + ("yes" if t["met"] else "**no**") + " |" for t in rep["targets"]]
-    return lines + ["", "Where a target is missed, the curves below show where it stands: learning.png (drawing and "
-                    "judging against training seconds, the targets dashed) and curves.png (RL's rewards per step). "
-                    "A stage's seconds include its own evaluation; the whole job adds this report's evaluations.", ""]
+    lines += ["", "Where a target is missed, the curves below show where it stands: learning.png (drawing and "
+              "judging against training seconds, the targets dashed) and curves.png (RL's rewards per step). "
+              "A stage's seconds include its own evaluation; the whole job adds this report's evaluations."]
+    loop = rep.get("loop", {}).get("rl")
+    if loop:  # how much of the aha gap this redraw allows at all (the loop table below)
+        lines += ["", f"The aha gap's ceiling: a judge that agreed with the checker, with this model's redraw, would end "
+                  f"{loop['ceiling']['overall'] - loop['first']['overall']:+.3f} above the first image over two images "
+                  "(\"Where the loop's gain is lost\")."]
+    return lines + [""]
 
 
 def learning_lines(args, curve):

@@ -67,6 +67,11 @@ def test_run_tiny_end_to_end_then_reuse(tmp_path, capsys):
             assert np.isclose(loop["first"][c], rep["geneval"][stage]["first"][c]), (stage, c)
             assert loop["final"][c] == rep["geneval"][stage]["final"][c]
             assert max(loop["first"][c], loop["second"][c]) <= loop["ceiling"][c] <= loop["first"][c] + loop["second"][c]
+    # the aha gap's ceiling under the targets: RL's two-image ceiling minus its first image
+    rep_toy = dict(rep, config="toy")
+    rep_toy["targets"] = run.targets(rep_toy)
+    gap = rep["loop"]["rl"]["ceiling"]["overall"] - rep["loop"]["rl"]["first"]["overall"]
+    assert f"would end {gap:+.3f} above the first image" in "\n".join(run.target_lines(rep_toy))
     # every judge on every stage's first images (two draws of RL's test prompts): the same images,
     # so the same count and the same checker's right rate in every judge's row
     same, n = rep["same_images"], 2 * len(run.stage_test_prompts(SimpleNamespace(config="tiny"), "rl", shapes.make_splits(seed=0)))
