@@ -138,7 +138,7 @@ def rendered_set(prompts, n, size, seed, grid=0):
 
 @torch.no_grad()
 def drawn_set(model, vq, tok, prompts, n, seed, draws=4):
-    """The model's own first images (sample.generate, CFG 5) of each category's prompts, up to
+    """The model's own first images (sample.generate, the preset's CFG) of each category's prompts, up to
     draws x 2n per category, labelled by the checker; kept balanced: the first k checker-Yes and the
     first k checker-No of each category, k = min(n, either class's count). Drawing stops once both
     classes have n (the batches after that could not change what is kept). Returns the kept
