@@ -137,15 +137,15 @@ def _extra_evals(args, stage):
 def same_images(args, stages):
     """Every stage's judge on every stage's first images of RL's test prompts (two draws each): the
     judges compared on one yardstick (judge.same_images). {judge stage: {image stage: metrics}}."""
+    prompts = stage_test_prompts(args, "rl", shapes.make_splits(seed=0))
     key = {st: digest(os.path.join(args.out, f"{st}.pt")) for st in stages}
-    key.update(draws=2, prompts=len(stage_test_prompts(args, "rl", shapes.make_splits(seed=0))))
-    return cached(args, "same_images.json", key, lambda: _same_images(args, stages))
+    key.update(draws=2, prompts=len(prompts))
+    return cached(args, "same_images.json", key, lambda: _same_images(args, stages, prompts))
 
 
-def _same_images(args, stages):
+def _same_images(args, stages, prompts):
     import judge
     import sample
-    prompts = stage_test_prompts(args, "rl", shapes.make_splits(seed=0))
     models = {st: sample.load_janus(os.path.join(args.out, f"{st}.pt")) for st in stages}
     sets = {st: judge.first_images(m, vq, tok, prompts) for st, (m, vq, tok, _) in models.items()}
     return judge.same_images({st: (m, tok) for st, (m, _, tok, _) in models.items()}, sets)
@@ -411,6 +411,11 @@ def gather(args, seconds):
     return rep
 
 
+def f3(v):
+    """A report figure to three decimals; None (one class only, or not measured in an older run): n/a."""
+    return "n/a" if v is None else f"{v:.3f}"
+
+
 def target_lines(rep):
     """report.md's first section: each of the issues' targets for this config, met or missed."""
     if not rep["targets"]:
@@ -436,7 +441,7 @@ def learning_lines(args, curve):
     lines = ["## Skill against training seconds (val split)", "", f"![]({plot_learning(args, curve)})", "",
              "| stage | step | training seconds | first-image accuracy | judge AUC within category |", "|---|---|---|---|---|"]
     lines += [f"| {p['stage']} | {p['step']} | {p['seconds']:.0f} | {p['first']:.3f} | "
-              + ("n/a" if p["judge_auc_wc"] is None else f"{p['judge_auc_wc']:.3f}") + " |" for p in curve]
+              + f3(p["judge_auc_wc"]) + " |" for p in curve]
     return lines + ["", "Seconds count training only (evaluations left out), SFT's after the base stage's. Base's "
                     "judge is its self-check answer on rendered scenes; SFT's is its verdict on its own images.", ""]
 
@@ -461,7 +466,6 @@ def loop_lines(loop, cats):
 def same_image_lines(same):
     """Every judge on every stage's first images: AUC within category / balanced accuracy."""
     first = next(iter(same.values()))  # any judge's row: the image sets, their counts and right rates
-    f3 = lambda v: "n/a" if v is None else f"{v:.3f}"
     lines = ["", "Every judge on the same images (each stage's first images of RL's test prompts, two draws; "
              "AUC within category / balanced accuracy; the base model answers in the self-check layout it was not taught):", "",
              "| judge \\ images of | " + " | ".join(f"{s} (right {m['right']:.2f} of {m['n']})" for s, m in first.items())
@@ -500,7 +504,6 @@ def report_lines(args, rep, seconds):
     lines += ["", "## The model as a judge (its Yes/No and P(yes) against the checker)", "",
               "| stage | layout | agreement | a judge that always says No | balanced accuracy | AUC of P(yes) | "
               "AUC within category |", "|---|---|---|---|---|---|---|"]
-    f3 = lambda v: "n/a" if v is None else f"{v:.3f}"  # None: one class only (or not measured in an older run)
     for stage, j in rep["judge"].items():
         lines.append(f"| {j.get('stage', stage)} | {j['layout']} | {j['agreement']:.3f} | {f3(always_no(j))} | "
                      f"{f3(j.get('balanced_accuracy'))} | {f3(j['auc'])} | {f3(j.get('auc_within_category'))} |")
